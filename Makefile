@@ -1,0 +1,48 @@
+# Quick start: `make run` starts a development agent, `make test` runs the whole suite.
+# Both install what is missing first: Debian packages (as root), then the virtualenv.
+
+PYTHON ?= /usr/bin/python3
+VENV   := .venv
+DEV    ?= .strata-dev
+DEB_PACKAGES := qemu-utils sanlock python3-sanlock python3-venv
+# Commands (or files) whose absence means a Debian package is missing.
+DEB_PROBES := /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/sanlock \
+              /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
+
+.PHONY: run test lint bench deps clean
+
+deps: $(VENV)/.installed
+
+$(VENV)/.debs:
+	@missing=0; for p in $(DEB_PROBES); do [ -e $$p ] || missing=1; done; \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES); \
+	  else \
+	    echo "missing Debian packages; run as root or: sudo apt-get install $(DEB_PACKAGES)" >&2; exit 1; \
+	  fi; \
+	fi
+	@# The venv must come from the distribution's python3: python3-sanlock is built for it.
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv --system-site-packages $(VENV)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.debs setup.cfg pyproject.toml
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,lint]' 'tox>=4.11,<5'
+	touch $@
+
+run: deps
+	$(VENV)/bin/strata-agent --dev $(DEV)
+
+test: deps
+	$(VENV)/bin/tox -q
+
+lint: deps
+	$(VENV)/bin/tox -q -e lint
+
+bench: deps
+	$(VENV)/bin/python -m bench
+
+clean:
+	rm -rf $(VENV) .tox $(DEV) *.egg-info

@@ -1,0 +1,222 @@
+"""The API of one agent, as plain Python: one method per call of the contract.
+
+Arguments arrive already checked against the API document by ``rpc``; this layer adds the checks
+that need the repository's state. Every method blocks (fsync, qemu-img): call it on a real thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from agent import errors, fileio, repo
+from agent.fix import check as checker
+from agent.fix import fixes
+from agent.host import Host
+from agent.image import model
+from agent.image.runner import Runner
+from agent.image.service import ImageService
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class Api:
+    def __init__(self, host_id: int, workers: int, state_dir: str | None = None) -> None:
+        self.host = Host(host_id)
+        self.runner = Runner(self.host, workers)
+        self.images = ImageService(self.host, self.runner)
+        self.started = time.time()
+        # Connections are remembered so a restarted agent (after a crash, an upgrade) serves the
+        # same repoIds at once; the cluster manager may still reconnect, which is idempotent.
+        self._connections_file = (
+            os.path.join(state_dir, "connections.json") if state_dir is not None else None
+        )
+
+    def restore_connections(self) -> None:
+        if self._connections_file is None or not os.path.exists(self._connections_file):
+            return
+        for c in fileio.read_json(self._connections_file):
+            try:
+                self.host.connect(c["repoId"], c["repoFormat"], c["connectionParameters"])
+            except errors.Error as e:
+                log.warning("event=reconnect_failed repo=%s error=%r", c["repoId"], str(e))
+
+    def _save_connections(self) -> None:
+        if self._connections_file is None:
+            return
+        os.makedirs(os.path.dirname(self._connections_file), exist_ok=True)
+        fileio.write_json(
+            self._connections_file,
+            [
+                {"repoId": c.repo_id, "repoFormat": c.repo_format,
+                 "connectionParameters": c.parameters}
+                for c in self.host.connections()
+            ],
+        )
+
+    def close(self) -> None:
+        self.runner.shutdown()
+        self.host.close()
+
+    # -- repositories --------------------------------------------------------------------------
+
+    def formatStorageRepository(
+        self, repoFormat: str, connectionParameters: dict[str, Any], options: dict[str, Any]
+    ) -> dict[str, Any]:
+        repo_uuid = self.host.driver(repoFormat).format(connectionParameters)
+        log.info("event=formatted format=%s uuid=%s", repoFormat, repo_uuid)
+        return {"repoUUID": repo_uuid, "repoFormat": repoFormat}
+
+    def connectStorageRepository(
+        self,
+        repoId: str,
+        repoFormat: str,
+        connectionParameters: dict[str, Any],
+        options: dict[str, Any],
+    ) -> dict[str, Any]:
+        changed = self.host.connect(repoId, repoFormat, connectionParameters)
+        if changed:
+            self._save_connections()
+        info = self.getStorageRepositoryInfo(repoId)
+        info["changed"] = changed
+        return info
+
+    def disconnectStorageRepository(self, repoId: str, options: dict[str, Any]) -> None:
+        conn = self.host.connection(repoId)
+        running = [op.id for op in conn.repo.operations() if self.runner.is_active(op.id)]
+        if running and not options.get("force", False):
+            raise errors.ImageBusy(
+                f"repository {repoId!r} has {len(running)} running operation(s); stop them or "
+                "pass options.force=true (they stay resumable)",
+                repoId=repoId,
+            )
+        for op_id in running:
+            self.runner.stop(op_id)
+        self.host.disconnect(repoId)
+        self._save_connections()
+
+    def listStorageRepositories(self) -> list[dict[str, Any]]:
+        return [self.getStorageRepositoryInfo(c.repo_id) for c in self.host.connections()]
+
+    def getStorageRepositoryInfo(self, repoId: str) -> dict[str, Any]:
+        conn = self.host.connection(repoId)
+        capacity, free = conn.repo.capacity()
+        counts = {"disk": 0, "snapshot": 0, "incomplete": 0, "removed": 0}
+        for img in conn.repo.images():
+            if img.removed:
+                counts["removed"] += 1
+            elif not img.strong:
+                counts["incomplete"] += 1
+            else:
+                counts[img.kind.value] += 1
+        return {
+            "repoId": repoId,
+            "repoFormat": conn.repo_format,
+            "repoUUID": conn.repo.uuid,
+            "connectionParameters": conn.parameters,
+            "capabilities": list(conn.repo.CAPABILITIES),
+            "capacity": capacity,
+            "free": free,
+            "images": counts,
+        }
+
+    # -- images --------------------------------------------------------------------------------
+
+    def createVirtualDisk(
+        self,
+        targetRepoId: str,
+        size: int,
+        baseSnapshotId: str | None,
+        userData: dict[str, Any],
+        options: dict[str, Any],
+    ) -> str:
+        return self.images.create_virtual_disk(
+            targetRepoId, size, baseSnapshotId, userData, model.Options.parse(options)
+        )
+
+    def createSnapshot(
+        self,
+        targetRepoId: str,
+        baseVirtualDiskId: str,
+        userData: dict[str, Any],
+        options: dict[str, Any],
+    ) -> str:
+        return self.images.create_snapshot(
+            targetRepoId, baseVirtualDiskId, userData, model.Options.parse(options)
+        )
+
+    def copyImage(
+        self,
+        targetRepoId: str,
+        imageId: str,
+        baseImageId: str | None,
+        userData: dict[str, Any],
+        options: dict[str, Any],
+    ) -> str:
+        return self.images.copy_image(
+            targetRepoId, imageId, baseImageId, userData, model.Options.parse(options)
+        )
+
+    def removeImage(self, repositoryId: str, imageId: str, options: dict[str, Any]) -> None:
+        self.images.remove_image(repositoryId, imageId)
+
+    def getImageStatus(self, repositoryId: str, imageId: str) -> dict[str, Any]:
+        return self.images.image_status(repositoryId, imageId)
+
+    def listImages(self, repositoryId: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.images.list_images(repositoryId, options)
+
+    def getImageInfo(self, repositoryId: str, imageId: str) -> dict[str, Any]:
+        return self.images.image_info(repositoryId, imageId)
+
+    def setImageUserData(
+        self, repositoryId: str, imageId: str, userData: dict[str, Any]
+    ) -> None:
+        self.images.set_user_data(repositoryId, imageId, userData)
+
+    def prepareImage(
+        self, repositoryId: str, imageId: str, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self.images.prepare(repositoryId, imageId)
+
+    def teardownImage(
+        self, repositoryId: str, imageId: str, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {"changed": self.images.teardown(repositoryId, imageId)}
+
+    def stopOperation(self, repositoryId: str, imageId: str) -> None:
+        self.images.stop_operation(repositoryId, imageId)
+
+    # -- fixes ---------------------------------------------------------------------------------
+
+    def checkStorageRepository(
+        self, repositoryId: str, options: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        repo = self.host.connection(repositoryId).repo
+        types = {fixes.FixType(t) for t in options.get("types") or []} or None
+        return [f.to_dict() for f in checker.check(self.host, self.runner, repo, types)]
+
+    def fixStorageRepository(
+        self, repositoryId: str, fix: dict[str, Any], options: dict[str, Any]
+    ) -> dict[str, Any]:
+        repo = self.host.connection(repositoryId).repo
+        done = checker.apply(self.host, self.runner, repo, fix["type"], fix["data"])
+        return {"type": done.type.value, "imageIds": done.image_ids}
+
+    # -- host ----------------------------------------------------------------------------------
+
+    def getHostInfo(self) -> dict[str, Any]:
+        return {
+            "hostID": self.host.host_id,
+            "hostname": socket.gethostname(),
+            "version": VERSION,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+            "repositories": [c.repo_id for c in self.host.connections()],
+            "repoFormats": sorted(repo.FORMATS),
+        }

@@ -1,0 +1,133 @@
+"""The one error base of Strata.
+
+Every error a client may see is a subclass of ``Error`` with a stable numeric ``code`` and ``name``.
+The codes are part of the API and listed in ``rpc/openrpc.json``; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Error(Exception):
+    code = 1000
+    name = "StrataError"
+
+    def __init__(self, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(Error):
+    """A value that passes the schema but makes no sense here (wrong kind, size too small...)."""
+
+    code = 1001
+    name = "InvalidArgument"
+
+
+class RepositoryNotConnected(Error):
+    code = 1100
+    name = "RepositoryNotConnected"
+
+
+class RepositoryAlreadyConnected(Error):
+    code = 1101
+    name = "RepositoryAlreadyConnected"
+
+
+class RepositoryNotFormatted(Error):
+    code = 1102
+    name = "RepositoryNotFormatted"
+
+
+class RepositoryLocked(Error):
+    code = 1103
+    name = "RepositoryLocked"
+
+
+class RepositoryNotEmpty(Error):
+    code = 1104
+    name = "RepositoryNotEmpty"
+
+
+class UnsupportedFormat(Error):
+    code = 1105
+    name = "UnsupportedFormat"
+
+
+class ImageNotFound(Error):
+    code = 1200
+    name = "ImageNotFound"
+
+
+class ImageBusy(Error):
+    code = 1201
+    name = "ImageBusy"
+
+
+class WrongImageKind(Error):
+    code = 1202
+    name = "WrongImageKind"
+
+
+class ImageBroken(Error):
+    code = 1203
+    name = "ImageBroken"
+
+
+class NoOperation(Error):
+    code = 1204
+    name = "NoOperation"
+
+
+class NoSpace(Error):
+    code = 1300
+    name = "NoSpace"
+
+
+class LeaseHeld(Error):
+    code = 1301
+    name = "LeaseHeld"
+
+
+class StaleFix(Error):
+    code = 1400
+    name = "StaleFix"
+
+
+class CommandFailed(Error):
+    code = 1500
+    name = "CommandFailed"
+
+
+class OperationStopped(Error):
+    """Raised inside a worker when a client stopped the operation; never sent to a client."""
+
+    code = 1501
+    name = "OperationStopped"
+
+
+ALL: tuple[type[Error], ...] = (
+    Error,
+    InvalidArgument,
+    RepositoryNotConnected,
+    RepositoryAlreadyConnected,
+    RepositoryNotFormatted,
+    RepositoryLocked,
+    RepositoryNotEmpty,
+    UnsupportedFormat,
+    ImageNotFound,
+    ImageBusy,
+    WrongImageKind,
+    ImageBroken,
+    NoOperation,
+    NoSpace,
+    LeaseHeld,
+    StaleFix,
+    CommandFailed,
+    OperationStopped,
+)

@@ -1,0 +1,80 @@
+"""Durable small-file writes: every metadata change in Strata goes through ``write_json``.
+
+A metadata write is: write a temporary file beside the target, fsync it, rename it over the target,
+fsync the directory. A crash leaves either the old or the new content, plus at most a temporary file
+(named ``.<name>.tmp-<random>``) that the checker reports for cleaning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any
+
+TMP_MARK = ".tmp-"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str, obj: Any) -> None:
+    data = json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
+    write_bytes(path, data)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}{TMP_MARK}{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(directory)
+
+
+def read_json(path: str) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def remove(path: str) -> bool:
+    """Remove a file durably; return False when it was already gone (idempotent)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsync_dir(os.path.dirname(path))
+    return True
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and TMP_MARK in name
+
+
+def allocated_bytes(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,1 @@
+"""The checker and the fixes: how a repository converges, with no rollback."""

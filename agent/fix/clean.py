@@ -1,0 +1,131 @@
+"""What a clean fix reclaims, and reclaiming it.
+
+Everything not needed by a live image or an unfinished operation goes: volumes of removed images
+that nothing depends on any more, orphan volumes, journals of finished or aborted operations,
+leftover temporary and partial files. A volume is needed while any image that is not removed has it
+in its chain, or an unfinished operation names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+from agent import fileio
+from agent.image import model
+from agent.repo import localfs
+
+log = logging.getLogger(__name__)
+
+# A temporary file younger than this may belong to a metadata write in flight; leave it alone.
+TEMP_GRACE = 10.0
+# Volume-id keys an operation's params may hold.
+_VOLUME_KEYS = ("volume_id", "new_volume_id", "old_volume_id", "base_volume_id")
+
+
+@dataclasses.dataclass
+class Plan:
+    volumes: list[model.Volume] = dataclasses.field(default_factory=list)
+    orphan_files: list[str] = dataclasses.field(default_factory=list)
+    images: list[str] = dataclasses.field(default_factory=list)
+    journals: list[str] = dataclasses.field(default_factory=list)
+    strays: list[str] = dataclasses.field(default_factory=list)
+    bytes: int = 0
+
+    def empty(self) -> bool:
+        return not (self.volumes or self.orphan_files or self.images or self.journals
+                    or self.strays)
+
+    def facts(self) -> dict[str, list[str]]:
+        return {
+            "volumes": sorted(v.id for v in self.volumes),
+            "files": sorted(self.orphan_files + self.strays),
+            "images": sorted(self.images),
+            "journals": sorted(self.journals),
+        }
+
+
+def live_operations(
+    images: dict[str, model.Image], ops: list[model.Operation], active: set[str]
+) -> list[model.Operation]:
+    """Operations that still have work to do for an image that still wants it."""
+    out = []
+    for op in ops:
+        img = images.get(op.image_id)
+        if op.id in active or (
+            op.state != model.OpState.ABORTED
+            and img is not None
+            and not img.removed
+            and img.operation_id == op.id
+        ):
+            out.append(op)
+    return out
+
+
+def plan(repo: localfs.LocalRepository, active: set[str], now: float | None = None) -> Plan:
+    now = time.time() if now is None else now
+    images = {i.id: i for i in repo.images()}
+    volumes = {v.id: v for v in repo.volumes()}
+    ops = repo.operations()
+    live_ops = live_operations(images, ops, active)
+
+    needed: set[str] = set()
+
+    def walk(vol_id: str | None) -> None:
+        while vol_id is not None and vol_id not in needed:
+            needed.add(vol_id)
+            vol = volumes.get(vol_id)
+            vol_id = vol.parent_volume_id if vol else None
+
+    for img in images.values():
+        if not img.removed:
+            walk(img.volume_id)
+    for op in live_ops:
+        for key in _VOLUME_KEYS:
+            walk(op.params.get(key))
+
+    p = Plan()
+    p.volumes = [v for v in volumes.values() if v.id not in needed]
+    p.images = [i.id for i in images.values() if i.removed and i.volume_id not in needed]
+    live_ids = {op.id for op in live_ops}
+    p.journals = [op.id for op in ops if op.id not in live_ids]
+    for vol_id, path in repo.volume_files().items():
+        if vol_id not in needed and vol_id not in volumes:
+            p.orphan_files.append(path)
+    for path in repo.stray_files():
+        name = os.path.basename(path)
+        if name.endswith(localfs.PARTIAL):
+            if name.split(".", 1)[0] in needed:
+                continue  # an unfinished operation's data in the making
+        elif now - _mtime(path) < TEMP_GRACE:
+            continue
+        p.strays.append(path)
+    p.bytes = sum(fileio.allocated_bytes(repo.volume_path(v.id, v.format)) for v in p.volumes)
+    p.bytes += sum(fileio.allocated_bytes(f) for f in p.orphan_files + p.strays)
+    return p
+
+
+def execute(repo: localfs.LocalRepository, p: Plan) -> int:
+    """Reclaim what the plan lists; every removal is idempotent, so a crash here is harmless."""
+    with repo.meta_lock:
+        for vol in p.volumes:
+            repo.delete_volume(vol)
+        for path in p.orphan_files + p.strays:
+            fileio.remove(path)
+        for op_id in p.journals:
+            repo.delete_operation(op_id)
+        for image_id in p.images:
+            repo.delete_image(image_id)
+    log.info("event=cleaned repo=%s volumes=%d files=%d images=%d journals=%d bytes=%d",
+             repo.uuid, len(p.volumes), len(p.orphan_files) + len(p.strays), len(p.images),
+             len(p.journals), p.bytes)
+    return p.bytes
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return 0.0

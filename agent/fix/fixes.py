@@ -1,0 +1,43 @@
+"""A fix as the checker proposes it, and the digest that makes its opaque data checkable."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+
+class FixType(enum.StrEnum):
+    CLEAN = "clean"
+    OPTIMIZE = "optimize"
+    MERGE = "merge"
+    MEND = "mend"
+
+
+@dataclasses.dataclass
+class Fix:
+    type: FixType
+    image_ids: list[str]
+    description: str
+    # The facts this fix was derived from; its digest is the opaque ``data`` clients see.
+    facts: dict[str, Any]
+    # What running it does; bound to the state the checker saw, never to client input.
+    run: Callable[[], object] = dataclasses.field(
+        repr=False, compare=False, default=lambda: None
+    )
+
+    @property
+    def data(self) -> str:
+        canonical = json.dumps({"type": self.type.value, **self.facts}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type.value,
+            "imageIds": self.image_ids,
+            "description": self.description,
+            "data": self.data,
+        }

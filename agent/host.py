@@ -1,0 +1,147 @@
+"""This host: its id and the repositories connected to it under client-chosen repoIds."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+from agent import errors, repo
+from agent.image import model
+from agent.repo import localfs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Connection:
+    repo_id: str
+    repo_format: str
+    parameters: dict[str, Any]
+    repo: localfs.LocalRepository
+
+
+@dataclasses.dataclass
+class Found:
+    """An image located in a connected repository."""
+
+    repo_id: str
+    repo: localfs.LocalRepository
+    image: model.Image
+
+
+class Host:
+    def __init__(self, host_id: int) -> None:
+        self.host_id = host_id
+        self._lock = threading.Lock()
+        self._connections: dict[str, Connection] = {}
+
+    # -- connections -------------------------------------------------------------------------
+
+    @staticmethod
+    def driver(repo_format: str) -> type[localfs.LocalRepository]:
+        try:
+            return repo.FORMATS[repo_format]
+        except KeyError:
+            raise errors.UnsupportedFormat(
+                f"unknown repoFormat {repo_format!r}; supported: {', '.join(sorted(repo.FORMATS))}"
+            ) from None
+
+    def connect(self, repo_id: str, repo_format: str, parameters: dict[str, Any]) -> bool:
+        """Connect; return False when it was already connected with the same parameters."""
+        driver = self.driver(repo_format)
+        with self._lock:
+            existing = self._connections.get(repo_id)
+            if existing is not None:
+                if existing.repo_format == repo_format and existing.parameters == parameters:
+                    return False
+                raise errors.RepositoryAlreadyConnected(
+                    f"repoId {repo_id!r} is already connected with other parameters "
+                    f"({existing.repo_format} {existing.parameters}); disconnect it first",
+                    repoId=repo_id,
+                )
+            root = driver.parse_parameters(parameters)
+            for conn in self._connections.values():
+                if conn.repo.root == root:
+                    raise errors.RepositoryAlreadyConnected(
+                        f"{root} is already connected as repoId {conn.repo_id!r}", repoId=repo_id
+                    )
+            r = driver.open(parameters)
+            self._connections[repo_id] = Connection(repo_id, repo_format, dict(parameters), r)
+        log.info("event=connected repo=%s format=%s root=%s", repo_id, repo_format, r.root)
+        return True
+
+    def disconnect(self, repo_id: str) -> Connection:
+        with self._lock:
+            conn = self._connections.pop(repo_id, None)
+        if conn is None:
+            raise errors.RepositoryNotConnected(f"repository {repo_id!r} is not connected")
+        conn.repo.close()
+        log.info("event=disconnected repo=%s", repo_id)
+        return conn
+
+    def connection(self, repo_id: str) -> Connection:
+        with self._lock:
+            conn = self._connections.get(repo_id)
+        if conn is None:
+            raise errors.RepositoryNotConnected(
+                f"repository {repo_id!r} is not connected", repoId=repo_id
+            )
+        return conn
+
+    def connections(self) -> list[Connection]:
+        with self._lock:
+            return list(self._connections.values())
+
+    def repo_id_of(self, r: localfs.LocalRepository) -> str | None:
+        for conn in self.connections():
+            if conn.repo is r:
+                return conn.repo_id
+        return None
+
+    # -- finding images ----------------------------------------------------------------------
+
+    def find_image(
+        self,
+        image_id: str,
+        options: model.Options | None = None,
+        include_removed: bool = False,
+    ) -> Found:
+        """Look an image up in every connected repository, or where options narrow it to."""
+        options = options or model.Options()
+        hints = options.hints
+        if image_id in hints:
+            conn = self.connection(hints[image_id])
+            img = conn.repo.get_image(image_id)
+            if img is None or (img.removed and not include_removed):
+                raise errors.ImageNotFound(
+                    f"image {image_id} is not in repository {conn.repo_id!r} (imageHints)",
+                    imageId=image_id,
+                )
+            return Found(conn.repo_id, conn.repo, img)
+        candidates = options.participating
+        conns = (
+            [self.connection(r) for r in candidates] if candidates else self.connections()
+        )
+        for conn in conns:
+            img = conn.repo.get_image(image_id)
+            if img is not None and (include_removed or not img.removed):
+                return Found(conn.repo_id, conn.repo, img)
+        where = "participating repositories" if candidates else "connected repositories"
+        raise errors.ImageNotFound(
+            f"image {image_id} is not in any of the {where}", imageId=image_id
+        )
+
+    def find_volume(self, vol_id: str) -> tuple[localfs.LocalRepository, model.Volume] | None:
+        for conn in self.connections():
+            vol = conn.repo.get_volume(vol_id)
+            if vol is not None:
+                return conn.repo, vol
+        return None
+
+    def close(self) -> None:
+        for conn in self.connections():
+            conn.repo.close()
+        with self._lock:
+            self._connections.clear()

@@ -1,0 +1,1 @@
+"""Images, volumes and the journaled operations that change them."""

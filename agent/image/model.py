@@ -1,0 +1,155 @@
+"""Typed records stored on a repository: images, volumes and operations (the journal).
+
+Records are plain dataclasses; ``to_dict``/``from_dict`` are the only place their on-disk shape
+is spelled. Unknown keys are kept out on read so old agents can read newer records' known fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Kind(enum.StrEnum):
+    DISK = "disk"
+    SNAPSHOT = "snapshot"
+
+
+class Status(enum.StrEnum):
+    BROKEN = "broken"
+    DEGRADED = "degraded"
+    OPTIMIZED = "optimized"
+
+
+class VolumeFormat(enum.StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+
+
+class OpKind(enum.StrEnum):
+    CREATE_DISK = "createVirtualDisk"
+    CREATE_SNAPSHOT = "createSnapshot"
+    COPY = "copyImage"
+
+
+class OpState(enum.StrEnum):
+    PENDING = "pending"  # committed, not yet picked up (AutoFix false, or queued)
+    RUNNING = "running"
+    STOPPED = "stopped"  # a client stopped it, or it failed; last_error says which
+    ABORTED = "aborted"  # its image was removed; the journal only waits for clean
+
+
+class Strategy(enum.StrEnum):
+    SPACE = "space"
+    PERFORMANCE = "performance"
+
+
+def _from(cls: type[T], d: dict[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass
+class Progress:
+    host_id: int = 0
+    stage: str = "0/0"
+    percent: int = -1
+    last_error: str | None = None
+
+
+@dataclasses.dataclass
+class Image:
+    id: str
+    kind: Kind
+    size: int
+    volume_id: str
+    strong: bool = False
+    removed: bool = False
+    generation: int = 0
+    operation_id: str | None = None
+    user_data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prepared_by: list[int] = dataclasses.field(default_factory=list)
+    created: float = dataclasses.field(default_factory=time.time)
+    # Progress of the last operation, persisted when it ended.
+    progress: Progress = dataclasses.field(default_factory=Progress)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Image:
+        img = _from(cls, d)
+        img.kind = Kind(img.kind)
+        img.progress = _from(Progress, d.get("progress") or {})
+        return img
+
+
+@dataclasses.dataclass
+class Volume:
+    id: str
+    format: VolumeFormat
+    # The volume this one is backed by (None for a base layer) and the image that volume belongs to.
+    parent_volume_id: str | None = None
+    parent_image_id: str | None = None
+    size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Volume:
+        vol = _from(cls, d)
+        vol.format = VolumeFormat(vol.format)
+        return vol
+
+
+@dataclasses.dataclass
+class Operation:
+    """A journal entry: the intent of one multi-step change, enough to resume it anywhere."""
+
+    id: str
+    kind: OpKind
+    image_id: str
+    # Kind-specific, JSON-safe parameters fixed at intent time (volume ids, source ids, strategy).
+    params: dict[str, Any]
+    state: OpState = OpState.PENDING
+    step: int = 0  # index of the next step to run; all steps before it are done
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    created: float = dataclasses.field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Operation:
+        op = _from(cls, d)
+        op.kind = OpKind(op.kind)
+        op.state = OpState(op.state)
+        op.progress = _from(Progress, d.get("progress") or {})
+        return op
+
+
+@dataclasses.dataclass
+class Options:
+    """The ``options`` argument every call takes, parsed once at the edge."""
+
+    auto_fix: bool = True
+    strategy: Strategy = Strategy.SPACE
+    participating: list[str] | None = None
+    hints: dict[str, str] = dataclasses.field(default_factory=dict)
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, d: dict[str, Any] | None) -> Options:
+        d = d or {}
+        return cls(
+            auto_fix=bool(d.get("AutoFix", True)),
+            strategy=Strategy(d.get("strategy", Strategy.SPACE.value)),
+            participating=d.get("participatingRepositories"),
+            hints=dict(d.get("imageHints") or {}),
+            raw=d,
+        )

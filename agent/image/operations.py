@@ -1,0 +1,247 @@
+"""The steps of every journaled operation.
+
+Each step is idempotent and decides what is left to do from the repository alone, so any host can
+run it again after a crash at any point. A step that makes a volume writes its data to
+``<volume>.partial``, fsyncs it and renames it into place before it writes the volume record:
+a final name always means complete data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+
+from agent import command, errors, fileio, qemuimg
+from agent.host import Host
+from agent.image import chain, model
+from agent.repo import localfs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Context:
+    host: Host
+    repo: localfs.LocalRepository  # the repository holding the journal and the target image
+    op: model.Operation
+    cancel: command.Cancel
+    report: command.ProgressCallback  # percent of the running step
+
+    @property
+    def direct(self) -> bool:
+        # Reads may come from another repository; O_DIRECT needs both ends to support it.
+        return self.repo.direct_io and all(c.repo.direct_io for c in self.host.connections())
+
+
+Step = Callable[[Context], None]
+
+
+def materialize(
+    repo: localfs.LocalRepository, vol: model.Volume, produce: Callable[[str], None]
+) -> None:
+    """Make volume ``vol`` exist with complete data, producing it into a partial file if needed."""
+    final = repo.volume_path(vol.id, vol.format)
+    if not os.path.exists(final):
+        partial = repo.volume_partial_path(vol.id, vol.format)
+        fileio.remove(partial)  # an earlier attempt's leftovers: start the data over
+        try:
+            produce(partial)
+            fileio.fsync_file(partial)
+        except BaseException:
+            # Out of space or stopped: give the space back, nothing else was touched.
+            fileio.remove(partial)
+            raise
+        os.rename(partial, final)
+        fileio.fsync_dir(os.path.dirname(final))
+    if repo.get_volume(vol.id) != vol:
+        repo.put_volume(vol)
+
+
+def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> None:
+    """An independent copy of a single-volume image: a reflink where the file system can."""
+    try:
+        command.run(["cp", "--reflink=always", src, dst], cancel=ctx.cancel)
+        log.info("event=reflink op=%s dst=%s", ctx.op.id, dst)
+        ctx.report(100.0)
+        return
+    except errors.CommandFailed:
+        fileio.remove(dst)  # no reflink here (other file system, or not supported): copy
+    qemuimg.convert(src, dst, src_fmt.value, progress=ctx.report, cancel=ctx.cancel,
+                    direct=ctx.direct)
+
+
+def _full_copy(top_repo: localfs.LocalRepository, vols: list[model.Volume], dst: str,
+               ctx: Context) -> None:
+    top = vols[0]
+    src = top_repo.volume_path(top.id, top.format)
+    if len(vols) == 1:
+        _clone(src, dst, top.format, ctx)
+    else:
+        qemuimg.convert(src, dst, "qcow2", progress=ctx.report, cancel=ctx.cancel,
+                        direct=ctx.direct)
+
+
+# -- createVirtualDisk ---------------------------------------------------------------------------
+
+
+def create_volume(ctx: Context) -> None:
+    p = ctx.op.params
+    independent = p["strategy"] == model.Strategy.PERFORMANCE.value
+    base_vol_id = p.get("base_volume_id")
+    vol = model.Volume(
+        id=p["volume_id"],
+        format=model.VolumeFormat.QCOW2,
+        parent_volume_id=None if independent else base_vol_id,
+        parent_image_id=None if independent else p.get("base_image_id"),
+        size=p["size"],
+    )
+
+    def produce(partial: str) -> None:
+        if base_vol_id is None:
+            qemuimg.create(partial, "qcow2", size=p["size"])
+        elif not independent:
+            base = _volume(ctx.repo, base_vol_id)
+            qemuimg.create(
+                partial, "qcow2", size=p["size"],
+                backing=ctx.repo.backing_reference(base.id, base.format),
+                backing_fmt=base.format.value,
+            )
+        else:
+            base_repo, base_chain = _source_chain(ctx, p["base_image_id"])
+            _full_copy(base_repo, base_chain, partial, ctx)
+
+    materialize(ctx.repo, vol, produce)
+
+
+# -- createSnapshot ------------------------------------------------------------------------------
+
+
+def create_overlay(ctx: Context) -> None:
+    p = ctx.op.params
+    old = _volume(ctx.repo, p["old_volume_id"])
+    vol = model.Volume(
+        id=p["new_volume_id"],
+        format=model.VolumeFormat.QCOW2,
+        parent_volume_id=old.id,
+        parent_image_id=ctx.op.image_id,
+        size=p["size"],
+    )
+    materialize(
+        ctx.repo,
+        vol,
+        lambda partial: qemuimg.create(
+            partial, "qcow2", size=p["size"],
+            backing=ctx.repo.backing_reference(old.id, old.format), backing_fmt=old.format.value,
+        ),
+    )
+
+
+def switch(ctx: Context) -> None:
+    """Re-point the disk at its new top volume: the one write that takes the snapshot."""
+    p = ctx.op.params
+    with ctx.repo.meta_lock:
+        disk = ctx.repo.get_image(p["disk_id"])
+        if disk is None:
+            raise errors.ImageNotFound(f"disk {p['disk_id']} of this snapshot is gone")
+        if disk.volume_id == p["new_volume_id"]:
+            return  # done before a crash
+        if disk.volume_id != p["old_volume_id"]:
+            raise errors.ImageBroken(
+                f"disk {disk.id} moved to volume {disk.volume_id} during the snapshot"
+            )
+        disk.volume_id = p["new_volume_id"]
+        ctx.repo.put_image(disk)
+
+
+# -- copyImage -----------------------------------------------------------------------------------
+
+
+def copy_data(ctx: Context) -> None:
+    p = ctx.op.params
+    src_repo, src_chain = _source_chain(ctx, p["source_id"])
+    base_vol_id = p.get("base_volume_id")
+    vol = model.Volume(
+        id=p["volume_id"],
+        format=model.VolumeFormat.QCOW2,
+        parent_volume_id=base_vol_id,
+        parent_image_id=p.get("base_image_id"),
+        size=p["size"],
+    )
+    top = src_chain[0]
+    top_path = src_repo.volume_path(top.id, top.format)
+
+    def produce(partial: str) -> None:
+        if base_vol_id is None:
+            _full_copy(src_repo, src_chain, partial, ctx)
+            return
+        base = _volume(ctx.repo, base_vol_id)
+        base_ref = ctx.repo.backing_reference(base.id, base.format)
+        if len(src_chain) > 1 and top.parent_image_id == p["base_image_id"]:
+            # The source sits directly on (its copy of) the base snapshot, which has the same
+            # id and so the same bits: copy only the top volume's clusters.
+            qemuimg.convert(
+                top_path, partial, "qcow2", backing=base_ref, backing_fmt=base.format.value,
+                progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct,
+            )
+        else:
+            # General case: an empty overlay on the source, then a safe rebase onto the base,
+            # which writes exactly the clusters whose content differs from the base.
+            qemuimg.create(partial, "qcow2", size=p["size"], backing=top_path,
+                           backing_fmt=top.format.value)
+            qemuimg.rebase(partial, base_ref, base.format.value,
+                           progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
+
+    materialize(ctx.repo, vol, produce)
+
+
+# -- shared --------------------------------------------------------------------------------------
+
+
+def seal(ctx: Context) -> None:
+    """Weak to strong in one write, then forget the journal: the operation is done."""
+    with ctx.repo.meta_lock:
+        img = ctx.repo.get_image(ctx.op.image_id)
+        if img is not None and not img.removed and img.operation_id == ctx.op.id:
+            img.strong = True
+            img.operation_id = None
+            n = len(STEPS[ctx.op.kind])
+            img.progress = model.Progress(ctx.host.host_id, f"{n}/{n}", 100, None)
+            ctx.repo.put_image(img)
+        ctx.repo.delete_operation(ctx.op.id)
+
+
+def _volume(repo: localfs.LocalRepository, vol_id: str) -> model.Volume:
+    vol = repo.get_volume(vol_id)
+    if vol is None:
+        raise errors.ImageBroken(f"volume {vol_id} is missing from the repository")
+    return vol
+
+
+def _source_chain(
+    ctx: Context, source_id: str
+) -> tuple[localfs.LocalRepository, list[model.Volume]]:
+    """Find a usable source image in any connected repository (never the copy being made)."""
+    for conn in ctx.host.connections():
+        if conn.repo is ctx.repo and source_id == ctx.op.image_id:
+            continue
+        img = conn.repo.get_image(source_id)
+        if img is not None and img.strong and not img.removed:
+            return conn.repo, chain.volumes(conn.repo, img.volume_id)
+    raise errors.ImageNotFound(
+        f"source image {source_id} is not in any connected repository; "
+        "the operation resumes when it is connected again",
+        imageId=source_id,
+    )
+
+
+STEPS: dict[model.OpKind, list[tuple[str, Step]]] = {
+    model.OpKind.CREATE_DISK: [("create-volume", create_volume), ("seal", seal)],
+    model.OpKind.CREATE_SNAPSHOT: [
+        ("create-overlay", create_overlay),
+        ("switch", switch),
+        ("seal", seal),
+    ],
+    model.OpKind.COPY: [("copy-data", copy_data), ("seal", seal)],
+}

@@ -1,0 +1,146 @@
+"""Runs journaled operations on a pool of real worker threads.
+
+The journal on the repository is the truth; this module only keeps which operations this process
+is running right now (so the checker does not offer to mend them) and their cancellation tokens.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from agent import command, errors
+from agent.host import Host
+from agent.image import model, operations
+from agent.repo import localfs
+
+log = logging.getLogger(__name__)
+
+# Test-only fault injection: "KIND:STEP" (e.g. "copyImage:seal") makes the process _exit(75)
+# just before that step runs, as a crash would. Read once at start-up; never set it in production.
+CRASH_AT = os.environ.get("STRATA_TEST_CRASH_AT", "")
+
+# Progress is persisted at most this often (seconds) while a step runs: a repository write per
+# qemu-img progress line would cost more than the copy.
+PROGRESS_INTERVAL = 1.0
+
+
+class Runner:
+    def __init__(self, host: Host, workers: int) -> None:
+        self.host = host
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="op")
+        self._lock = threading.Lock()
+        self._active: dict[str, tuple[command.Cancel, concurrent.futures.Future[None]]] = {}
+        self._closing = False
+
+    def is_active(self, op_id: str) -> bool:
+        with self._lock:
+            return op_id in self._active
+
+    def submit(self, repo: localfs.LocalRepository, op_id: str) -> None:
+        """Queue an operation; a no-op when this process already runs it."""
+        with self._lock:
+            if self._closing:
+                raise errors.Error("the agent is shutting down")
+            if op_id in self._active:
+                return
+            cancel = command.Cancel()
+            future = self._pool.submit(self._run, repo, op_id, cancel)
+            self._active[op_id] = (cancel, future)
+        future.add_done_callback(lambda _f: self._forget(op_id))
+
+    def _forget(self, op_id: str) -> None:
+        with self._lock:
+            self._active.pop(op_id, None)
+
+    def stop(self, op_id: str, timeout: float = 60.0) -> bool:
+        """Stop a running operation and wait for it to record that; False if it was not running."""
+        with self._lock:
+            entry = self._active.get(op_id)
+        if entry is None:
+            return False
+        cancel, future = entry
+        cancel.request("client")
+        try:
+            future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise errors.ImageBusy(f"operation {op_id} did not stop within {timeout} s") from None
+        return True
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Interrupt every operation as a crash would, so a later start can mend them."""
+        with self._lock:
+            self._closing = True
+            entries = list(self._active.values())
+        for cancel, _ in entries:
+            cancel.request("shutdown")
+        concurrent.futures.wait([f for _, f in entries], timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- one operation -----------------------------------------------------------------------
+
+    def _run(self, repo: localfs.LocalRepository, op_id: str, cancel: command.Cancel) -> None:
+        op = repo.get_operation(op_id)
+        if op is None or op.state == model.OpState.ABORTED:
+            return
+        steps = operations.STEPS[op.kind]
+        last_write = [0.0]
+
+        def persist() -> None:
+            with repo.meta_lock:
+                if repo.get_operation(op_id) is not None:
+                    repo.put_operation(op)
+            last_write[0] = time.monotonic()
+
+        def report(percent: float) -> None:
+            value = int(percent)
+            if value != op.progress.percent:
+                op.progress.percent = value
+                if time.monotonic() - last_write[0] >= PROGRESS_INTERVAL:
+                    persist()
+
+        op.state = model.OpState.RUNNING
+        op.progress.host_id = self.host.host_id
+        op.progress.last_error = None
+        ctx = operations.Context(self.host, repo, op, cancel, report)
+        log.info("event=op_start op=%s kind=%s image=%s step=%d", op.id, op.kind, op.image_id,
+                 op.step)
+        try:
+            while op.step < len(steps):
+                name, fn = steps[op.step]
+                op.progress.stage = f"{op.step + 1}/{len(steps)}"
+                op.progress.percent = 0
+                persist()
+                cancel.check()
+                if f"{op.kind.value}:{name}" == CRASH_AT:
+                    log.warning("event=test_crash op=%s step=%s", op.id, name)
+                    os._exit(75)
+                fn(ctx)
+                log.info("event=step_done op=%s step=%s", op.id, name)
+                if op.step == len(steps) - 1:
+                    break  # the last step (seal) removed the journal
+                op.step += 1
+        except errors.OperationStopped:
+            if cancel.reason == "shutdown":
+                log.info("event=op_interrupted op=%s step=%d", op.id, op.step)
+                return  # left as a crash leaves it: "running" in the journal, mend resumes it
+            self._failed(repo, op, "stopped by client", persist)
+        except errors.Error as e:
+            self._failed(repo, op, str(e), persist)
+        except Exception as e:
+            log.exception("event=op_crashed op=%s", op.id)
+            self._failed(repo, op, f"internal error: {e.__class__.__name__}: {e}", persist)
+        else:
+            log.info("event=op_done op=%s kind=%s image=%s", op.id, op.kind, op.image_id)
+
+    @staticmethod
+    def _failed(repo: localfs.LocalRepository, op: model.Operation, message: str,
+                persist: Callable[[], None]) -> None:
+        log.warning("event=op_failed op=%s image=%s error=%r", op.id, op.image_id, message)
+        op.state = model.OpState.STOPPED
+        op.progress.last_error = message
+        persist()

@@ -1,0 +1,420 @@
+"""The image calls of the API, on top of the connected repositories.
+
+Every data-changing call commits its intent (a journal entry and a weak image, fsync'd) under the
+repository's metadata lock and returns; the runner does the data work. Checks happen before the
+first write, so a refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from agent import errors, fileio
+from agent.host import Host
+from agent.image import chain, model, status
+from agent.image.runner import Runner
+from agent.repo import localfs
+
+log = logging.getLogger(__name__)
+
+# Largest virtual size accepted: 64 TiB, what a qcow2 with 64 KiB clusters handles comfortably.
+MAX_SIZE = 64 << 40
+SECTOR = 512
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def check_size(size: int) -> None:
+    if size <= 0 or size % SECTOR or size > MAX_SIZE:
+        raise errors.InvalidArgument(
+            f"size must be a positive multiple of {SECTOR} bytes up to {MAX_SIZE}, got {size}",
+            param="size",
+        )
+
+
+class ImageService:
+    def __init__(self, host: Host, runner: Runner) -> None:
+        self.host = host
+        self.runner = runner
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _repo(self, repo_id: str) -> localfs.LocalRepository:
+        return self.host.connection(repo_id).repo
+
+    @staticmethod
+    def _image(repo: localfs.LocalRepository, image_id: str, repo_id: str) -> model.Image:
+        img = repo.get_image(image_id)
+        if img is None or img.removed:
+            raise errors.ImageNotFound(
+                f"image {image_id} is not in repository {repo_id!r}", imageId=image_id
+            )
+        return img
+
+    @staticmethod
+    def _usable(img: model.Image) -> None:
+        if img.operation_id is not None or not img.strong:
+            raise errors.ImageBroken(
+                f"image {img.id} is not usable: an operation on it has not finished",
+                imageId=img.id,
+            )
+
+    @staticmethod
+    def _busy_in_operation(repo: localfs.LocalRepository, image_id: str) -> str | None:
+        """The unfinished operation that uses image_id as its disk being snapshotted, if any."""
+        for op in repo.operations():
+            if op.state != model.OpState.ABORTED and op.params.get("disk_id") == image_id:
+                return op.id
+        return None
+
+    def _commit(
+        self,
+        repo: localfs.LocalRepository,
+        op: model.Operation,
+        image: model.Image,
+        options: model.Options,
+    ) -> str:
+        # Journal first: a journal without its image is a finished-nothing the checker cleans;
+        # an image without its journal would be a broken image nobody can resume.
+        repo.put_operation(op)
+        repo.put_image(image)
+        log.info("event=intent op=%s kind=%s image=%s auto_fix=%s", op.id, op.kind, image.id,
+                 options.auto_fix)
+        if options.auto_fix:
+            self.runner.submit(repo, op.id)
+        return image.id
+
+    # -- create --------------------------------------------------------------------------------
+
+    def create_virtual_disk(
+        self,
+        target_repo_id: str,
+        size: int,
+        base_snapshot_id: str | None,
+        user_data: dict[str, Any],
+        options: model.Options,
+    ) -> str:
+        check_size(size)
+        repo = self._repo(target_repo_id)
+        params: dict[str, Any] = {
+            "volume_id": new_id(),
+            "size": size,
+            "strategy": options.strategy.value,
+            "base_image_id": None,
+            "base_volume_id": None,
+        }
+        if base_snapshot_id is not None:
+            base = self.host.find_image(base_snapshot_id, options)
+            if base.image.kind != model.Kind.SNAPSHOT:
+                raise errors.WrongImageKind(
+                    f"baseSnapshotId {base_snapshot_id} is a {base.image.kind.value}, not a "
+                    "snapshot; take a snapshot of it first",
+                    param="baseSnapshotId",
+                )
+            self._usable(base.image)
+            if size < base.image.size:
+                raise errors.InvalidArgument(
+                    f"size {size} is smaller than the snapshot's {base.image.size}", param="size"
+                )
+            if base.repo is not repo and options.strategy == model.Strategy.SPACE:
+                raise errors.InvalidArgument(
+                    f"snapshot {base_snapshot_id} is in repository {base.repo_id!r}; a thin disk "
+                    f"needs it in {target_repo_id!r}: copy it there first, or use "
+                    "strategy=performance",
+                    param="baseSnapshotId",
+                )
+            params["base_image_id"] = base.image.id
+            params["base_volume_id"] = base.image.volume_id
+        image = model.Image(
+            id=new_id(), kind=model.Kind.DISK, size=size, volume_id=params["volume_id"],
+            user_data=user_data,
+        )
+        op = model.Operation(new_id(), model.OpKind.CREATE_DISK, image.id, params)
+        image.operation_id = op.id
+        with repo.meta_lock:
+            return self._commit(repo, op, image, options)
+
+    def create_snapshot(
+        self,
+        target_repo_id: str,
+        disk_id: str,
+        user_data: dict[str, Any],
+        options: model.Options,
+    ) -> str:
+        repo = self._repo(target_repo_id)
+        with repo.meta_lock:
+            disk = repo.get_image(disk_id)
+            if disk is None or disk.removed:
+                where = ""
+                try:
+                    found = self.host.find_image(disk_id, options)
+                    where = f"; it is in repository {found.repo_id!r}"
+                except errors.ImageNotFound:
+                    pass
+                raise errors.ImageNotFound(
+                    f"disk {disk_id} is not in repository {target_repo_id!r}{where}",
+                    imageId=disk_id,
+                )
+            if disk.kind != model.Kind.DISK:
+                raise errors.WrongImageKind(
+                    f"{disk_id} is a snapshot; snapshots are immutable, snapshot a disk instead",
+                    param="baseVirtualDiskId",
+                )
+            self._usable(disk)
+            if disk.prepared_by:
+                raise errors.ImageBusy(
+                    f"disk {disk_id} is prepared on host(s) {disk.prepared_by}; tear it down "
+                    "before taking a snapshot",
+                    imageId=disk_id,
+                )
+            busy = self._busy_in_operation(repo, disk_id)
+            if busy:
+                raise errors.ImageBusy(
+                    f"disk {disk_id} is being snapshotted by operation {busy}", imageId=disk_id
+                )
+            params = {
+                "disk_id": disk.id,
+                "old_volume_id": disk.volume_id,
+                "new_volume_id": new_id(),
+                "size": disk.size,
+            }
+            snap = model.Image(
+                id=new_id(), kind=model.Kind.SNAPSHOT, size=disk.size, volume_id=disk.volume_id,
+                user_data=user_data,
+            )
+            op = model.Operation(new_id(), model.OpKind.CREATE_SNAPSHOT, snap.id, params)
+            snap.operation_id = op.id
+            return self._commit(repo, op, snap, options)
+
+    def copy_image(
+        self,
+        target_repo_id: str,
+        image_id: str,
+        base_image_id: str | None,
+        user_data: dict[str, Any],
+        options: model.Options,
+    ) -> str:
+        repo = self._repo(target_repo_id)
+        src = self.host.find_image(image_id, options)
+        self._usable(src.image)
+        if src.image.kind == model.Kind.DISK and src.image.prepared_by:
+            raise errors.ImageBusy(
+                f"disk {image_id} is in use (prepared); copy a snapshot of it instead",
+                imageId=image_id,
+            )
+        keep_id = src.image.kind == model.Kind.SNAPSHOT
+        params: dict[str, Any] = {
+            "source_id": image_id,
+            "volume_id": new_id(),
+            "size": src.image.size,
+            "strategy": options.strategy.value,
+            "base_image_id": None,
+            "base_volume_id": None,
+        }
+        with repo.meta_lock:
+            if keep_id:
+                existing = repo.get_image(image_id)
+                if existing is not None and not existing.removed:
+                    log.info("event=copy_noop image=%s repo=%s", image_id, target_repo_id)
+                    return image_id  # same id, same bits: already there (or on its way)
+                if existing is not None:
+                    raise errors.ImageBusy(
+                        f"a removed copy of {image_id} in {target_repo_id!r} still awaits "
+                        "cleaning; run the clean fix first",
+                        imageId=image_id,
+                    )
+            if base_image_id is not None:
+                if base_image_id == image_id:
+                    raise errors.InvalidArgument(
+                        "baseImageId must differ from imageId", param="baseImageId"
+                    )
+                base = repo.get_image(base_image_id)
+                if base is None or base.removed:
+                    raise errors.ImageNotFound(
+                        f"baseImageId {base_image_id} must exist in the target repository "
+                        f"{target_repo_id!r}; copy it there first",
+                        imageId=base_image_id,
+                    )
+                if base.kind != model.Kind.SNAPSHOT:
+                    raise errors.WrongImageKind(
+                        f"baseImageId {base_image_id} is a disk; only a snapshot can be a base",
+                        param="baseImageId",
+                    )
+                self._usable(base)
+                if base.size > src.image.size:
+                    raise errors.InvalidArgument(
+                        f"base {base_image_id} is larger than image {image_id}",
+                        param="baseImageId",
+                    )
+                params["base_image_id"] = base.id
+                params["base_volume_id"] = base.volume_id
+            image = model.Image(
+                id=image_id if keep_id else new_id(),
+                kind=src.image.kind,
+                size=src.image.size,
+                volume_id=params["volume_id"],
+                user_data={**src.image.user_data, **user_data},
+            )
+            op = model.Operation(new_id(), model.OpKind.COPY, image.id, params)
+            image.operation_id = op.id
+            return self._commit(repo, op, image, options)
+
+    # -- remove, stop --------------------------------------------------------------------------
+
+    def remove_image(self, repo_id: str, image_id: str) -> None:
+        repo = self._repo(repo_id)
+        img = self._image(repo, image_id, repo_id)
+        if img.prepared_by:
+            raise errors.ImageBusy(
+                f"image {image_id} is prepared on host(s) {img.prepared_by}; tear it down first",
+                imageId=image_id,
+            )
+        busy = self._busy_in_operation(repo, image_id)
+        if busy:
+            raise errors.ImageBusy(
+                f"disk {image_id} is being snapshotted by operation {busy}; wait for it or "
+                "remove the snapshot first",
+                imageId=image_id,
+            )
+        if img.operation_id is not None:
+            # Removing a broken image aborts its operation: stop it, then forget it.
+            self.runner.stop(img.operation_id)
+        with repo.meta_lock:
+            img = self._image(repo, image_id, repo_id)
+            img.removed = True
+            img.strong = False
+            op_id, img.operation_id = img.operation_id, None
+            repo.put_image(img)
+            if op_id is not None:
+                repo.delete_operation(op_id)
+        log.info("event=removed image=%s repo=%s aborted_op=%s", image_id, repo_id, op_id)
+
+    def stop_operation(self, repo_id: str, image_id: str) -> None:
+        repo = self._repo(repo_id)
+        img = self._image(repo, image_id, repo_id)
+        if img.operation_id is None:
+            raise errors.NoOperation(f"image {image_id} has no operation to stop")
+        if self.runner.stop(img.operation_id):
+            return
+        with repo.meta_lock:
+            op = repo.get_operation(img.operation_id)
+            if op is None:
+                raise errors.NoOperation(f"image {image_id} has no operation to stop")
+            op.state = model.OpState.STOPPED
+            op.progress.last_error = "stopped by client"
+            repo.put_operation(op)
+
+    # -- read ----------------------------------------------------------------------------------
+
+    def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
+        repo = self._repo(repo_id)
+        img = self._image(repo, image_id, repo_id)
+        op = repo.get_operation(img.operation_id) if img.operation_id else None
+        active = op is not None and self.runner.is_active(op.id)
+        return status.describe(img, op, active)
+
+    def _summary(
+        self, repo: localfs.LocalRepository, img: model.Image, ops: dict[str, model.Operation]
+    ) -> dict[str, Any]:
+        op = ops.get(img.operation_id) if img.operation_id else None
+        st = status.describe(img, op, op is not None and self.runner.is_active(op.id))
+        parent = None
+        top = repo.get_volume(img.volume_id)
+        if top is not None:
+            parent = top.parent_image_id
+        return {
+            "imageId": img.id,
+            "kind": img.kind.value,
+            "size": img.size,
+            "status": st["status"],
+            "userData": img.user_data,
+            "parentId": parent,
+            "created": img.created,
+            "prepared": bool(img.prepared_by),
+        }
+
+    def list_images(self, repo_id: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+        repo = self._repo(repo_id)
+        ops = {op.id: op for op in repo.operations()}
+        kind = options.get("kind")
+        include_weak = bool(options.get("includeIncomplete", False))
+        out = []
+        for img in repo.images():
+            if img.removed or (not img.strong and not include_weak):
+                continue
+            if kind and img.kind.value != kind:
+                continue
+            out.append(self._summary(repo, img, ops))
+        out.sort(key=lambda d: (d["created"], d["imageId"]))
+        return out
+
+    def image_info(self, repo_id: str, image_id: str) -> dict[str, Any]:
+        repo = self._repo(repo_id)
+        img = self._image(repo, image_id, repo_id)
+        op = repo.get_operation(img.operation_id) if img.operation_id else None
+        info = self._summary(repo, img, {op.id: op} if op else {})
+        try:
+            vols = chain.volumes(repo, img.volume_id)
+            info["chain"] = chain.image_ids(vols, img.id)
+            # The bytes this image holds itself: its top volume (lower layers are shared).
+            info["allocated"] = fileio.allocated_bytes(repo.volume_path(vols[0].id, vols[0].format))
+        except errors.ImageBroken as e:
+            info["chain"] = [img.id]
+            info["allocated"] = 0
+            info["chainError"] = str(e)
+        info["generation"] = img.generation
+        info["strong"] = img.strong
+        return info
+
+    def set_user_data(self, repo_id: str, image_id: str, user_data: dict[str, Any]) -> None:
+        repo = self._repo(repo_id)
+        with repo.meta_lock:
+            img = self._image(repo, image_id, repo_id)
+            img.user_data = user_data
+            repo.put_image(img)
+
+    # -- prepare -------------------------------------------------------------------------------
+
+    def prepare(self, repo_id: str, image_id: str) -> dict[str, Any]:
+        repo = self._repo(repo_id)
+        with repo.meta_lock:
+            img = self._image(repo, image_id, repo_id)
+            self._usable(img)
+            busy = self._busy_in_operation(repo, image_id)
+            if busy:
+                raise errors.ImageBusy(
+                    f"disk {image_id} is being snapshotted by operation {busy}", imageId=image_id
+                )
+            vols = chain.volumes(repo, img.volume_id)
+            if self.host.host_id not in img.prepared_by:
+                img.prepared_by.append(self.host.host_id)
+                repo.put_image(img)
+        links = [
+            {"path": repo.volume_path(v.id, v.format), "format": v.format.value} for v in vols
+        ]
+        return {
+            "imageId": img.id,
+            "path": links[0]["path"],
+            "format": links[0]["format"],
+            "readonly": img.kind == model.Kind.SNAPSHOT,
+            "chain": links,
+            # A local repository needs no lease; shared repositories will return the sanlock
+            # resource the consumer must hold.
+            "lease": None,
+        }
+
+    def teardown(self, repo_id: str, image_id: str) -> bool:
+        """Return False when the image was not prepared here (an explicit "no change")."""
+        repo = self._repo(repo_id)
+        with repo.meta_lock:
+            img = self._image(repo, image_id, repo_id)
+            if self.host.host_id not in img.prepared_by:
+                return False
+            img.prepared_by.remove(self.host.host_id)
+            repo.put_image(img)
+            return True
+

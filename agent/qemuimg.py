@@ -1,0 +1,94 @@
+"""qemu-img, the only tool that touches image data.
+
+Backing references are always passed relative to the image's directory so a repository can be
+mounted anywhere. All calls block; run them on a real thread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent import command
+
+QEMU_IMG = "/usr/bin/qemu-img"
+
+
+def create(
+    path: str,
+    fmt: str,
+    size: int | None = None,
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+    preallocation: str | None = None,
+) -> None:
+    argv = [QEMU_IMG, "create", "-q", "-f", fmt]
+    if backing is not None:
+        argv += ["-b", backing, "-F", backing_fmt or "qcow2"]
+    if fmt == "qcow2":
+        opts = "compat=1.1,lazy_refcounts=off"
+        if preallocation:
+            opts += f",preallocation={preallocation}"
+        argv += ["-o", opts]
+    argv.append(path)
+    if size is not None:
+        argv.append(str(size))
+    command.run(argv)
+
+
+def convert(
+    src: str,
+    dst: str,
+    dst_fmt: str,
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+    progress: command.ProgressCallback | None = None,
+    cancel: command.Cancel | None = None,
+    direct: bool = True,
+) -> None:
+    # -t none -T none: bypass the page cache, data is on disk when convert returns and a copy does
+    # not evict the host's working set. -W: out-of-order writes, the fastest mode for local files.
+    argv = [QEMU_IMG, "convert", "-p", *_cache(direct), "-W", "-O", dst_fmt]
+    if backing is not None:
+        argv += ["-B", backing, "-F", backing_fmt or "qcow2"]
+    if dst_fmt == "qcow2":
+        argv += ["-o", "compat=1.1"]
+    argv += [src, dst]
+    command.run(argv, progress=progress, cancel=cancel)
+
+
+def rebase(
+    path: str,
+    backing: str,
+    backing_fmt: str,
+    safe: bool = True,
+    progress: command.ProgressCallback | None = None,
+    cancel: command.Cancel | None = None,
+    direct: bool = True,
+) -> None:
+    argv = [QEMU_IMG, "rebase", "-p", *_cache(direct), "-f", "qcow2"]
+    if not safe:
+        argv.append("-u")
+    argv += ["-b", backing, "-F", backing_fmt, path]
+    command.run(argv, progress=progress, cancel=cancel)
+
+
+def info(path: str, fmt: str | None = None, chain: bool = False) -> Any:
+    argv = [QEMU_IMG, "info", "--output=json", "-U"]
+    if fmt:
+        argv += ["-f", fmt]
+    if chain:
+        argv.append("--backing-chain")
+    argv.append(path)
+    return json.loads(command.run(argv))
+
+
+def check(path: str, fmt: str = "qcow2") -> Any:
+    """qemu-img check's JSON report; raises CommandFailed when it finds corruption or leaks."""
+    return json.loads(command.run([QEMU_IMG, "check", "--output=json", "-f", fmt, path]))
+
+
+def _cache(direct: bool) -> list[str]:
+    """Cache modes: O_DIRECT where the file system has it, else writeback plus the fsync the
+    caller does anyway."""
+    return ["-t", "none", "-T", "none"] if direct else ["-t", "writeback", "-T", "writeback"]

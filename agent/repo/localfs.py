@@ -1,0 +1,242 @@
+"""``localfs-1.0``: a repository in a local directory.
+
+On-disk layout (everything a host needs to resume any operation is here)::
+
+    ROOT/repository.json          format, uuid, version
+    ROOT/lock                     fcntl lock held by the one agent using the repository
+    ROOT/images/<imageId>.json    image records
+    ROOT/volumes/<volId>.<fmt>    volume data; qcow2 backing files are bare names in this directory
+    ROOT/volumes/<volId>.json     volume records
+    ROOT/journal/<opId>.json      operations not yet finished
+
+Writers hold ``meta_lock`` (a process-local lock) for each read-modify-write of a record; the
+fcntl lock on ``ROOT/lock`` keeps a second agent out of the whole repository, as VDSM does for
+local storage domains. A local repository needs no sanlock daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from agent import errors, fileio
+from agent.image import model
+
+IMAGES = "images"
+VOLUMES = "volumes"
+JOURNAL = "journal"
+PARTIAL = ".partial"
+
+
+class LocalRepository:
+    FORMAT = "localfs-1.0"
+    VERSION = 1
+    CAPABILITIES = ("thin", "snapshot", "copy", "reflink-when-supported")
+
+    def __init__(self, root: str, repo_uuid: str) -> None:
+        self.root = root
+        self.uuid = repo_uuid
+        self.meta_lock = threading.RLock()
+        self.direct_io = True
+        self._lock_fd: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @staticmethod
+    def parse_parameters(params: dict[str, Any]) -> str:
+        path = params.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise errors.InvalidArgument(
+                "connectionParameters.path must be an absolute directory path", param="path"
+            )
+        return os.path.normpath(path)
+
+    @classmethod
+    def format(cls, params: dict[str, Any]) -> str:
+        root = cls.parse_parameters(params)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            raise errors.InvalidArgument(f"cannot create {root}: {e.strerror}") from e
+        if os.listdir(root):
+            raise errors.RepositoryNotEmpty(
+                f"{root} is not empty; formatting needs an empty directory", path=root
+            )
+        for sub in (IMAGES, VOLUMES, JOURNAL):
+            os.mkdir(os.path.join(root, sub), 0o750)
+        repo_uuid = str(uuid.uuid4())
+        # repository.json is written last: a directory without it is not a repository.
+        fileio.write_json(
+            os.path.join(root, "repository.json"),
+            {"format": cls.FORMAT, "uuid": repo_uuid, "version": cls.VERSION},
+        )
+        return repo_uuid
+
+    @classmethod
+    def open(cls, params: dict[str, Any]) -> LocalRepository:
+        root = cls.parse_parameters(params)
+        try:
+            meta = fileio.read_json(os.path.join(root, "repository.json"))
+        except FileNotFoundError:
+            raise errors.RepositoryNotFormatted(f"{root} is not a formatted repository") from None
+        except (OSError, ValueError) as e:
+            raise errors.RepositoryNotFormatted(f"{root}/repository.json unreadable: {e}") from e
+        if meta.get("format") != cls.FORMAT:
+            raise errors.UnsupportedFormat(
+                f"{root} has format {meta.get('format')!r}, not {cls.FORMAT}"
+            )
+        repo = cls(root, meta["uuid"])
+        repo._take_lock()
+        repo.direct_io = repo._probe_direct_io()
+        return repo
+
+    def _probe_direct_io(self) -> bool:
+        """Whether the file system takes O_DIRECT (tmpfs does not); copies bypass the page
+        cache where they can."""
+        probe = os.path.join(self.root, VOLUMES, f".direct-io{fileio.TMP_MARK}probe")
+        try:
+            fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+        except OSError:
+            return False
+        os.close(fd)
+        os.unlink(probe)
+        return True
+
+    def _take_lock(self) -> None:
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise errors.RepositoryLocked(
+                    f"{self.root} is in use by another agent on this host"
+                ) from None
+            raise
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- space -------------------------------------------------------------------------------
+
+    def capacity(self) -> tuple[int, int]:
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _path(self, sub: str, name: str) -> str:
+        return os.path.join(self.root, sub, name)
+
+    def volume_path(self, vol_id: str, fmt: model.VolumeFormat) -> str:
+        return self._path(VOLUMES, f"{vol_id}.{fmt.value}")
+
+    def volume_partial_path(self, vol_id: str, fmt: model.VolumeFormat) -> str:
+        return self.volume_path(vol_id, fmt) + PARTIAL
+
+    @staticmethod
+    def backing_reference(vol_id: str, fmt: model.VolumeFormat) -> str:
+        """How a qcow2 names its backing volume: a bare name, resolved from its own directory."""
+        return f"{vol_id}.{fmt.value}"
+
+    # -- records -----------------------------------------------------------------------------
+
+    def _read(self, sub: str, rec_id: str) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = fileio.read_json(self._path(sub, f"{rec_id}.json"))
+            return data
+        except FileNotFoundError:
+            return None
+
+    def _ids(self, sub: str) -> Iterator[str]:
+        with os.scandir(os.path.join(self.root, sub)) as it:
+            for entry in it:
+                name = entry.name
+                if name.endswith(".json") and not name.startswith("."):
+                    yield name[: -len(".json")]
+
+    def get_image(self, image_id: str) -> model.Image | None:
+        d = self._read(IMAGES, image_id)
+        return model.Image.from_dict(d) if d is not None else None
+
+    def put_image(self, image: model.Image) -> None:
+        image.generation += 1
+        fileio.write_json(self._path(IMAGES, f"{image.id}.json"), image.to_dict())
+
+    def delete_image(self, image_id: str) -> None:
+        fileio.remove(self._path(IMAGES, f"{image_id}.json"))
+
+    def images(self) -> list[model.Image]:
+        out = []
+        for image_id in self._ids(IMAGES):
+            img = self.get_image(image_id)
+            if img is not None:
+                out.append(img)
+        return out
+
+    def get_volume(self, vol_id: str) -> model.Volume | None:
+        d = self._read(VOLUMES, vol_id)
+        return model.Volume.from_dict(d) if d is not None else None
+
+    def put_volume(self, vol: model.Volume) -> None:
+        fileio.write_json(self._path(VOLUMES, f"{vol.id}.json"), vol.to_dict())
+
+    def delete_volume(self, vol: model.Volume) -> None:
+        """Data first, record last: a record without data is a fault the checker reports."""
+        fileio.remove(self.volume_partial_path(vol.id, vol.format))
+        fileio.remove(self.volume_path(vol.id, vol.format))
+        fileio.remove(self._path(VOLUMES, f"{vol.id}.json"))
+
+    def volumes(self) -> list[model.Volume]:
+        out = []
+        for vol_id in self._ids(VOLUMES):
+            vol = self.get_volume(vol_id)
+            if vol is not None:
+                out.append(vol)
+        return out
+
+    def get_operation(self, op_id: str) -> model.Operation | None:
+        d = self._read(JOURNAL, op_id)
+        return model.Operation.from_dict(d) if d is not None else None
+
+    def put_operation(self, op: model.Operation) -> None:
+        fileio.write_json(self._path(JOURNAL, f"{op.id}.json"), op.to_dict())
+
+    def delete_operation(self, op_id: str) -> None:
+        fileio.remove(self._path(JOURNAL, f"{op_id}.json"))
+
+    def operations(self) -> list[model.Operation]:
+        out = []
+        for op_id in self._ids(JOURNAL):
+            op = self.get_operation(op_id)
+            if op is not None:
+                out.append(op)
+        return out
+
+    def stray_files(self) -> list[str]:
+        """Files that are neither records nor volume data: leftover temporary and partial files."""
+        out = []
+        for sub in (IMAGES, VOLUMES, JOURNAL):
+            with os.scandir(os.path.join(self.root, sub)) as it:
+                for entry in it:
+                    if fileio.is_temporary(entry.name) or entry.name.endswith(PARTIAL):
+                        out.append(entry.path)
+        return out
+
+    def volume_files(self) -> dict[str, str]:
+        """Volume data files by volume id, whether or not a record names them."""
+        out = {}
+        with os.scandir(os.path.join(self.root, VOLUMES)) as it:
+            for entry in it:
+                stem, _, ext = entry.name.partition(".")
+                if ext in ("qcow2", "raw"):
+                    out[stem] = entry.path
+        return out

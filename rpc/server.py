@@ -1,0 +1,178 @@
+"""JSON-RPC 2.0 over HTTP (``POST /jsonrpc``) on gevent's pywsgi, without monkey-patching.
+
+Listeners are gevent sockets (a stdlib socket would block the hub): always the Unix socket
+(mode 0660), and TCP when configured, with TLS and client-certificate verification unless plain
+TCP on loopback was asked for explicitly. TCP_NODELAY is set because pywsgi sends headers and body
+separately and Nagle plus delayed ACK would add ~40 ms to every keep-alive call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket as stdsocket
+import ssl
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gevent.pywsgi
+import gevent.socket
+import gevent.threadpool
+
+from agent import api as agent_api
+from agent import config as agent_config
+from rpc import dispatch
+
+log = logging.getLogger(__name__)
+
+PATH = "/jsonrpc"
+StartResponse = Callable[..., Any]
+
+
+class _QuietLog:
+    """pywsgi's access log goes to our logger at debug level, in our key=value style."""
+
+    def write(self, line: str) -> None:
+        log.debug("event=http %s", line.strip())
+
+
+class Server:
+    def __init__(self, cfg: agent_config.Config, api: agent_api.Api) -> None:
+        self._cfg = cfg
+        self.pool = gevent.threadpool.ThreadPool(cfg.agent.rpc_threads)
+        self.dispatcher = dispatch.Dispatcher(api, self._run_in_thread)
+        self._servers: list[gevent.pywsgi.WSGIServer] = []
+
+    def _run_in_thread(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        return self.pool.spawn(fn, **kwargs).get()
+
+    # -- WSGI --------------------------------------------------------------------------------
+
+    def app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != PATH:
+            return _plain(start_response, "404 Not Found", f"use POST {PATH}\n")
+        if environ.get("REQUEST_METHOD") != "POST":
+            return _plain(start_response, "405 Method Not Allowed", f"use POST {PATH}\n",
+                          [("Allow", "POST")])
+        limit = self._cfg.rpc.max_request_bytes
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError:
+            length = -1
+        if length > limit:
+            return self._too_large(start_response, limit)
+        body = environ["wsgi.input"].read(limit + 1)
+        if len(body) > limit:
+            return self._too_large(start_response, limit)
+        answer = self.dispatcher.handle(body)
+        if answer is None:
+            start_response("204 No Content", [])
+            return [b""]
+        start_response(
+            "200 OK",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))],
+        )
+        return [answer]
+
+    @staticmethod
+    def _too_large(start_response: StartResponse, limit: int) -> Iterable[bytes]:
+        body = dispatch._encode(
+            dispatch.error_body(
+                dispatch.INVALID_REQUEST, f"Invalid Request: body larger than {limit} bytes"
+            )
+        )
+        start_response(
+            "413 Request Entity Too Large",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+             ("Connection", "close")],
+        )
+        return [body]
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        rpc = self._cfg.rpc
+        self._servers.append(self._serve(_unix_listener(rpc.socket)))
+        log.info("event=listening socket=%s", rpc.socket)
+        if rpc.tcp_address:
+            listener = _tcp_listener(rpc.tcp_address, rpc.tcp_port)
+            ctx = None if rpc.plain_tcp else _tls_context(rpc.tls_cert, rpc.tls_key, rpc.tls_ca)
+            self._servers.append(self._serve(listener, ctx))
+            log.info("event=listening tcp=%s:%d tls=%s", rpc.tcp_address,
+                     listener.getsockname()[1], ctx is not None)
+
+    def tcp_port(self) -> int | None:
+        for s in self._servers[1:]:
+            port: int = s.socket.getsockname()[1]
+            return port
+        return None
+
+    def _serve(self, listener: Any, ctx: ssl.SSLContext | None = None) -> Any:
+        kwargs: dict[str, Any] = {"log": _QuietLog(), "error_log": _QuietLog()}
+        if ctx is not None:
+            kwargs["ssl_context"] = ctx
+        server = gevent.pywsgi.WSGIServer(listener, self.app, **kwargs)
+        server.start()
+        return server
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting and let calls in flight (and their metadata writes) finish."""
+        for s in self._servers:
+            s.close()
+        for s in self._servers:
+            s.stop(timeout=timeout)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._cfg.rpc.socket)
+        self.pool.kill()
+
+
+def _plain(start_response: StartResponse, status: str, text: str,
+           extra: list[tuple[str, str]] | None = None) -> Iterable[bytes]:
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+                   + (extra or []))
+    return [body]
+
+
+def _unix_listener(path: str) -> Any:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        if isinstance(e, ConnectionRefusedError):
+            os.unlink(path)  # a socket file left by a dead agent
+    else:
+        raise OSError(f"{path}: another agent is listening there")
+    finally:
+        probe.close()
+    sock = gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    # Bind with a umask so the socket is never, even briefly, more open than 0660.
+    old = os.umask(0o117)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+def _tcp_listener(address: str, port: int) -> Any:
+    family = stdsocket.AF_INET6 if ":" in address else stdsocket.AF_INET
+    sock = gevent.socket.socket(family, stdsocket.SOCK_STREAM)
+    sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit TCP_NODELAY from the listener on Linux.
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+    sock.bind((address, port))
+    sock.listen(128)
+    return sock
+
+
+def _tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

@@ -1,0 +1,97 @@
+"""Client side of the wire: JSON-RPC 2.0 over HTTP on the agent's Unix socket or on TLS TCP."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import socket
+import ssl
+from typing import Any
+
+PATH = "/jsonrpc"
+
+
+class RemoteError(Exception):
+    """The agent answered with a JSON-RPC error."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"{message} (code {code})")
+        self.code = code
+        self.message = message
+        self.data = data
+
+    @property
+    def name(self) -> str:
+        if isinstance(self.data, dict):
+            return str(self.data.get("name", ""))
+        return ""
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class Client:
+    """A keep-alive JSON-RPC client; one per thread."""
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        address: tuple[str, int] | None = None,
+        tls: ssl.SSLContext | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        if address is not None:
+            if tls is not None:
+                self._conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    address[0], address[1], timeout=timeout, context=tls
+                )
+            else:
+                self._conn = http.client.HTTPConnection(address[0], address[1], timeout=timeout)
+        elif socket_path is not None:
+            self._conn = UnixHTTPConnection(socket_path, timeout)
+        else:
+            raise ValueError("a socket path or an address is needed")
+        self._ids = itertools.count(1)
+
+    def post(self, body: bytes) -> tuple[int, bytes]:
+        """Send a raw body; return the HTTP status and raw response body."""
+        try:
+            self._conn.request("POST", PATH, body, {"Content-Type": "application/json"})
+            resp = self._conn.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # The agent closed an idle keep-alive connection: one retry on a fresh one.
+            self._conn.close()
+            self._conn.request("POST", PATH, body, {"Content-Type": "application/json"})
+            resp = self._conn.getresponse()
+        data = resp.read()
+        if resp.getheader("Connection", "").lower() == "close":
+            self._conn.close()
+        return resp.status, data
+
+    def call(self, method: str, *args: Any, **params: Any) -> Any:
+        request: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": next(self._ids)}
+        if args and params:
+            raise ValueError("params by position or by name, not both")
+        if args:
+            request["params"] = list(args)
+        elif params:
+            request["params"] = params
+        status, data = self.post(json.dumps(request).encode())
+        answer = json.loads(data)
+        if "error" in answer:
+            e = answer["error"]
+            raise RemoteError(e["code"], e["message"], e.get("data"))
+        return answer["result"]
+
+    def close(self) -> None:
+        self._conn.close()

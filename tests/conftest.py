@@ -1,0 +1,139 @@
+"""Fixtures: the engine in-process on real repositories, and the real daemon on its socket."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agent import api as agent_api
+from rpc import transport
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def settle(call: Any, repo: str, image_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll getImageStatus until the image is usable, or broken for a reason (not running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s: dict[str, Any] = call("getImageStatus", repo, image_id)
+        if s["status"] != "broken" or not s["running"] and (
+            s["last_error"] or s["operation"] is None
+        ):
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"image {image_id} did not settle: {s}")
+        time.sleep(0.05)
+
+
+class Engine:
+    """The agent's API in-process, with two connected local repositories ``r1`` and ``r2``."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.api = agent_api.Api(1, 2, os.path.join(base, "state"))
+        self.roots = {}
+        for name in ("r1", "r2"):
+            params = {"path": os.path.join(base, name)}
+            self.api.formatStorageRepository("localfs-1.0", params, {})
+            self.api.connectStorageRepository(name, "localfs-1.0", params, {})
+            self.roots[name] = params["path"]
+
+    def call(self, method: str, *args: Any) -> Any:
+        fn = getattr(self.api, method)
+        defaults = {"options": {}, "userData": {}}
+        params = list(inspect.signature(fn).parameters)
+        full = list(args) + [defaults.get(p) for p in params[len(args):]]
+        return fn(*full)
+
+    def settle(self, repo: str, image_id: str) -> dict[str, Any]:
+        return settle(self.call, repo, image_id)
+
+    def path(self, repo: str, image_id: str) -> str:
+        """The image's top volume path (without keeping it prepared)."""
+        p: str = self.api.prepareImage(repo, image_id, {})["path"]
+        self.api.teardownImage(repo, image_id, {})
+        return p
+
+
+@pytest.fixture
+def engine(tmp_path: Any) -> Iterator[Engine]:
+    e = Engine(str(tmp_path))
+    yield e
+    e.api.close()
+
+
+class Daemon:
+    """The real strata-agent in --dev mode, as a child process."""
+
+    def __init__(self, directory: str, env: dict[str, str] | None = None) -> None:
+        self.dir = directory
+        self.socket = os.path.join(directory, "agent.sock")
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = os.path.join(directory, "agent.log")
+
+    def start(self, timeout: float = 20.0) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": ROOT, **self.env}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rpc.main", "--dev", self.dir],
+                stdout=log, stderr=log, env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.read_log()}")
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(self.socket)
+                return
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                s.close()
+        raise AssertionError(f"agent did not listen: {self.read_log()}")
+
+    def read_log(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def client(self) -> transport.Client:
+        return transport.Client(socket_path=self.socket)
+
+    def call(self, method: str, *args: Any, **params: Any) -> Any:
+        c = self.client()
+        try:
+            return c.call(method, *args, **params)
+        finally:
+            c.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path: Any) -> Iterator[Daemon]:
+    d = Daemon(str(tmp_path / "dev"))
+    d.start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        assert d.stop() == 0, d.read_log()

@@ -1,0 +1,64 @@
+"""Test helpers that use the real qemu-io and qemu-img to write and check image bytes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def write(path: str, pattern: int, offset: int, length: int) -> None:
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {length}", path],
+        check=True, capture_output=True,
+    )
+
+
+def reads(path: str, pattern: int, offset: int, length: int) -> bool:
+    """True when the image (through its whole chain) holds ``pattern`` in that range."""
+    r = subprocess.run(
+        ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -P {pattern} {offset} {length}", path],
+        capture_output=True, text=True,
+    )
+    return r.returncode == 0 and "Pattern verification failed" not in r.stdout
+
+
+def same_content(a: str, b: str) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", a, b]).returncode == 0
+
+
+def info(path: str) -> dict:  # type: ignore[type-arg]
+    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", path],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def check_clean(path: str) -> bool:
+    return subprocess.run(["qemu-img", "check", "-q", path], capture_output=True).returncode == 0
+
+
+def fill(path: str, gib: float, chunk: int = 256 * MiB) -> list[tuple[int, int]]:
+    """Write ``gib`` GiB of non-zero data in chunks, a distinct pattern per chunk.
+
+    Returns (pattern, offset) pairs so a reader can verify every chunk. Non-zero data matters:
+    qemu-img skips zeros, so a copy of zeros measures nothing.
+    """
+    total = int(gib * GiB)
+    layout = [(1 + (i // chunk) % 250, i) for i in range(0, total, chunk)]
+    commands: list[str] = []
+    for pattern, offset in layout:
+        commands += ["-c", f"write -P {pattern} {offset} {min(chunk, total - offset)}"]
+    subprocess.run(["qemu-io", "-f", "qcow2", *commands, path], check=True, capture_output=True)
+    return layout
+
+
+def reads_layout(path: str, layout: list[tuple[int, int]], total: int,
+                 chunk: int = 256 * MiB) -> bool:
+    commands: list[str] = []
+    for pattern, offset in layout:
+        commands += ["-c", f"read -P {pattern} {offset} {min(chunk, total - offset)}"]
+    r = subprocess.run(["qemu-io", "-r", "-f", "qcow2", *commands, path],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and "Pattern verification failed" not in r.stdout

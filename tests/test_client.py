@@ -1,0 +1,464 @@
+"""The CLI's pure parts: sizes, values, params against the packaged API document, rendering."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from rpc import client, transport
+
+GiB = 1 << 30
+IMAGE_ID = "0b7c1a52-52a3-4a4f-9d27-1b7d7a0c7f10"
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return client.packaged_document()
+
+
+def method(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return client.find_method(doc, name)
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4096", 4096),
+    ("0", 0),
+    ("512M", 512 << 20),
+    ("10G", 10 * GiB),
+    ("1T", 1 << 40),
+    ("2P", 2 << 50),
+    ("1.5G", 3 * GiB // 2),
+    ("64MiB", 64 << 20),
+    ("64MB", 64 << 20),
+    ("8k", 8192),
+    ("10g", 10 * GiB),
+    ("4096B", 4096),
+    (" 1 G ", GiB),
+    (".5K", 512),
+])
+def test_parse_size(text: str, expected: int) -> None:
+    assert client.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "12Q", "", "G", "-1G", "1e9", "10GG", "1.3K", "0.1", "1,5G", "10 GiBs", "iB", "1..5G",
+])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        client.parse_size(text)
+
+
+def test_bad_size_is_a_usage_error_naming_the_param(doc: dict[str, Any]) -> None:
+    with pytest.raises(client.UsageError, match=r"'size'.*'12Q'"):
+        client.assemble_params(method(doc, "createVirtualDisk"), {},
+                               ["targetRepoId=default", "size=12Q"])
+
+
+def test_size_param_is_found_by_the_document(doc: dict[str, Any]) -> None:
+    params = client.params_by_name(method(doc, "createVirtualDisk"))
+    assert client.is_size_param(params["size"])
+    assert not client.is_size_param(params["targetRepoId"])
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"AutoFix": false}', {"AutoFix": False}),
+    ("42", 42),
+    ("1.5", 1.5),
+    ("true", True),
+    ("null", None),
+    ("[1, 2]", [1, 2]),
+    ('"quoted"', "quoted"),
+    ("default", "default"),
+    ("hello world", "hello world"),
+    ("{not json", "{not json"),
+    ("", ""),
+])
+def test_parse_value_is_json_or_string(text: str, expected: Any) -> None:
+    assert client.parse_value(text) == expected
+
+
+def test_string_params_keep_the_text(doc: dict[str, Any]) -> None:
+    m = method(doc, "getStorageRepositoryInfo")
+    assert client.assemble_params(m, {}, ["repoId=2024"]) == {"repoId": "2024"}
+    assert client.assemble_params(m, {}, ['repoId="r1"']) == {"repoId": "r1"}
+
+
+def test_json_values_reach_object_params(doc: dict[str, Any]) -> None:
+    params = client.assemble_params(
+        method(doc, "createVirtualDisk"), {},
+        ["targetRepoId=default", "size=10G", "baseSnapshotId=null",
+         'options={"AutoFix": false, "strategy": "performance"}', 'userData={"vm": "db1"}'],
+    )
+    assert params == {
+        "targetRepoId": "default",
+        "size": 10 * GiB,
+        "baseSnapshotId": None,
+        "options": {"AutoFix": False, "strategy": "performance"},
+        "userData": {"vm": "db1"},
+    }
+
+
+def test_value_may_hold_equal_signs(doc: dict[str, Any]) -> None:
+    params = client.assemble_params(
+        method(doc, "setImageUserData"), {},
+        ["repositoryId=default", f"imageId={IMAGE_ID}", 'userData={"cmd": "a=b"}'],
+    )
+    assert params["userData"] == {"cmd": "a=b"}
+
+
+def test_pair_without_equal_sign_is_a_usage_error(doc: dict[str, Any]) -> None:
+    with pytest.raises(client.UsageError, match="'default' is not name=value"):
+        client.assemble_params(method(doc, "listImages"), {}, ["default"])
+
+
+# -- params: -f merging, unknown and missing names ------------------------------------------------
+
+
+def test_file_params_are_overridden_by_pairs(doc: dict[str, Any]) -> None:
+    base = {"targetRepoId": "r1", "size": "1G", "userData": {"a": 1}}
+    params = client.assemble_params(method(doc, "createVirtualDisk"), base,
+                                    ["targetRepoId=r2", 'userData={"b": 2}'])
+    assert params == {"targetRepoId": "r2", "size": GiB, "userData": {"b": 2}}
+
+
+def test_file_size_in_bytes_is_kept(doc: dict[str, Any]) -> None:
+    params = client.assemble_params(method(doc, "createVirtualDisk"),
+                                    {"targetRepoId": "r1", "size": 1048576}, [])
+    assert params["size"] == 1048576
+
+
+def test_pair_size_overrides_file_size(doc: dict[str, Any]) -> None:
+    params = client.assemble_params(method(doc, "createVirtualDisk"),
+                                    {"targetRepoId": "r1", "size": 4096}, ["size=2G"])
+    assert params["size"] == 2 * GiB
+
+
+def test_unknown_param_lists_the_valid_names(doc: dict[str, Any]) -> None:
+    with pytest.raises(client.UsageError) as e:
+        client.assemble_params(method(doc, "createVirtualDisk"), {},
+                               ["targetRepoId=default", "size=1G", "sise=2G"])
+    assert str(e.value) == (
+        "unknown param 'sise' for createVirtualDisk "
+        "(valid: targetRepoId, size, baseSnapshotId, userData, options)"
+    )
+
+
+def test_unknown_param_in_the_file_is_refused(doc: dict[str, Any]) -> None:
+    with pytest.raises(client.UsageError, match="unknown param 'repoId' for listImages"):
+        client.assemble_params(method(doc, "listImages"), {"repoId": "default"}, [])
+
+
+def test_no_params_method_refuses_any(doc: dict[str, Any]) -> None:
+    with pytest.raises(client.UsageError, match=r"\(valid: none\)"):
+        client.assemble_params(method(doc, "getHostInfo"), {}, ["verbose=1"])
+
+
+def test_missing_required_params_are_named(doc: dict[str, Any]) -> None:
+    with pytest.raises(client.UsageError, match="getImageStatus needs repositoryId, imageId"):
+        client.assemble_params(method(doc, "getImageStatus"), {}, [])
+
+
+def test_load_params_file(tmp_path: Any) -> None:
+    path = tmp_path / "p.json"
+    path.write_text('{"repositoryId": "default"}')
+    assert client.load_params_file(str(path), io.StringIO()) == {"repositoryId": "default"}
+    stdin = io.StringIO('{"imageId": "x"}')
+    assert client.load_params_file("-", stdin) == {"imageId": "x"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "must hold a JSON object"),
+    ("{oops", "is not JSON"),
+])
+def test_load_params_file_rejects(tmp_path: Any, text: str, message: str) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(client.UsageError, match=message):
+        client.load_params_file(str(path), io.StringIO())
+
+
+def test_load_missing_params_file(tmp_path: Any) -> None:
+    with pytest.raises(client.UsageError, match="cannot read .*: No such file"):
+        client.load_params_file(str(tmp_path / "none.json"), io.StringIO())
+
+
+# -- methods and help -----------------------------------------------------------------------------
+
+
+def test_unknown_method_suggests_a_close_one(doc: dict[str, Any]) -> None:
+    with pytest.raises(client.UsageError, match="'listImage'; did you mean listImages"):
+        client.find_method(doc, "listImage")
+    with pytest.raises(client.UsageError, match="unknown method 'frobnicate'"):
+        client.find_method(doc, "frobnicate")
+
+
+def test_discover_is_callable(doc: dict[str, Any]) -> None:
+    assert client.find_method(doc, "rpc.discover")["params"] == []
+
+
+def test_method_list_has_every_method(doc: dict[str, Any]) -> None:
+    text = client.format_method_list(doc)
+    for m in doc["methods"]:
+        assert f"  {m['name']} " in text
+        assert m["summary"] in text
+    assert "rpc.discover" in text
+
+
+def test_method_help(doc: dict[str, Any]) -> None:
+    text = client.format_method_help(doc, method(doc, "createVirtualDisk"))
+    lines = text.splitlines()
+    assert lines[0].startswith("createVirtualDisk: Create a disk")
+    assert any(line.split()[:3] == ["targetRepoId", "string,", "required"] for line in lines)
+    assert any(line.split()[:2] == ["size", "integer"] and "required" in line for line in lines)
+    assert any(line.split()[0:1] == ["baseSnapshotId"] and "optional, default null" in line
+               for line in lines)
+    assert any("AutoFix" in line and "default true" in line for line in lines)
+    assert "ImageNotFound (1200)" in text
+    assert "RepositoryNotConnected (1100)" in text
+
+
+def test_main_help_works_offline(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = str(tmp_path / "none.sock")
+    assert client.main(["-s", sock, "getImageStatus", "-h"]) == 0
+    out = capsys.readouterr().out
+    assert "repositoryId" in out and "imageId" in out and "ImageNotFound (1200)" in out
+    assert client.main(["-s", sock, "-h"]) == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "createSnapshot" in out
+
+
+def test_main_call_without_agent_exits_3(tmp_path: Any,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    sock = str(tmp_path / "none.sock")
+    assert client.main(["-s", sock, "getHostInfo"]) == 3
+    err = capsys.readouterr().err
+    assert err == f"strata-client: cannot reach the agent at {sock}: No such file or directory\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "a METHOD is needed"),
+    (["-s", "x", "-a", "h:1", "getHostInfo"], "not allowed with"),
+    (["--timeout", "0", "getHostInfo"], "not a positive number"),
+    (["--cert", "c.pem", "getHostInfo"], "go with -a"),
+    (["-a", "localhost", "getHostInfo"], "bad address 'localhost'"),
+    (["--bogus", "getHostInfo"], "unrecognized arguments"),
+])
+def test_main_usage_errors_exit_2(argv: list[str], message: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert client.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("strata-client: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_default_socket_from_environment() -> None:
+    args = client.build_parser().parse_intermixed_args(["getHostInfo"])
+    assert client.endpoint(args, {"STRATA_SOCKET": "/tmp/a.sock"}).socket == "/tmp/a.sock"
+    assert client.endpoint(args, {}).socket == "/run/strata/agent.sock"
+    args = client.build_parser().parse_intermixed_args(["-s", "/x.sock", "getHostInfo"])
+    assert client.endpoint(args, {"STRATA_SOCKET": "/tmp/a.sock"}).socket == "/x.sock"
+
+
+def test_options_and_pairs_intermix() -> None:
+    args = client.build_parser().parse_intermixed_args(
+        ["createVirtualDisk", "targetRepoId=r", "-f", "-", "size=1G", "--watch", "--json"])
+    assert (args.method, args.params, args.params_file, args.watch, args.json) == (
+        "createVirtualDisk", ["targetRepoId=r", "size=1G"], "-", True, True)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:8443", ("127.0.0.1", 8443)),
+    ("agent.example:443", ("agent.example", 443)),
+    ("[::1]:8443", ("::1", 8443)),
+])
+def test_parse_address(text: str, expected: tuple[str, int]) -> None:
+    assert client.parse_address(text) == expected
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0 B"), (512, "512 B"), (1024, "1 KiB"), (64 << 20, "64 MiB"),
+    (3 * GiB // 2, "1.5 GiB"), (1 << 40, "1 TiB"), (3 << 50, "3 PiB"), (5 << 60, "5120 PiB"),
+])
+def test_human_size(n: int, text: str) -> None:
+    assert client.human_size(n) == text
+
+
+def test_render_table_aligns_columns() -> None:
+    cols = (client.Column("A", client.field("a")), client.Column("LONG NAME", client.field("b")))
+    text = client.render_table([{"a": "xxxxx", "b": 1}, {"a": "y"}], cols)
+    assert text.splitlines() == [
+        "A      LONG NAME",
+        "xxxxx  1",
+        "y      -",
+    ]
+
+
+def test_list_images_table() -> None:
+    rows = [
+        {"imageId": IMAGE_ID, "kind": "snapshot", "size": 10 * GiB, "status": "optimized",
+         "prepared": False, "parentId": None, "userData": {}},
+        {"imageId": "9c3e", "kind": "disk", "size": 64 << 20, "status": "broken",
+         "prepared": True, "parentId": IMAGE_ID},
+    ]
+    assert client.render_result("listImages", rows) == "\n".join([
+        "IMAGE ID                              KIND      SIZE    STATUS     PREPARED  PARENT",
+        f"{IMAGE_ID}  snapshot  10 GiB  optimized  no        -",
+        f"9c3e                                  disk      64 MiB  broken     yes       {IMAGE_ID}",
+    ])
+
+
+def test_list_repositories_table() -> None:
+    rows = [{"repoId": "default", "repoFormat": "localfs-1.0", "capacity": 1 << 40,
+             "free": 3 * GiB // 2, "images": {"disk": 2, "snapshot": 1}}]
+    assert client.render_result("listStorageRepositories", rows) == "\n".join([
+        "REPO ID  FORMAT       CAPACITY  FREE     IMAGES",
+        "default  localfs-1.0  1 TiB     1.5 GiB  disk=2 snapshot=1",
+    ])
+
+
+def test_check_repository_table() -> None:
+    rows = [{"type": "mend", "data": "opaque", "imageIds": [IMAGE_ID, "b"],
+             "description": "resume createVirtualDisk"}]
+    assert client.render_result("checkStorageRepository", rows) == "\n".join([
+        "TYPE  IMAGES                                  DESCRIPTION",
+        f"mend  {IMAGE_ID},b  resume createVirtualDisk",
+    ])
+    assert client.render_result("checkStorageRepository", []) == "TYPE  IMAGES  DESCRIPTION"
+
+
+def test_render_scalars_objects_and_json() -> None:
+    assert client.render_result("createVirtualDisk", IMAGE_ID) == IMAGE_ID
+    assert client.render_result("removeImage", None) is None
+    assert client.render_result("getImageInfo", {
+        "size": 64 << 20, "chain": ["a", "b"], "userData": {"k": 1}, "prepared": True,
+        "last_error": None,
+    }) == "\n".join([
+        "size: 67108864 (64 MiB)", "chain: a,b", 'userData: {"k":1}', "prepared: yes",
+        "last_error: -",
+    ])
+    assert json.loads(client.render_result("createVirtualDisk", IMAGE_ID, True) or "") == IMAGE_ID
+    assert client.render_result("removeImage", None, True) == "null"
+
+
+def test_remote_error_line() -> None:
+    e = transport.RemoteError(1200, "image x is not in\nrepository 'default'",
+                              {"name": "ImageNotFound"})
+    assert client.remote_error_line(e) == (
+        "ImageNotFound (1200): image x is not in repository 'default'")
+    e = transport.RemoteError(-32602, "Invalid params: invalid parameter 'imageId'")
+    assert client.remote_error_line(e) == (
+        "InvalidParams (-32602): Invalid params: invalid parameter 'imageId'")
+    assert client.remote_error_line(transport.RemoteError(-1, "odd")) == "error (-1): odd"
+
+
+# -- watching -------------------------------------------------------------------------------------
+
+
+def status(st: str, stage: str = "1/2", pct: int = -1, running: bool = True,
+           error: str | None = None) -> dict[str, Any]:
+    return {"imageId": IMAGE_ID, "status": st, "stage": stage, "percent_complete": pct,
+            "last_error": error, "running": running, "operation": "copyImage"}
+
+
+@pytest.mark.parametrize("s, outcome", [
+    (status("optimized", "2/2", 100, False), True),
+    (status("degraded", "2/2", 100, False), True),
+    (status("broken", running=True), None),
+    (status("broken", running=False), None),  # queued, or waiting: no error yet
+    (status("broken", running=True, error="ENOSPC"), None),  # still stopping
+    (status("broken", running=False, error="stopped by client"), False),
+])
+def test_watch_outcome(s: dict[str, Any], outcome: bool | None) -> None:
+    assert client.watch_outcome(s) is outcome
+
+
+def test_progress_line() -> None:
+    assert client.progress_line(status("broken", "1/2", 50), width=10) == (
+        "[#####.....]  50%  broken  stage 1/2  copyImage")
+    assert client.progress_line(status("broken", "1/2", -1), width=4) == (
+        "[????]   ?%  broken  stage 1/2  copyImage")
+
+
+def test_check_watchable() -> None:
+    client.check_watchable("copyImage", {})
+    with pytest.raises(client.UsageError, match="not listImages"):
+        client.check_watchable("listImages", {})
+    with pytest.raises(client.UsageError, match="AutoFix=false"):
+        client.check_watchable("createVirtualDisk", {"options": {"AutoFix": False}})
+
+
+def test_watch_target() -> None:
+    assert client.watch_target("getImageStatus", {"repositoryId": "r", "imageId": IMAGE_ID},
+                               {}) == ("r", IMAGE_ID)
+    assert client.watch_target("createSnapshot", {"targetRepoId": "r2"}, IMAGE_ID) == (
+        "r2", IMAGE_ID)
+
+
+class _Scripted(client.Agent):
+    """An agent whose getImageStatus answers come from a list (no socket is touched)."""
+
+    def __init__(self, answers: list[dict[str, Any]]) -> None:
+        super().__init__(client.Endpoint(socket="/nonexistent"), 1.0)
+        self.answers: Iterator[dict[str, Any]] = iter(answers)
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def call(self, method: str, params: Mapping[str, Any]) -> Any:
+        self.calls.append((method, dict(params)))
+        return next(self.answers)
+
+
+def test_watch_until_done_prints_each_change_once() -> None:
+    agent = _Scripted([status("broken", "1/2", 0), status("broken", "1/2", 0),
+                       status("broken", "1/2", 40), status("optimized", "2/2", 100, False)])
+    err = io.StringIO()
+    sleeps: list[float] = []
+    final = client.watch(agent, "r", IMAGE_ID, client.Progress(err), sleeps.append)
+    assert final["status"] == "optimized"
+    assert agent.calls == [("getImageStatus", {"repositoryId": "r", "imageId": IMAGE_ID})] * 4
+    assert sleeps == [0.5, 0.5, 0.5]
+    lines = err.getvalue().splitlines()
+    assert [line.split("]")[1].split()[:2] for line in lines] == [
+        ["0%", "broken"], ["40%", "broken"], ["100%", "optimized"]]
+
+
+def test_watch_failure() -> None:
+    agent = _Scripted([status("broken", "1/2", 10),
+                       status("broken", "1/2", 10, False, "No space left on device")])
+    with pytest.raises(client.WatchFailed, match="No space left on device"):
+        client.watch(agent, "r", IMAGE_ID, client.Progress(io.StringIO()), lambda _: None)
+
+
+def test_progress_redraws_one_line_on_a_tty() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    progress = client.Progress(out)
+    progress.update(status("broken", "1/2", 10))
+    progress.update(status("broken", "1/2", 10))
+    progress.finish()
+    text = out.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1
+
+
+def test_module_docstring_documents_exit_codes() -> None:
+    doc = client.__doc__ or ""
+    for code in ("0", "1", "2", "3", "4"):
+        assert f"\n    {code}  " in doc
+    epilog = client.build_parser().format_help()
+    for code in ("0", "1", "2", "3", "4"):
+        assert f"\n  {code}  " in epilog

@@ -1,0 +1,158 @@
+"""Operations survive crashes: kill -9 mid-copy, a crash at a chosen step, SIGTERM mid-copy.
+
+After each, a restarted agent shows the interrupted operation as a mend fix, and running it gives
+the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+
+from tests import qemu
+from tests.conftest import Daemon, settle
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+GiB = qemu.GiB
+DATA_GIB = 1.0
+
+
+def prepared_path(d: Daemon, repo: str, image_id: str) -> str:
+    path: str = d.call("prepareImage", repo, image_id)["path"]
+    d.call("teardownImage", repo, image_id)
+    return path
+
+
+def source_snapshot(d: Daemon, tmp_path: Any) -> tuple[str, list[tuple[int, int]]]:
+    """A snapshot holding DATA_GIB of patterned data in 'default', and a second repo 'r2'."""
+    params = {"path": str(tmp_path / "r2")}
+    d.call("formatStorageRepository", "localfs-1.0", params)
+    d.call("connectStorageRepository", "r2", "localfs-1.0", params)
+    disk = d.call("createVirtualDisk", "default", 2 * GiB)
+    settle(d.call, "default", disk)
+    layout = qemu.fill(prepared_path(d, "default", disk), DATA_GIB)
+    snap = d.call("createSnapshot", "default", disk)
+    assert settle(d.call, "default", snap)["status"] == "optimized"
+    return snap, layout
+
+
+def wait_progress(d: Daemon, repo: str, image_id: str, at_least: int = 1) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        s = d.call("getImageStatus", repo, image_id)
+        if s["percent_complete"] >= at_least and s["stage"] == "1/2":
+            return
+        assert s["status"] == "broken", f"finished before it could be interrupted: {s}"
+        time.sleep(0.01)
+    raise AssertionError("no progress")
+
+
+def mend_all(d: Daemon, repo: str) -> list[dict[str, Any]]:
+    fixes: list[dict[str, Any]] = d.call("checkStorageRepository", repo)
+    for f in fixes:
+        d.call("fixStorageRepository", repo, f)
+    return fixes
+
+
+def assert_complete_copy(d: Daemon, snap: str, layout: list[tuple[int, int]]) -> None:
+    s = settle(d.call, "r2", snap)
+    assert s["status"] == "optimized", s
+    copy = prepared_path(d, "r2", snap)
+    assert qemu.same_content(copy, prepared_path(d, "default", snap))
+    assert qemu.reads_layout(copy, layout, int(DATA_GIB * GiB))
+    assert qemu.check_clean(copy)
+    volumes = os.listdir(os.path.dirname(copy))
+    assert not [v for v in volumes if v.endswith(".partial") or ".tmp-" in v], volumes
+    assert d.call("checkStorageRepository", "r2") == []
+
+
+def test_kill_9_during_copy_then_mend_resumes(daemon: Daemon, tmp_path: Any) -> None:
+    snap, layout = source_snapshot(daemon, tmp_path)
+    daemon.call("copyImage", "r2", snap)
+    wait_progress(daemon, "r2", snap)
+    daemon.kill()
+
+    daemon.start()  # connections come back from the state directory
+    s = daemon.call("getImageStatus", "r2", snap)
+    assert s["status"] == "broken" and not s["running"] and s["last_error"] is None
+    fixes = mend_all(daemon, "r2")
+    assert [(f["type"], f["imageIds"]) for f in fixes] == [("mend", [snap])]
+    assert "interrupted" in fixes[0]["description"]
+    assert_complete_copy(daemon, snap, layout)
+
+
+@pytest.mark.parametrize("step", ["copyImage:copy-data", "copyImage:seal"])
+def test_crash_at_a_step_then_mend(tmp_path: Any, step: str) -> None:
+    d = Daemon(str(tmp_path / "dev"), env={"STRATA_TEST_CRASH_AT": step})
+    d.start()
+    snap, layout = source_snapshot(d, tmp_path)
+    d.call("copyImage", "r2", snap)
+    assert d.proc is not None and d.proc.wait(60) == 75  # the hook's _exit
+    d.env = {}
+    d.start()
+    assert [f["type"] for f in mend_all(d, "r2")] == ["mend"]
+    assert_complete_copy(d, snap, layout)
+    assert d.stop() == 0
+
+
+def test_snapshot_crash_before_switch_and_seal(tmp_path: Any) -> None:
+    for step in ("createSnapshot:switch", "createSnapshot:seal"):
+        d = Daemon(str(tmp_path / step.replace(":", "-")), env={"STRATA_TEST_CRASH_AT": step})
+        d.start()
+        disk = d.call("createVirtualDisk", "default", 64 << 20)
+        settle(d.call, "default", disk)
+        qemu.write(prepared_path(d, "default", disk), 0x5A, 0, 8 << 20)
+        snap = d.call("createSnapshot", "default", disk)
+        assert d.proc is not None and d.proc.wait(60) == 75
+        d.env = {}
+        d.start()
+        assert [f["type"] for f in mend_all(d, "default")] == ["mend"]
+        assert settle(d.call, "default", snap)["status"] == "optimized"
+        assert d.call("getImageInfo", "default", disk)["chain"] == [disk, snap]
+        assert qemu.reads(prepared_path(d, "default", disk), 0x5A, 0, 8 << 20)
+        assert qemu.reads(prepared_path(d, "default", snap), 0x5A, 0, 8 << 20)
+        assert d.call("checkStorageRepository", "default") == []
+        assert d.stop() == 0
+
+
+def test_sigterm_leaves_operation_resumable(daemon: Daemon, tmp_path: Any) -> None:
+    snap, layout = source_snapshot(daemon, tmp_path)
+    daemon.call("copyImage", "r2", snap)
+    wait_progress(daemon, "r2", snap)
+    assert daemon.stop() == 0
+    daemon.start()
+    s = daemon.call("getImageStatus", "r2", snap)
+    assert s["status"] == "broken" and s["last_error"] is None
+    assert [f["type"] for f in mend_all(daemon, "r2")] == ["mend"]
+    assert_complete_copy(daemon, snap, layout)
+
+
+def test_stop_operation_pauses_and_mend_resumes(daemon: Daemon, tmp_path: Any) -> None:
+    snap, layout = source_snapshot(daemon, tmp_path)
+    daemon.call("copyImage", "r2", snap)
+    wait_progress(daemon, "r2", snap)
+    daemon.call("stopOperation", "r2", snap)
+    s = daemon.call("getImageStatus", "r2", snap)
+    assert s["status"] == "broken" and not s["running"]
+    assert s["last_error"] == "stopped by client"
+    [mend] = daemon.call("checkStorageRepository", "r2", {"types": ["mend"]})
+    assert "stopped by client" in mend["description"]
+    daemon.call("fixStorageRepository", "r2", mend)
+    assert_complete_copy(daemon, snap, layout)
+
+
+def test_remove_during_copy_aborts_and_clean_leaves_nothing(daemon: Daemon, tmp_path: Any) -> None:
+    snap, _ = source_snapshot(daemon, tmp_path)
+    daemon.call("copyImage", "r2", snap)
+    wait_progress(daemon, "r2", snap)
+    daemon.call("removeImage", "r2", snap)
+    fixes = daemon.call("checkStorageRepository", "r2")
+    assert [f["type"] for f in fixes] == ["clean"]
+    daemon.call("fixStorageRepository", "r2", fixes[0])
+    for sub in ("images", "volumes", "journal"):
+        assert os.listdir(tmp_path / "r2" / sub) == []
+    # The source is untouched.
+    assert daemon.call("getImageStatus", "default", snap)["status"] == "optimized"

@@ -1,0 +1,87 @@
+"""Behaviour that depends on the file system: reflink clones, and running out of space."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests import mounts, qemu
+from tests.conftest import Engine
+
+pytestmark = pytest.mark.root
+MiB = qemu.MiB
+
+
+def test_performance_copy_is_a_reflink_on_xfs(tmp_path: Any) -> None:
+    with mounts.loop_mount(str(tmp_path), "xfs", 512) as mnt:
+        e = Engine(mnt)
+        try:
+            d = e.call("createVirtualDisk", "r1", 128 * MiB)
+            e.settle("r1", d)
+            qemu.write(e.path("r1", d), 0x3C, 0, 64 * MiB)
+            s = e.call("createSnapshot", "r1", d)
+            e.settle("r1", s)
+            used = _used(mnt)
+            clone = e.call("createVirtualDisk", "r1", 128 * MiB, s, {},
+                           {"strategy": "performance"})
+            assert e.settle("r1", clone)["status"] == "optimized"
+            path = e.path("r1", clone)
+            assert "backing-filename" not in qemu.info(path)
+            assert qemu.reads(path, 0x3C, 0, 64 * MiB)
+            # Shared extents, and no new data blocks: it is a clone, not a copy.
+            frag = subprocess.run(["filefrag", "-v", path], capture_output=True,
+                                  text=True).stdout
+            assert "shared" in frag
+            assert _used(mnt) - used < 8 * MiB
+            # Writing to the clone leaves the snapshot as it was.
+            qemu.write(path, 0x77, 0, MiB)
+            assert qemu.reads(e.path("r1", s), 0x3C, 0, 64 * MiB)
+        finally:
+            e.api.close()
+
+
+def test_out_of_space_copy_breaks_only_that_image_and_resumes(tmp_path: Any) -> None:
+    src = Engine(str(tmp_path / "src"))
+    with mounts.loop_mount(str(tmp_path), "ext4", 192) as mnt:
+        small = {"path": os.path.join(mnt, "repo")}
+        src.api.formatStorageRepository("localfs-1.0", small, {})
+        src.api.connectStorageRepository("small", "localfs-1.0", small, {})
+        try:
+            d = src.call("createVirtualDisk", "r1", 256 * MiB)
+            src.settle("r1", d)
+            layout = qemu.fill(src.path("r1", d), 160 / 1024, chunk=32 * MiB)
+            s = src.call("createSnapshot", "r1", d)
+            src.settle("r1", s)
+            # Something already in the small repository must come out unharmed.
+            keep = src.call("createVirtualDisk", "small", 16 * MiB)
+            src.settle("small", keep)
+            qemu.write(src.path("small", keep), 0x42, 0, 4 * MiB)
+            ballast = os.path.join(mnt, "ballast")
+            subprocess.run(["fallocate", "-l", "100M", ballast], check=True)
+
+            src.call("copyImage", "small", s)
+            st = src.settle("small", s)
+            assert st["status"] == "broken" and not st["running"]
+            assert "No space" in st["last_error"], st
+            leftovers = [f for f in os.listdir(os.path.join(small["path"], "volumes"))
+                         if f.endswith(".partial")]
+            assert leftovers == []  # the space taken by the failed copy was given back
+            assert qemu.reads(src.path("small", keep), 0x42, 0, 4 * MiB)
+            assert qemu.check_clean(src.path("small", keep))
+
+            os.unlink(ballast)
+            [mend] = src.call("checkStorageRepository", "small")
+            assert mend["type"] == "mend" and "No space" in mend["description"]
+            src.call("fixStorageRepository", "small", mend)
+            assert src.settle("small", s)["status"] == "optimized"
+            assert qemu.reads_layout(src.path("small", s), layout, 160 * MiB, chunk=32 * MiB)
+        finally:
+            src.api.close()
+
+
+def _used(mnt: str) -> int:
+    st = os.statvfs(mnt)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize

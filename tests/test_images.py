@@ -1,0 +1,262 @@
+"""Image operations on real qemu-img, checked by the bytes read back through every chain."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent import errors
+from tests import qemu
+from tests.conftest import Engine
+
+MiB = qemu.MiB
+
+
+def disk_with_data(e: Engine, repo: str = "r1", size: int = 64 * MiB) -> str:
+    d = e.call("createVirtualDisk", repo, size)
+    assert e.settle(repo, d)["status"] == "optimized"
+    qemu.write(e.path(repo, d), 0x11, 0, 4 * MiB)
+    return str(d)
+
+
+def test_blank_disk_is_thin_and_reads_zero(engine: Engine) -> None:
+    d = engine.call("createVirtualDisk", "r1", 1 << 40)  # 1 TiB: thin, instant
+    s = engine.settle("r1", d)
+    assert s == {**s, "status": "optimized", "stage": "2/2", "percent_complete": 100,
+                 "hostID": 1, "last_error": None}
+    path = engine.path("r1", d)
+    assert qemu.info(path)["virtual-size"] == 1 << 40
+    assert os.stat(path).st_blocks * 512 < 2 * MiB
+    assert qemu.reads(path, 0, 0, MiB)
+
+
+def test_snapshot_switch_keeps_bytes_and_later_writes_go_to_the_disk_only(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    assert engine.settle("r1", s)["status"] == "optimized"
+    # The snapshot took the disk's volume; the disk got a new empty top.
+    snap_path, disk_path = engine.path("r1", s), engine.path("r1", d)
+    assert snap_path != disk_path
+    assert qemu.info(disk_path)["backing-filename"] == os.path.basename(snap_path)
+    qemu.write(disk_path, 0x22, 0, MiB)
+    assert qemu.reads(disk_path, 0x22, 0, MiB)
+    assert qemu.reads(disk_path, 0x11, MiB, 3 * MiB)
+    assert qemu.reads(snap_path, 0x11, 0, 4 * MiB)  # the snapshot never changes
+    info = engine.call("getImageInfo", "r1", d)
+    assert info["parentId"] == s and info["chain"] == [d, s]
+    assert engine.call("getImageInfo", "r1", s)["kind"] == "snapshot"
+
+
+def test_thin_disk_on_snapshot_reads_through_chain(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    d2 = engine.call("createVirtualDisk", "r1", 128 * MiB, s)
+    assert engine.settle("r1", d2)["status"] == "optimized"
+    p = engine.path("r1", d2)
+    assert qemu.info(p)["virtual-size"] == 128 * MiB
+    assert qemu.reads(p, 0x11, 0, 4 * MiB)
+    assert os.stat(p).st_blocks * 512 < MiB  # thin: only qcow2 metadata
+
+
+def test_performance_disk_is_independent_full_copy(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    d2 = engine.call("createVirtualDisk", "r1", 64 * MiB, s, {}, {"strategy": "performance"})
+    assert engine.settle("r1", d2)["status"] == "optimized"
+    p = engine.path("r1", d2)
+    assert "backing-filename" not in qemu.info(p)
+    assert qemu.reads(p, 0x11, 0, 4 * MiB)
+    assert engine.call("getImageInfo", "r1", d2)["chain"] == [d2]
+
+
+def test_copy_full_between_repositories(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    qemu.write(engine.path("r1", d), 0x33, 8 * MiB, MiB)
+    c = engine.call("copyImage", "r2", d)
+    assert c != d
+    assert engine.settle("r2", c)["status"] == "optimized"
+    p = engine.path("r2", c)
+    assert p.startswith(engine.roots["r2"])
+    assert "backing-filename" not in qemu.info(p)
+    assert qemu.same_content(p, engine.path("r1", d))
+    assert qemu.check_clean(p)
+
+
+def test_snapshot_copy_keeps_id_and_second_copy_is_noop(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    assert engine.call("copyImage", "r2", s) == s
+    engine.settle("r2", s)
+    gen = engine.call("getImageInfo", "r2", s)["generation"]
+    assert engine.call("copyImage", "r2", s) == s
+    assert engine.call("getImageInfo", "r2", s)["generation"] == gen
+    assert qemu.same_content(engine.path("r2", s), engine.path("r1", s))
+
+
+def test_copy_with_base_holds_only_the_difference(engine: Engine) -> None:
+    d = engine.call("createVirtualDisk", "r1", 256 * MiB)
+    engine.settle("r1", d)
+    qemu.write(engine.path("r1", d), 0x11, 0, 128 * MiB)
+    s1 = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s1)
+    engine.call("copyImage", "r2", s1)
+    engine.settle("r2", s1)
+    qemu.write(engine.path("r1", d), 0x44, 16 * MiB, 4 * MiB)  # change 4 MiB
+    s2 = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s2)
+    c = engine.call("copyImage", "r2", s2, s1)
+    assert c == s2
+    assert engine.settle("r2", c)["status"] == "optimized"
+    info = engine.call("getImageInfo", "r2", c)
+    assert info["chain"] == [s2, s1]
+    assert info["allocated"] < 6 * MiB  # the 4 MiB changed, plus qcow2 metadata
+    assert qemu.same_content(engine.path("r2", c), engine.path("r1", s2))
+
+
+def test_copy_with_base_across_a_deeper_chain(engine: Engine) -> None:
+    """The base is two layers down in the source: the copy must still hold every change."""
+    d = engine.call("createVirtualDisk", "r1", 64 * MiB)
+    engine.settle("r1", d)
+    qemu.write(engine.path("r1", d), 0x11, 0, 16 * MiB)
+    s1 = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s1)
+    engine.call("copyImage", "r2", s1)
+    engine.settle("r2", s1)
+    qemu.write(engine.path("r1", d), 0x22, 0, MiB)
+    s2 = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s2)
+    qemu.write(engine.path("r1", d), 0x33, 2 * MiB, MiB)
+    c = engine.call("copyImage", "r2", d, s1)
+    assert engine.settle("r2", c)["status"] == "optimized"
+    p = engine.path("r2", c)
+    assert qemu.same_content(p, engine.path("r1", d))
+    assert engine.call("getImageInfo", "r2", c)["allocated"] < 4 * MiB
+
+
+def test_remove_delinks_then_clean_reclaims(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    path = engine.path("r1", d)
+    engine.call("removeImage", "r1", d)
+    assert all(i["imageId"] != d for i in engine.call("listImages", "r1"))
+    with pytest.raises(errors.ImageNotFound):
+        engine.call("getImageStatus", "r1", d)
+    assert os.path.exists(path)  # delinked only
+    fixes = engine.call("checkStorageRepository", "r1")
+    assert [f["type"] for f in fixes] == ["clean"] and fixes[0]["imageIds"] == [d]
+    engine.call("fixStorageRepository", "r1", fixes[0])
+    assert not os.path.exists(path)
+    assert engine.call("checkStorageRepository", "r1") == []
+    # The same fix again is stale, and refused.
+    with pytest.raises(errors.StaleFix):
+        engine.call("fixStorageRepository", "r1", fixes[0])
+
+
+def test_removed_snapshot_keeps_bytes_its_disk_needs(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    engine.call("removeImage", "r1", s)
+    for f in engine.call("checkStorageRepository", "r1"):
+        engine.call("fixStorageRepository", "r1", f)
+    assert qemu.reads(engine.path("r1", d), 0x11, 0, 4 * MiB)
+    engine.call("removeImage", "r1", d)
+    [clean] = engine.call("checkStorageRepository", "r1")
+    engine.call("fixStorageRepository", "r1", clean)
+    assert os.listdir(os.path.join(engine.roots["r1"], "volumes")) == []
+    assert os.listdir(os.path.join(engine.roots["r1"], "images")) == []
+
+
+def test_forged_fix_is_refused_and_changes_nothing(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    before = sorted(os.listdir(os.path.join(engine.roots["r1"], "volumes")))
+    for forged in ({"type": "clean", "data": "0" * 64, "imageIds": [d]},
+                   {"type": "mend", "data": "x"}):
+        with pytest.raises(errors.StaleFix):
+            engine.call("fixStorageRepository", "r1", forged)
+    assert sorted(os.listdir(os.path.join(engine.roots["r1"], "volumes"))) == before
+
+
+def test_prepared_disk_cannot_be_snapshotted_or_removed(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    prep = engine.call("prepareImage", "r1", d)
+    assert prep["format"] == "qcow2" and prep["chain"][0]["path"] == prep["path"]
+    assert not prep["readonly"]
+    with pytest.raises(errors.ImageBusy):
+        engine.call("createSnapshot", "r1", d)
+    with pytest.raises(errors.ImageBusy):
+        engine.call("removeImage", "r1", d)
+    assert engine.call("teardownImage", "r1", d) == {"changed": True}
+    assert engine.call("teardownImage", "r1", d) == {"changed": False}
+    engine.call("removeImage", "r1", d)
+
+
+def test_wrong_kinds_are_refused(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    with pytest.raises(errors.WrongImageKind):
+        engine.call("createSnapshot", "r1", s)  # a snapshot of a snapshot
+    with pytest.raises(errors.WrongImageKind):
+        engine.call("createVirtualDisk", "r1", 64 * MiB, d)  # a disk "based" on a disk
+    engine.call("copyImage", "r2", s)
+    engine.settle("r2", s)
+    c = engine.call("copyImage", "r2", d)
+    engine.settle("r2", c)
+    with pytest.raises(errors.WrongImageKind):
+        engine.call("copyImage", "r2", d, c)  # a disk as a copy's base
+    with pytest.raises(errors.InvalidArgument):
+        engine.call("createVirtualDisk", "r1", 32 * MiB, s)  # smaller than the snapshot
+    with pytest.raises(errors.InvalidArgument):
+        engine.call("createVirtualDisk", "r2", 64 * MiB, s, {},
+                    {"participatingRepositories": ["r1"]})  # thin across repositories
+
+
+def test_image_lookup_follows_options(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    with pytest.raises(errors.ImageNotFound):
+        engine.call("copyImage", "r2", s, None, {}, {"participatingRepositories": ["r2"]})
+    with pytest.raises(errors.ImageNotFound):
+        engine.call("copyImage", "r2", s, None, {}, {"imageHints": {s: "r2"}})
+    assert engine.call("copyImage", "r2", s, None, {}, {"imageHints": {s: "r1"}}) == s
+
+
+def test_autofix_false_commits_intent_and_mend_runs_it(engine: Engine) -> None:
+    d = engine.call("createVirtualDisk", "r1", 64 * MiB, None, {}, {"AutoFix": False})
+    s = engine.call("getImageStatus", "r1", d)
+    assert s["status"] == "broken" and not s["running"] and s["last_error"] is None
+    [mend] = engine.call("checkStorageRepository", "r1")
+    assert mend["type"] == "mend" and mend["imageIds"] == [d]
+    engine.call("fixStorageRepository", "r1", mend)
+    assert engine.settle("r1", d)["status"] == "optimized"
+    assert engine.call("checkStorageRepository", "r1") == []
+
+
+def test_removing_a_broken_image_aborts_its_operation(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    c = engine.call("copyImage", "r2", s, None, {}, {"AutoFix": False})
+    engine.call("removeImage", "r2", c)
+    [clean] = engine.call("checkStorageRepository", "r2")
+    assert clean["type"] == "clean"
+    engine.call("fixStorageRepository", "r2", clean)
+    for sub in ("images", "volumes", "journal"):
+        assert os.listdir(os.path.join(engine.roots["r2"], sub)) == []
+
+
+def test_user_data_and_listing(engine: Engine) -> None:
+    d = engine.call("createVirtualDisk", "r1", 64 * MiB, None, {"vm": "web-1"})
+    engine.settle("r1", d)
+    engine.call("setImageUserData", "r1", d, {"vm": "web-2"})
+    [row] = engine.call("listImages", "r1")
+    assert row["imageId"] == d and row["userData"] == {"vm": "web-2"} and row["kind"] == "disk"
+    info = engine.call("getStorageRepositoryInfo", "r1")
+    assert info["images"]["disk"] == 1 and info["free"] <= info["capacity"]
