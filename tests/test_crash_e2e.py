@@ -17,7 +17,7 @@ from tests.conftest import Daemon, settle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 GiB = qemu.GiB
-DATA_GIB = 1.0
+DATA_GIB = 1.5
 
 
 def prepared_path(d: Daemon, repo: str, image_id: str) -> str:

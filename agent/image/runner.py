@@ -35,11 +35,19 @@ class Runner:
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="op")
         self._lock = threading.Lock()
         self._active: dict[str, tuple[command.Cancel, concurrent.futures.Future[None]]] = {}
+        # The live record of each running operation: fresher than the journal, whose progress
+        # is written at most every PROGRESS_INTERVAL.
+        self._live: dict[str, model.Operation] = {}
         self._closing = False
 
     def is_active(self, op_id: str) -> bool:
         with self._lock:
             return op_id in self._active
+
+    def live(self, op_id: str) -> model.Operation | None:
+        """The in-memory state of an operation this process is running, if it is."""
+        with self._lock:
+            return self._live.get(op_id)
 
     def submit(self, repo: localfs.LocalRepository, op_id: str) -> None:
         """Queue an operation; a no-op when this process already runs it."""
@@ -56,6 +64,7 @@ class Runner:
     def _forget(self, op_id: str) -> None:
         with self._lock:
             self._active.pop(op_id, None)
+            self._live.pop(op_id, None)
 
     def stop(self, op_id: str, timeout: float = 60.0) -> bool:
         """Stop a running operation and wait for it to record that; False if it was not running."""
@@ -89,6 +98,8 @@ class Runner:
             return
         steps = operations.STEPS[op.kind]
         last_write = [0.0]
+        with self._lock:
+            self._live[op_id] = op
 
         def persist() -> None:
             with repo.meta_lock:

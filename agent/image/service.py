@@ -313,9 +313,13 @@ class ImageService:
     def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
         img = self._image(repo, image_id, repo_id)
-        op = repo.get_operation(img.operation_id) if img.operation_id else None
-        active = op is not None and self.runner.is_active(op.id)
-        return status.describe(img, op, active)
+        if img.operation_id is None:
+            return status.describe(img, None, False)
+        live = self.runner.live(img.operation_id)
+        if live is not None:
+            return status.describe(img, live, True)
+        op = repo.get_operation(img.operation_id)
+        return status.describe(img, op, op is not None and self.runner.is_active(op.id))
 
     def _summary(
         self, repo: localfs.LocalRepository, img: model.Image, ops: dict[str, model.Operation]
