@@ -12,7 +12,9 @@ import logging
 import logging.handlers
 import sys
 
-FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+from agent import logctx
+
+FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s%(ctx)s %(message)s"
 
 # The handlers the last setup() installed, so that another call replaces them instead of adding.
 _installed: list[logging.Handler] = []
@@ -35,6 +37,7 @@ def setup(level: str, file: str = "") -> None:
         handlers.append(logging.handlers.WatchedFileHandler(file, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(logctx.Filter())  # req=... op=... on every line that has them
 
     root = logging.getLogger()
     for handler in _installed:

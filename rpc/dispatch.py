@@ -22,7 +22,7 @@ from jsonrpcserver import response as jrs_response
 from jsonrpcserver import sentinels as jrs_sentinels
 
 from agent import api as agent_api
-from agent import errors
+from agent import errors, logctx
 from rpc import apidoc
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Dispatcher:
         if not isinstance(request, dict):
             return error_body(INVALID_REQUEST, "Invalid Request: not an object")
         rid = next(_request_ids)
+        token = logctx.request_id.set(str(rid))
         started = time.monotonic()
         # The request is already parsed; jsonrpcserver's "deserializer" just hands it over.
         response: Any = jrs_dispatcher.dispatch_to_response_pure(
@@ -79,13 +80,13 @@ class Dispatcher:
         )
         answer: Any = None if response is None else jrs_response.to_serializable_one(response)
         log.info(
-            "event=call req=%d method=%s id=%r ms=%.1f error=%s",
-            rid,
+            "event=call method=%s id=%r ms=%.1f error=%s",
             request.get("method"),
             request.get("id"),
             (time.monotonic() - started) * 1000,
             (answer or {}).get("error", {}).get("code"),
         )
+        logctx.request_id.reset(token)
         return answer if isinstance(answer, dict) else None
 
     def _wrap(self, method: apidoc.Method) -> Callable[..., Any]:
@@ -98,7 +99,7 @@ class Dispatcher:
                 # The message itself names the parameter: clients show message, not data.
                 return jsonrpcserver.Error(apidoc.INVALID_PARAMS, f"Invalid params: {e}")
             try:
-                result = self._submit(target, **bound)
+                result = self._submit(logctx.bound(logctx.request_id.get(), target), **bound)
             except errors.Error as e:
                 data = {"name": e.name, **e.data}
                 return jsonrpcserver.Error(e.code, e.message, data)

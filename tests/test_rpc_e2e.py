@@ -179,3 +179,14 @@ def test_second_agent_cannot_use_a_connected_repository(daemon: Daemon, tmp_path
         assert err["code"] == 1103
     finally:
         assert other.stop() == 0
+
+
+def test_log_lines_carry_request_and_operation_ids(daemon: Daemon) -> None:
+    d = daemon.call("createVirtualDisk", "default", 64 * MiB)
+    settle(daemon.call, "default", d)
+    lines = daemon.read_log().splitlines()
+    intent = next(line for line in lines if "event=intent" in line and d in line)
+    assert " req=" in intent and "level=INFO" in intent
+    op_id = intent.split(" op=")[1].split()[0]
+    done = next(line for line in lines if "event=op_done" in line and d in line)
+    assert f" op={op_id} " in done

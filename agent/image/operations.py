@@ -63,7 +63,7 @@ def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> Non
     """An independent copy of a single-volume image: a reflink where the file system can."""
     try:
         command.run(["cp", "--reflink=always", src, dst], cancel=ctx.cancel)
-        log.info("event=reflink op=%s dst=%s", ctx.op.id, dst)
+        log.info("event=reflink dst=%s", dst)
         ctx.report(100.0)
         return
     except errors.CommandFailed:

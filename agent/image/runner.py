@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent import command, errors
+from agent import command, errors, logctx
 from agent.host import Host
 from agent.image import model, operations
 from agent.repo import localfs
@@ -93,6 +93,14 @@ class Runner:
     # -- one operation -----------------------------------------------------------------------
 
     def _run(self, repo: localfs.LocalRepository, op_id: str, cancel: command.Cancel) -> None:
+        token = logctx.operation_id.set(op_id)
+        try:
+            self._run_steps(repo, op_id, cancel)
+        finally:
+            logctx.operation_id.reset(token)
+
+    def _run_steps(self, repo: localfs.LocalRepository, op_id: str,
+                   cancel: command.Cancel) -> None:
         op = repo.get_operation(op_id)
         if op is None or op.state == model.OpState.ABORTED:
             return
@@ -118,8 +126,7 @@ class Runner:
         op.progress.host_id = self.host.host_id
         op.progress.last_error = None
         ctx = operations.Context(self.host, repo, op, cancel, report)
-        log.info("event=op_start op=%s kind=%s image=%s step=%d", op.id, op.kind, op.image_id,
-                 op.step)
+        log.info("event=op_start kind=%s image=%s step=%d", op.kind, op.image_id, op.step)
         try:
             while op.step < len(steps):
                 name, fn = steps[op.step]
@@ -128,30 +135,30 @@ class Runner:
                 persist()
                 cancel.check()
                 if f"{op.kind.value}:{name}" == CRASH_AT:
-                    log.warning("event=test_crash op=%s step=%s", op.id, name)
+                    log.warning("event=test_crash step=%s", name)
                     os._exit(75)
                 fn(ctx)
-                log.info("event=step_done op=%s step=%s", op.id, name)
+                log.info("event=step_done step=%s", name)
                 if op.step == len(steps) - 1:
                     break  # the last step (seal) removed the journal
                 op.step += 1
         except errors.OperationStopped:
             if cancel.reason == "shutdown":
-                log.info("event=op_interrupted op=%s step=%d", op.id, op.step)
+                log.info("event=op_interrupted step=%d", op.step)
                 return  # left as a crash leaves it: "running" in the journal, mend resumes it
             self._failed(repo, op, "stopped by client", persist)
         except errors.Error as e:
             self._failed(repo, op, str(e), persist)
         except Exception as e:
-            log.exception("event=op_crashed op=%s", op.id)
+            log.exception("event=op_crashed")
             self._failed(repo, op, f"internal error: {e.__class__.__name__}: {e}", persist)
         else:
-            log.info("event=op_done op=%s kind=%s image=%s", op.id, op.kind, op.image_id)
+            log.info("event=op_done kind=%s image=%s", op.kind, op.image_id)
 
     @staticmethod
     def _failed(repo: localfs.LocalRepository, op: model.Operation, message: str,
                 persist: Callable[[], None]) -> None:
-        log.warning("event=op_failed op=%s image=%s error=%r", op.id, op.image_id, message)
+        log.warning("event=op_failed image=%s error=%r", op.image_id, message)
         op.state = model.OpState.STOPPED
         op.progress.last_error = message
         persist()
