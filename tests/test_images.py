@@ -260,3 +260,14 @@ def test_user_data_and_listing(engine: Engine) -> None:
     assert row["imageId"] == d and row["userData"] == {"vm": "web-2"} and row["kind"] == "disk"
     info = engine.call("getStorageRepositoryInfo", "r1")
     assert info["images"]["disk"] == 1 and info["free"] <= info["capacity"]
+
+
+def test_a_disk_being_copied_cannot_be_prepared(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    c = engine.call("copyImage", "r2", d, None, {}, {"AutoFix": False})
+    with pytest.raises(errors.ImageBusy):
+        engine.call("prepareImage", "r1", d)
+    [mend] = engine.call("checkStorageRepository", "r2")
+    engine.call("fixStorageRepository", "r2", mend)
+    assert engine.settle("r2", c)["status"] == "optimized"
+    assert engine.call("prepareImage", "r1", d)["path"]

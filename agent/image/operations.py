@@ -228,6 +228,12 @@ def _source_chain(
             continue
         img = conn.repo.get_image(source_id)
         if img is not None and img.strong and not img.removed:
+            if img.kind == model.Kind.DISK and img.prepared_by:
+                raise errors.ImageBusy(
+                    f"source disk {source_id} is in use (prepared) and would be copied torn; "
+                    "tear it down, or copy a snapshot of it",
+                    imageId=source_id,
+                )
             return conn.repo, chain.volumes(conn.repo, img.volume_id)
     raise errors.ImageNotFound(
         f"source image {source_id} is not in any connected repository; "

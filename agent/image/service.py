@@ -64,12 +64,28 @@ class ImageService:
             )
 
     @staticmethod
-    def _busy_in_operation(repo: localfs.LocalRepository, image_id: str) -> str | None:
-        """The unfinished operation that uses image_id as its disk being snapshotted, if any."""
+    def _not_being_snapshotted(repo: localfs.LocalRepository, image_id: str,
+                               advice: str = "") -> None:
+        """Refuse while an unfinished snapshot operation has image_id as its disk."""
         for op in repo.operations():
             if op.state != model.OpState.ABORTED and op.params.get("disk_id") == image_id:
-                return op.id
-        return None
+                raise errors.ImageBusy(
+                    f"disk {image_id} is being snapshotted by operation {op.id}{advice}",
+                    imageId=image_id,
+                )
+
+    def _not_being_copied(self, disk_id: str) -> None:
+        """A disk being copied must not be written meanwhile: the copy would be torn."""
+        for conn in self.host.connections():
+            for op in conn.repo.operations():
+                if op.kind == model.OpKind.COPY and op.params.get("source_id") == disk_id and (
+                    self.runner.is_active(op.id) or op.state == model.OpState.PENDING
+                ):
+                    raise errors.ImageBusy(
+                        f"disk {disk_id} is being copied to repository {conn.repo_id!r}; wait "
+                        "for the copy, or stop it",
+                        imageId=disk_id,
+                    )
 
     def _commit(
         self,
@@ -171,11 +187,7 @@ class ImageService:
                     "before taking a snapshot",
                     imageId=disk_id,
                 )
-            busy = self._busy_in_operation(repo, disk_id)
-            if busy:
-                raise errors.ImageBusy(
-                    f"disk {disk_id} is being snapshotted by operation {busy}", imageId=disk_id
-                )
+            self._not_being_snapshotted(repo, disk_id)
             params = {
                 "disk_id": disk.id,
                 "old_volume_id": disk.volume_id,
@@ -273,13 +285,9 @@ class ImageService:
                 f"image {image_id} is prepared on host(s) {img.prepared_by}; tear it down first",
                 imageId=image_id,
             )
-        busy = self._busy_in_operation(repo, image_id)
-        if busy:
-            raise errors.ImageBusy(
-                f"disk {image_id} is being snapshotted by operation {busy}; wait for it or "
-                "remove the snapshot first",
-                imageId=image_id,
-            )
+        self._not_being_snapshotted(
+            repo, image_id, "; wait for it, or remove the snapshot first"
+        )
         if img.operation_id is not None:
             # Removing a broken image aborts its operation: stop it, then forget it.
             self.runner.stop(img.operation_id)
@@ -388,11 +396,9 @@ class ImageService:
         with repo.meta_lock:
             img = self._image(repo, image_id, repo_id)
             self._usable(img)
-            busy = self._busy_in_operation(repo, image_id)
-            if busy:
-                raise errors.ImageBusy(
-                    f"disk {image_id} is being snapshotted by operation {busy}", imageId=image_id
-                )
+            self._not_being_snapshotted(repo, image_id)
+            if img.kind == model.Kind.DISK:
+                self._not_being_copied(image_id)
             vols = chain.volumes(repo, img.volume_id)
             if self.host.host_id not in img.prepared_by:
                 img.prepared_by.append(self.host.host_id)

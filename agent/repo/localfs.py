@@ -21,8 +21,8 @@ import fcntl
 import os
 import threading
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from agent import errors, fileio
 from agent.image import model
@@ -31,6 +31,8 @@ IMAGES = "images"
 VOLUMES = "volumes"
 JOURNAL = "journal"
 PARTIAL = ".partial"
+
+R = TypeVar("R")
 
 
 class LocalRepository:
@@ -148,78 +150,67 @@ class LocalRepository:
         return f"{vol_id}.{fmt.value}"
 
     # -- records -----------------------------------------------------------------------------
+    # Three kinds, one shape: ``<sub>/<id>.json`` holding a model record's dict.
 
-    def _read(self, sub: str, rec_id: str) -> dict[str, Any] | None:
+    def _record_path(self, sub: str, rec_id: str) -> str:
+        return self._path(sub, f"{rec_id}.json")
+
+    def _get(self, sub: str, rec_id: str, parse: Callable[[dict[str, Any]], R]) -> R | None:
         try:
-            data: dict[str, Any] = fileio.read_json(self._path(sub, f"{rec_id}.json"))
-            return data
+            return parse(fileio.read_json(self._record_path(sub, rec_id)))
         except FileNotFoundError:
             return None
 
-    def _ids(self, sub: str) -> Iterator[str]:
+    def _all(self, sub: str, parse: Callable[[dict[str, Any]], R]) -> list[R]:
+        out = []
         with os.scandir(os.path.join(self.root, sub)) as it:
             for entry in it:
                 name = entry.name
                 if name.endswith(".json") and not name.startswith("."):
-                    yield name[: -len(".json")]
+                    rec = self._get(sub, name[: -len(".json")], parse)
+                    if rec is not None:  # removed since the scan: fine
+                        out.append(rec)
+        return out
 
     def get_image(self, image_id: str) -> model.Image | None:
-        d = self._read(IMAGES, image_id)
-        return model.Image.from_dict(d) if d is not None else None
+        return self._get(IMAGES, image_id, model.Image.from_dict)
 
     def put_image(self, image: model.Image) -> None:
         image.generation += 1
-        fileio.write_json(self._path(IMAGES, f"{image.id}.json"), image.to_dict())
+        fileio.write_json(self._record_path(IMAGES, image.id), image.to_dict())
 
     def delete_image(self, image_id: str) -> None:
-        fileio.remove(self._path(IMAGES, f"{image_id}.json"))
+        fileio.remove(self._record_path(IMAGES, image_id))
 
     def images(self) -> list[model.Image]:
-        out = []
-        for image_id in self._ids(IMAGES):
-            img = self.get_image(image_id)
-            if img is not None:
-                out.append(img)
-        return out
+        return self._all(IMAGES, model.Image.from_dict)
 
     def get_volume(self, vol_id: str) -> model.Volume | None:
-        d = self._read(VOLUMES, vol_id)
-        return model.Volume.from_dict(d) if d is not None else None
+        return self._get(VOLUMES, vol_id, model.Volume.from_dict)
 
     def put_volume(self, vol: model.Volume) -> None:
-        fileio.write_json(self._path(VOLUMES, f"{vol.id}.json"), vol.to_dict())
+        fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict())
 
     def delete_volume(self, vol: model.Volume) -> None:
         """Data first, record last: a record without data is a fault the checker reports."""
         fileio.remove(self.volume_partial_path(vol.id, vol.format))
         fileio.remove(self.volume_path(vol.id, vol.format))
-        fileio.remove(self._path(VOLUMES, f"{vol.id}.json"))
+        fileio.remove(self._record_path(VOLUMES, vol.id))
 
     def volumes(self) -> list[model.Volume]:
-        out = []
-        for vol_id in self._ids(VOLUMES):
-            vol = self.get_volume(vol_id)
-            if vol is not None:
-                out.append(vol)
-        return out
+        return self._all(VOLUMES, model.Volume.from_dict)
 
     def get_operation(self, op_id: str) -> model.Operation | None:
-        d = self._read(JOURNAL, op_id)
-        return model.Operation.from_dict(d) if d is not None else None
+        return self._get(JOURNAL, op_id, model.Operation.from_dict)
 
     def put_operation(self, op: model.Operation) -> None:
-        fileio.write_json(self._path(JOURNAL, f"{op.id}.json"), op.to_dict())
+        fileio.write_json(self._record_path(JOURNAL, op.id), op.to_dict())
 
     def delete_operation(self, op_id: str) -> None:
-        fileio.remove(self._path(JOURNAL, f"{op_id}.json"))
+        fileio.remove(self._record_path(JOURNAL, op_id))
 
     def operations(self) -> list[model.Operation]:
-        out = []
-        for op_id in self._ids(JOURNAL):
-            op = self.get_operation(op_id)
-            if op is not None:
-                out.append(op)
-        return out
+        return self._all(JOURNAL, model.Operation.from_dict)
 
     def stray_files(self) -> list[str]:
         """Files that are neither records nor volume data: leftover temporary and partial files."""
