@@ -26,10 +26,12 @@ VERSION = "0.1.0"
 
 
 class Api:
-    def __init__(self, host_id: int, workers: int, state_dir: str | None = None) -> None:
+    def __init__(self, host_id: int, workers: int, state_dir: str | None = None,
+                 max_chain_depth: int = 10) -> None:
         self.host = Host(host_id)
         self.runner = Runner(self.host, workers)
-        self.images = ImageService(self.host, self.runner)
+        self.max_chain_depth = max_chain_depth
+        self.images = ImageService(self.host, self.runner, max_chain_depth)
         self.started = time.time()
         # Connections are remembered so a restarted agent (after a crash, an upgrade) serves the
         # same repoIds at once; the cluster manager may still reconnect, which is idempotent.
@@ -197,16 +199,19 @@ class Api:
     def checkStorageRepository(
         self, repositoryId: str, options: dict[str, Any]
     ) -> list[dict[str, Any]]:
-        repo = self.host.connection(repositoryId).repo
         types = {fixes.FixType(t) for t in options.get("types") or []} or None
-        return [f.to_dict() for f in checker.check(self.host, self.runner, repo, types)]
+        found = self._checker(repositoryId).check(types, deep=bool(options.get("deep")))
+        return [f.to_dict() for f in found]
 
     def fixStorageRepository(
         self, repositoryId: str, fix: dict[str, Any], options: dict[str, Any]
     ) -> dict[str, Any]:
-        repo = self.host.connection(repositoryId).repo
-        done = checker.apply(self.host, self.runner, repo, fix["type"], fix["data"])
+        done = self._checker(repositoryId).apply(fix["type"], fix["data"])
         return {"type": done.type.value, "imageIds": done.image_ids}
+
+    def _checker(self, repo_id: str) -> checker.Checker:
+        repo = self.host.connection(repo_id).repo
+        return checker.Checker(self.host, self.runner, repo, self.max_chain_depth)
 
     # -- host ----------------------------------------------------------------------------------
 

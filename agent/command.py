@@ -73,8 +73,12 @@ def run(
     progress: ProgressCallback | None = None,
     cancel: Cancel | None = None,
     cwd: str | None = None,
+    ok_codes: Sequence[int] = (0,),
 ) -> str:
-    """Run argv, return its stdout; raise NoSpace, OperationStopped or CommandFailed."""
+    """Run argv, return its stdout; raise NoSpace, OperationStopped or CommandFailed.
+
+    ``ok_codes``: exit codes that are answers, not failures (qemu-img check's 2 and 3).
+    """
     if cancel is not None:
         cancel.check()
     # sh hands callbacks decoded text, in whatever pieces the pipe delivers.
@@ -104,6 +108,7 @@ def run(
         _cwd=cwd,
         _env=_ENV,
         _preexec_fn=_die_with_parent,
+        _ok_code=list(ok_codes),
     )
     if cancel is not None:
         cancel._track(proc)

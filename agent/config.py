@@ -171,6 +171,8 @@ class Agent:
     state_dir: str = _key(_Path(), "/var/lib/strata")
     workers: int = _key(_Int(1, 64), 4)
     rpc_threads: int = _key(_Int(1, 256), 16)
+    # Chains deeper than this are reported degraded and get an optimize fix.
+    max_chain_depth: int = _key(_Int(2, 200), 10)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,7 +69,10 @@ def rebase(
     argv = [QEMU_IMG, "rebase", "-p", *_cache(direct), "-f", "qcow2"]
     if not safe:
         argv.append("-u")
-    argv += ["-b", backing, "-F", backing_fmt, path]
+    argv += ["-b", backing]
+    if backing:  # "" makes the image stand alone: no backing, no format
+        argv += ["-F", backing_fmt]
+    argv.append(path)
     command.run(argv, progress=progress, cancel=cancel)
 
 
@@ -83,10 +86,29 @@ def info(path: str, fmt: str | None = None, chain: bool = False) -> Any:
     return json.loads(command.run(argv))
 
 
-def check(path: str, fmt: str = "qcow2") -> Any:
-    """qemu-img check's JSON report; raises CommandFailed when it finds corruption or leaks."""
-    return json.loads(command.run([QEMU_IMG, "check", "--output=json", "-f", fmt, path]))
+def check(path: str, fmt: str = "qcow2", repair: str | None = None) -> Any:
+    """qemu-img check's JSON report: leaks and corruptions are answers (exit 2, 3), not errors.
 
+    ``repair``: "leaks" frees leaked clusters, which cannot lose data; "all" is never used here.
+    """
+    argv = [QEMU_IMG, "check", "--output=json", "-f", fmt]
+    if repair:
+        argv += ["-r", repair]
+    argv.append(path)
+    return json.loads(command.run(argv, ok_codes=(0, 2, 3)))
+
+
+def commit(
+    path: str,
+    progress: command.ProgressCallback | None = None,
+    cancel: command.Cancel | None = None,
+    direct: bool = True,
+) -> None:
+    """Write the allocated clusters of ``path`` into its backing file; ``path`` is left as it
+    was (-d), so every image reading through it sees the same bytes throughout."""
+    cache = ["-t", "none"] if direct else ["-t", "writeback"]
+    argv = [QEMU_IMG, "commit", "-p", "-d", *cache, "-f", "qcow2", path]
+    command.run(argv, progress=progress, cancel=cancel)
 
 def _cache(direct: bool) -> list[str]:
     """Cache modes: O_DIRECT where the file system has it, else writeback plus the fsync the

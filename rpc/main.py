@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"strata-agent: {e}", file=sys.stderr)
         return 2
-    api = agent_api.Api(cfg.host.id, cfg.agent.workers, cfg.agent.state_dir)
+    api = agent_api.Api(cfg.host.id, cfg.agent.workers, cfg.agent.state_dir,
+                        cfg.agent.max_chain_depth)
     try:
         api.restore_connections()
         if args.dev:

@@ -21,12 +21,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def settle(call: Any, repo: str, image_id: str, timeout: float = 120.0) -> dict[str, Any]:
-    """Poll getImageStatus until the image is usable, or broken for a reason (not running)."""
+    """Poll getImageStatus until nothing runs on the image: it is usable, or broken for a
+    reason (an error, or an operation nobody runs)."""
     deadline = time.monotonic() + timeout
     while True:
         s: dict[str, Any] = call("getImageStatus", repo, image_id)
-        if s["status"] != "broken" or not s["running"] and (
-            s["last_error"] or s["operation"] is None
+        if not s["running"] and (
+            s["status"] != "broken" or s["last_error"] or s["operation"] is None
         ):
             return s
         if time.monotonic() > deadline:

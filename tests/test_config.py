@@ -184,7 +184,8 @@ def test_unknown_key(conf: pathlib.Path) -> None:
     with pytest.raises(config.ConfigError) as e:
         config.load(str(conf))
     assert str(e.value) == (
-        f"{conf}: [agent] worker: unknown key; known keys: rpc_threads, state_dir, workers"
+        f"{conf}: [agent] worker: unknown key; known keys: "
+        "max_chain_depth, rpc_threads, state_dir, workers"
     )
     assert e.value.data == {"file": str(conf), "section": "agent", "key": "worker"}
 

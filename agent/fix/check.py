@@ -1,91 +1,296 @@
 """checkStorageRepository: read the repository's own state and say what is left to do.
 
 It takes no long lock: every record it reads is replaced atomically, and every fix it proposes is
-derived again from the then-current state when a client asks to run it (see ``apply``).
+derived again from the then-current state when a client asks to run it (see ``apply``), so a
+stale or forged fix can never run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
 
-from agent import errors
+from agent import errors, qemuimg
 from agent.fix import clean
 from agent.fix.fixes import Fix, FixType
 from agent.host import Host
-from agent.image import model
+from agent.image import inventory, model, operations
 from agent.image.runner import Runner
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
 
 
-def check(
-    host: Host,
-    runner: Runner,
-    repo: localfs.LocalRepository,
-    types: set[FixType] | None = None,
-) -> list[Fix]:
-    wanted = types or set(FixType)
-    out: list[Fix] = []
-    if FixType.MEND in wanted:
-        out += _mends(host, runner, repo)
-    if FixType.CLEAN in wanted:
-        active = {op.id for op in repo.operations() if runner.is_active(op.id)}
-        p = clean.plan(repo, active)
-        if not p.empty():
-            out.append(
-                Fix(
-                    FixType.CLEAN,
-                    sorted(p.images),
-                    f"reclaim {p.bytes} bytes: {len(p.volumes) + len(p.orphan_files)} volume(s) "
-                    f"nothing needs, {len(p.images)} removed image record(s), "
-                    f"{len(p.journals)} finished journal(s), {len(p.strays)} leftover file(s)",
-                    p.facts(),
-                    functools.partial(clean.execute, repo, p),
-                )
-            )
-    return out
+@dataclasses.dataclass
+class Checker:
+    host: Host
+    runner: Runner
+    repo: localfs.LocalRepository
+    max_depth: int = 10
 
+    def check(self, types: set[FixType] | None = None, deep: bool = False) -> list[Fix]:
+        wanted = types or set(FixType)
+        active = {op_id for op_id in self._op_ids() if self.runner.is_active(op_id)}
+        inv = inventory.Inventory(self.repo, active)
+        out: list[Fix] = []
+        if FixType.MEND in wanted:
+            out += self._mends(inv)
+            out += self._faults(inv)
+        if FixType.OPTIMIZE in wanted:
+            out += self._flattens(inv)
+            if deep:
+                out += self._leaks(inv)
+        if FixType.MERGE in wanted:
+            out += self._merges(inv)
+        if FixType.CLEAN in wanted:
+            out += self._clean(inv)
+        return out
 
-def _mends(host: Host, runner: Runner, repo: localfs.LocalRepository) -> list[Fix]:
-    images = {i.id: i for i in repo.images()}
-    out = []
-    for op in clean.live_operations(images, repo.operations(), set()):
-        if runner.is_active(op.id):
-            continue
-        img = images[op.image_id]
-        why = _why(host, repo, op)
-        out.append(
-            Fix(
+    def _op_ids(self) -> list[str]:
+        return [op.id for op in self.repo.operations()]
+
+    # -- mend ----------------------------------------------------------------------------------
+
+    def _mends(self, inv: inventory.Inventory) -> list[Fix]:
+        out = []
+        for op in inv.live_ops:
+            if op.id in inv.active:
+                continue
+            img = inv.images[op.image_id]
+            out.append(Fix(
                 FixType.MEND,
                 [op.image_id],
                 f"resume {op.kind.value} of {img.kind.value} {img.id} at step "
-                f"{op.step + 1} ({why})",
+                f"{op.step + 1}/{len(_steps(op))} ({self._why(op)})",
                 {"op": op.id, "step": op.step, "state": op.state.value,
                  "generation": img.generation},
-                functools.partial(_resume, runner, repo, op.id),
+                functools.partial(_resume, self.runner, self.repo, op.id),
+            ))
+        return out
+
+    def _why(self, op: model.Operation) -> str:
+        if op.kind == model.OpKind.COPY:
+            source = op.params["source_id"]
+            found = any(
+                (img := c.repo.get_image(source)) is not None and img.strong
+                and not img.removed and not (c.repo is self.repo and source == op.image_id)
+                for c in self.host.connections()
             )
+            if not found:
+                return (f"its source image {source} is not in any connected repository: "
+                        "connect the repository that holds it, or remove this image")
+        if op.progress.last_error:
+            return f"last error: {op.progress.last_error}"
+        if op.state == model.OpState.PENDING:
+            return "committed, waiting to be started"
+        return f"interrupted on host {op.progress.host_id}"
+
+    def _faults(self, inv: inventory.Inventory) -> list[Fix]:
+        """Chain faults of usable images: a mend where it is safe, else a manual finding."""
+        out = []
+        header_cache: dict[str, inventory.Fault | None] = {}
+        for img in inv.images.values():
+            if img.removed or img.operation_id is not None:
+                continue  # images being made are the mends' business
+            vols, fault = inv.chains[img.id]
+            if fault is not None:
+                out.append(_manual(img, fault))
+                continue
+            found = None
+            for vol in vols:
+                if vol.id not in header_cache:
+                    header_cache[vol.id] = inv.header_fault(img, [vol])
+                if header_cache[vol.id] is not None:
+                    found = header_cache[vol.id]
+                    break
+            if found is None:
+                continue
+            if found.relink_to is None or found.volume_id in inv.in_use:
+                out.append(_manual(img, found.message))
+                continue
+            vol = inv.volumes[found.volume_id or ""]
+            out.append(Fix(
+                FixType.MEND,
+                [img.id],
+                f"{found.message}: re-point it (qemu-img rebase -u)",
+                {"relink": vol.id, "to": found.relink_to, "generation": img.generation},
+                functools.partial(_relink_backing, self.repo, vol, found.relink_to),
+            ))
+        return out
+
+    # -- optimize ------------------------------------------------------------------------------
+
+    def _quiet(self, inv: inventory.Inventory, img: model.Image, *vol_ids: str) -> bool:
+        """Nothing else is happening to the image and no consumer reads the volumes."""
+        return (img.operation_id is None and img.fix_id is None and not img.removed
+                and not any(v in inv.in_use or v in inv.rewritten for v in vol_ids))
+
+    def _flattens(self, inv: inventory.Inventory) -> list[Fix]:
+        out = []
+        for img in inv.images.values():
+            if img.removed:
+                continue
+            vols, fault = inv.chains[img.id]
+            if fault is not None or len(vols) <= self.max_depth:
+                continue
+            top, bottom = vols[0], vols[-1]
+            if not self._quiet(inv, img, top.id):
+                continue
+            params = {"rewrites": top.id, "new_parent_volume_id": bottom.id,
+                      "new_parent_image_id": _owner(inv, bottom.id)}
+            out.append(Fix(
+                FixType.OPTIMIZE,
+                [img.id],
+                f"{img.kind.value} {img.id} has a chain of {len(vols)} layers (more than "
+                f"{self.max_depth}): fold the {len(vols) - 2} intermediate layers into its top",
+                {"flatten": top.id, "generation": img.generation, "depth": len(vols)},
+                self._starter(model.OpKind.FLATTEN, img.id, params),
+            ))
+        return out
+
+    def _leaks(self, inv: inventory.Inventory) -> list[Fix]:
+        out = []
+        for img in inv.images.values():
+            if img.removed or img.operation_id is not None:
+                continue
+            vol = inv.volumes.get(img.volume_id)
+            if vol is None or vol.format != model.VolumeFormat.QCOW2:
+                continue
+            report = qemuimg.check(self.repo.volume_path(vol.id, vol.format))
+            if report.get("corruptions", 0):
+                out.append(_manual(img, (
+                    f"qemu-img check finds {report['corruptions']} corruption(s) in volume "
+                    f"{vol.id}; repairing them may lose data, a person must decide")))
+            elif report.get("leaks", 0) and self._quiet(inv, img, vol.id):
+                out.append(Fix(
+                    FixType.OPTIMIZE,
+                    [img.id],
+                    f"volume of {img.kind.value} {img.id} leaks {report['leaks']} cluster(s): "
+                    "free them (qemu-img check -r leaks)",
+                    {"repair": vol.id, "generation": img.generation, "leaks": report["leaks"]},
+                    self._starter(model.OpKind.REPAIR, img.id, {"rewrites": vol.id}),
+                ))
+        return out
+
+    # -- merge ---------------------------------------------------------------------------------
+
+    def _merges(self, inv: inventory.Inventory) -> list[Fix]:
+        out = []
+        for removed in inv.images.values():
+            lower_id = removed.volume_id
+            if not removed.removed or lower_id not in inv.needed:
+                continue
+            if any(not i.removed for i in inv.tops.get(lower_id, [])):
+                continue  # another image still has this volume as its own
+            deps = inv.dependants.get(lower_id, [])
+            if len(deps) != 1:
+                continue  # several layers need it: it must stay
+            upper_id = deps[0]
+            owners = [i for i in inv.tops.get(upper_id, []) if not i.removed]
+            if len(owners) != 1 or not self._quiet(inv, owners[0], lower_id, upper_id):
+                continue
+            target = owners[0]
+            lower, upper = inv.volumes[lower_id], inv.volumes[upper_id]
+            commit_writes, rebase_writes = inv.allocated(upper_id), inv.allocated(lower_id)
+            by_commit = (not inv.dependants.get(upper_id) and removed.size == target.size
+                         and commit_writes <= rebase_writes)
+            if by_commit:
+                kind = model.OpKind.MERGE_COMMIT
+                params: dict[str, Any] = {"lower_volume_id": lower_id,
+                                          "upper_volume_id": upper_id, "rewrites": lower_id,
+                                          "absorbed_image_id": removed.id}
+                how = f"qemu-img commit, about {commit_writes} bytes to write"
+            else:
+                kind = model.OpKind.MERGE_REBASE
+                params = {"lower_volume_id": lower_id, "upper_volume_id": upper_id,
+                          "rewrites": upper_id, "new_parent_volume_id": lower.parent_volume_id,
+                          "new_parent_image_id": lower.parent_image_id}
+                how = f"qemu-img rebase, about {rebase_writes} bytes to write"
+            out.append(Fix(
+                FixType.MERGE,
+                [removed.id, target.id],
+                f"fold removed {removed.kind.value} {removed.id} into {target.kind.value} "
+                f"{target.id}, its only dependant ({how}); clean then reclaims it",
+                {"lower": lower.id, "upper": upper.id, "kind": kind.value,
+                 "generations": [removed.generation, target.generation]},
+                self._starter(kind, target.id, params),
+            ))
+        return out
+
+    # -- clean ---------------------------------------------------------------------------------
+
+    def _clean(self, inv: inventory.Inventory) -> list[Fix]:
+        p = clean.plan(inv)
+        if p.empty():
+            return []
+        return [Fix(
+            FixType.CLEAN,
+            sorted(p.images),
+            f"reclaim {p.bytes} bytes: {len(p.volumes) + len(p.orphan_files)} volume(s) "
+            f"nothing needs, {len(p.images)} removed image record(s), "
+            f"{len(p.journals)} finished journal(s), {len(p.strays)} leftover file(s)",
+            p.facts(),
+            functools.partial(clean.execute, self.repo, p),
+        )]
+
+    # -- running fixes -------------------------------------------------------------------------
+
+    def _starter(self, kind: model.OpKind, image_id: str,
+                 params: dict[str, Any]) -> Callable[[], None]:
+        def start() -> None:
+            with self.repo.meta_lock:
+                img = self.repo.get_image(image_id)
+                if img is None or img.fix_id is not None or img.operation_id is not None:
+                    raise errors.StaleFix(f"image {image_id} changed meanwhile")
+                op = model.Operation(str(uuid.uuid4()), kind, image_id, params)
+                self.repo.put_operation(op)
+                img.fix_id = op.id
+                self.repo.put_image(img)
+            log.info("event=fix_started kind=%s image=%s op=%s", kind.value, image_id, op.id)
+            self.runner.submit(self.repo, op.id)
+
+        return start
+
+    def apply(self, fix_type: str, data: str) -> Fix:
+        """Run a fix a client sends back, only if the checker proposes exactly it right now."""
+        try:
+            wanted = FixType(fix_type)
+        except ValueError:
+            raise errors.InvalidArgument(f"unknown fix type {fix_type!r}", param="fix") from None
+        for candidate in self.check({wanted}, deep=wanted == FixType.OPTIMIZE):
+            if candidate.data == data:
+                if candidate.manual:
+                    raise errors.ImageBroken(
+                        f"this finding needs a person, not a fix: {candidate.description}"
+                    )
+                log.info("event=fix type=%s images=%s", candidate.type, candidate.image_ids)
+                candidate.run()
+                return candidate
+        raise errors.StaleFix(
+            "this fix does not match the repository's current state (it is stale, already "
+            "done, or was not proposed by the checker); run checkStorageRepository again"
         )
-    return out
 
 
-def _why(host: Host, repo: localfs.LocalRepository, op: model.Operation) -> str:
-    if op.kind == model.OpKind.COPY:
-        source = op.params["source_id"]
-        found = any(
-            (img := c.repo.get_image(source)) is not None and img.strong and not img.removed
-            and not (c.repo is repo and source == op.image_id)
-            for c in host.connections()
-        )
-        if not found:
-            return (f"its source image {source} is not in any connected repository: connect "
-                    "the repository that holds it, or remove this image")
-    if op.progress.last_error:
-        return f"last error: {op.progress.last_error}"
-    if op.state == model.OpState.PENDING:
-        return "committed, waiting to be started"
-    return f"interrupted on host {op.progress.host_id}"
+def _steps(op: model.Operation) -> list[Any]:
+    return operations.STEPS[op.kind]
+
+
+def _owner(inv: inventory.Inventory, vol_id: str) -> str | None:
+    vol = inv.volumes.get(vol_id)
+    tops = inv.tops.get(vol_id, [])
+    if tops:
+        return tops[0].id
+    return vol.parent_image_id if vol else None
+
+
+def _manual(img: model.Image, message: str) -> Fix:
+    return Fix(FixType.MEND, [img.id], f"{img.kind.value} {img.id} is broken: {message}",
+               {"manual": message, "generation": img.generation}, manual=True)
 
 
 def _resume(runner: Runner, repo: localfs.LocalRepository, op_id: str) -> None:
@@ -99,20 +304,8 @@ def _resume(runner: Runner, repo: localfs.LocalRepository, op_id: str) -> None:
     runner.submit(repo, op_id)
 
 
-def apply(
-    host: Host, runner: Runner, repo: localfs.LocalRepository, fix_type: str, data: str
-) -> Fix:
-    """Run a fix a client sends back, only if the checker proposes exactly it right now."""
-    try:
-        wanted = FixType(fix_type)
-    except ValueError:
-        raise errors.InvalidArgument(f"unknown fix type {fix_type!r}", param="fix") from None
-    for candidate in check(host, runner, repo, {wanted}):
-        if candidate.data == data:
-            log.info("event=fix type=%s images=%s", candidate.type, candidate.image_ids)
-            candidate.run()
-            return candidate
-    raise errors.StaleFix(
-        "this fix does not match the repository's current state (it is stale, already done, "
-        "or was not proposed by the checker); run checkStorageRepository again"
-    )
+def _relink_backing(repo: localfs.LocalRepository, vol: model.Volume, ref: str) -> None:
+    parent = repo.get_volume(vol.parent_volume_id or "")
+    fmt = parent.format.value if parent else "qcow2"
+    with repo.meta_lock:
+        qemuimg.rebase(repo.volume_path(vol.id, vol.format), ref, fmt, safe=False)

@@ -14,15 +14,13 @@ import os
 import time
 
 from agent import fileio
-from agent.image import model
+from agent.image import inventory, model
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
 
 # A temporary file younger than this may belong to a metadata write in flight; leave it alone.
 TEMP_GRACE = 10.0
-# Volume-id keys an operation's params may hold.
-_VOLUME_KEYS = ("volume_id", "new_volume_id", "old_volume_id", "base_volume_id")
 
 
 @dataclasses.dataclass
@@ -47,52 +45,17 @@ class Plan:
         }
 
 
-def live_operations(
-    images: dict[str, model.Image], ops: list[model.Operation], active: set[str]
-) -> list[model.Operation]:
-    """Operations that still have work to do for an image that still wants it."""
-    out = []
-    for op in ops:
-        img = images.get(op.image_id)
-        if op.id in active or (
-            op.state != model.OpState.ABORTED
-            and img is not None
-            and not img.removed
-            and img.operation_id == op.id
-        ):
-            out.append(op)
-    return out
-
-
-def plan(repo: localfs.LocalRepository, active: set[str], now: float | None = None) -> Plan:
+def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
     now = time.time() if now is None else now
-    images = {i.id: i for i in repo.images()}
-    volumes = {v.id: v for v in repo.volumes()}
-    ops = repo.operations()
-    live_ops = live_operations(images, ops, active)
-
-    needed: set[str] = set()
-
-    def walk(vol_id: str | None) -> None:
-        while vol_id is not None and vol_id not in needed:
-            needed.add(vol_id)
-            vol = volumes.get(vol_id)
-            vol_id = vol.parent_volume_id if vol else None
-
-    for img in images.values():
-        if not img.removed:
-            walk(img.volume_id)
-    for op in live_ops:
-        for key in _VOLUME_KEYS:
-            walk(op.params.get(key))
-
+    repo = inv.repo
+    needed = inv.needed
     p = Plan()
-    p.volumes = [v for v in volumes.values() if v.id not in needed]
-    p.images = [i.id for i in images.values() if i.removed and i.volume_id not in needed]
-    live_ids = {op.id for op in live_ops}
-    p.journals = [op.id for op in ops if op.id not in live_ids]
+    p.volumes = [v for v in inv.volumes.values() if v.id not in needed]
+    p.images = [i.id for i in inv.images.values() if i.removed and i.volume_id not in needed]
+    live_ids = {op.id for op in inv.live_ops}
+    p.journals = [op_id for op_id in inv.ops if op_id not in live_ids]
     for vol_id, path in repo.volume_files().items():
-        if vol_id not in needed and vol_id not in volumes:
+        if vol_id not in needed and vol_id not in inv.volumes:
             p.orphan_files.append(path)
     for path in repo.stray_files():
         name = os.path.basename(path)
@@ -102,7 +65,7 @@ def plan(repo: localfs.LocalRepository, active: set[str], now: float | None = No
         elif now - _mtime(path) < TEMP_GRACE:
             continue
         p.strays.append(path)
-    p.bytes = sum(fileio.allocated_bytes(repo.volume_path(v.id, v.format)) for v in p.volumes)
+    p.bytes = sum(inv.allocated(v.id) for v in p.volumes)
     p.bytes += sum(fileio.allocated_bytes(f) for f in p.orphan_files + p.strays)
     return p
 

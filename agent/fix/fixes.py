@@ -28,6 +28,8 @@ class Fix:
     run: Callable[[], object] = dataclasses.field(
         repr=False, compare=False, default=lambda: None
     )
+    # A finding only a person can resolve (which of two chains is right...): listed, never run.
+    manual: bool = False
 
     @property
     def data(self) -> str:
@@ -35,9 +37,12 @@ class Fix:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "type": self.type.value,
             "imageIds": self.image_ids,
             "description": self.description,
             "data": self.data,
         }
+        if self.manual:
+            out["manual"] = True
+        return out

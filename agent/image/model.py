@@ -34,6 +34,16 @@ class OpKind(enum.StrEnum):
     CREATE_DISK = "createVirtualDisk"
     CREATE_SNAPSHOT = "createSnapshot"
     COPY = "copyImage"
+    # Fixes that change data, journaled like the calls above. The image they improve stays
+    # usable by its record (fix_id, not operation_id), but cannot be prepared meanwhile.
+    MERGE_COMMIT = "mergeCommit"  # fold the upper layer down into a removed snapshot's volume
+    MERGE_REBASE = "mergeRebase"  # fold a removed snapshot's layer up into its one dependant
+    FLATTEN = "optimizeChain"  # fold a deep chain's intermediate layers into the top volume
+    REPAIR = "repairLeaks"  # qemu-img check -r leaks
+
+    @property
+    def is_fix(self) -> bool:
+        return self in (OpKind.MERGE_COMMIT, OpKind.MERGE_REBASE, OpKind.FLATTEN, OpKind.REPAIR)
 
 
 class OpState(enum.StrEnum):
@@ -71,6 +81,8 @@ class Image:
     removed: bool = False
     generation: int = 0
     operation_id: str | None = None
+    # The fix operation improving this image (merge, optimize), if any.
+    fix_id: str | None = None
     user_data: dict[str, Any] = dataclasses.field(default_factory=dict)
     prepared_by: list[int] = dataclasses.field(default_factory=list)
     created: float = dataclasses.field(default_factory=time.time)

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from agent import command, errors, fileio, qemuimg
+from agent import command, errors, fileio, qcow2, qemuimg
 from agent.host import Host
 from agent.image import chain, model
 from agent.repo import localfs
@@ -196,6 +196,92 @@ def copy_data(ctx: Context) -> None:
     materialize(ctx.repo, vol, produce)
 
 
+# -- fixes: merge, optimize -------------------------------------------------------------------
+# Each rewrites one volume in place, in a way that keeps every image reading through it on the
+# same bytes at every moment: commit copies clusters the upper layer already overrides; a safe
+# rebase copies into a layer exactly what its old backing chain gave it. A crash at any point
+# leaves every image intact, and running the step again finishes it.
+
+
+def commit_down(ctx: Context) -> None:
+    """Merge by commit: the upper layer's clusters into the removed snapshot's volume."""
+    p = ctx.op.params
+    upper = _volume(ctx.repo, p["upper_volume_id"])
+    qemuimg.commit(ctx.repo.volume_path(upper.id, upper.format), progress=ctx.report,
+                   cancel=ctx.cancel, direct=ctx.direct)
+
+
+def switch_down(ctx: Context) -> None:
+    """Merge by commit: the image now reads from the lower volume, which holds its bytes."""
+    p = ctx.op.params
+    with ctx.repo.meta_lock:
+        img = ctx.repo.get_image(ctx.op.image_id)
+        if img is None:
+            raise errors.ImageNotFound(f"image {ctx.op.image_id} is gone")
+        if img.volume_id == p["lower_volume_id"]:
+            return
+        if img.volume_id != p["upper_volume_id"]:
+            raise errors.ImageBroken(f"image {img.id} moved to volume {img.volume_id}")
+        img.volume_id = p["lower_volume_id"]
+        ctx.repo.put_image(img)
+
+
+def rebase_in_place(ctx: Context) -> None:
+    """Merge by rebase, or flatten: the layer takes in what its old backing gave it."""
+    p = ctx.op.params
+    vol = _volume(ctx.repo, p["rewrites"])
+    path = ctx.repo.volume_path(vol.id, vol.format)
+    new_parent_id = p["new_parent_volume_id"]
+    if new_parent_id is None:
+        ref, fmt = "", ""
+    else:
+        parent = _volume(ctx.repo, new_parent_id)
+        ref, fmt = ctx.repo.backing_reference(parent.id, parent.format), parent.format.value
+    header = qcow2.read_header(path)
+    if header is not None and (header.backing or "") == ref:
+        return  # done before a crash
+    qemuimg.rebase(path, ref, fmt, progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
+
+
+def relink(ctx: Context) -> None:
+    """The volume's record follows its new backing."""
+    p = ctx.op.params
+    with ctx.repo.meta_lock:
+        vol = _volume(ctx.repo, p["rewrites"])
+        parent_image = p.get("new_parent_image_id")
+        if (vol.parent_volume_id, vol.parent_image_id) != (p["new_parent_volume_id"],
+                                                            parent_image):
+            vol.parent_volume_id = p["new_parent_volume_id"]
+            vol.parent_image_id = parent_image
+            ctx.repo.put_volume(vol)
+
+
+def repair_leaks(ctx: Context) -> None:
+    p = ctx.op.params
+    vol = _volume(ctx.repo, p["rewrites"])
+    report = qemuimg.check(ctx.repo.volume_path(vol.id, vol.format), repair="leaks")
+    if report.get("leaks", 0) - report.get("leaks-fixed", 0) > 0:
+        raise errors.CommandFailed(f"qemu-img check could not repair every leak: {report}")
+    ctx.report(100.0)
+
+
+def seal_fix(ctx: Context) -> None:
+    """The image's fix is done; a merge by commit also forgets the snapshot it absorbed."""
+    with ctx.repo.meta_lock:
+        img = ctx.repo.get_image(ctx.op.image_id)
+        if img is not None and img.fix_id == ctx.op.id:
+            img.fix_id = None
+            n = len(STEPS[ctx.op.kind])
+            img.progress = model.Progress(ctx.host.host_id, f"{n}/{n}", 100, None)
+            ctx.repo.put_image(img)
+        absorbed = ctx.op.params.get("absorbed_image_id")
+        if absorbed is not None:
+            gone = ctx.repo.get_image(absorbed)
+            if gone is not None and gone.removed:
+                ctx.repo.delete_image(absorbed)
+        ctx.repo.delete_operation(ctx.op.id)
+
+
 # -- shared --------------------------------------------------------------------------------------
 
 
@@ -250,4 +336,20 @@ STEPS: dict[model.OpKind, list[tuple[str, Step]]] = {
         ("seal", seal),
     ],
     model.OpKind.COPY: [("copy-data", copy_data), ("seal", seal)],
+    model.OpKind.MERGE_COMMIT: [
+        ("commit", commit_down),
+        ("switch", switch_down),
+        ("seal", seal_fix),
+    ],
+    model.OpKind.MERGE_REBASE: [
+        ("rebase", rebase_in_place),
+        ("relink", relink),
+        ("seal", seal_fix),
+    ],
+    model.OpKind.FLATTEN: [
+        ("rebase", rebase_in_place),
+        ("relink", relink),
+        ("seal", seal_fix),
+    ],
+    model.OpKind.REPAIR: [("repair", repair_leaks), ("seal", seal_fix)],
 }

@@ -13,7 +13,7 @@ from typing import Any
 
 from agent import errors, fileio
 from agent.host import Host
-from agent.image import chain, model, status
+from agent.image import chain, inventory, model, status
 from agent.image.runner import Runner
 from agent.repo import localfs
 
@@ -37,9 +37,10 @@ def check_size(size: int) -> None:
 
 
 class ImageService:
-    def __init__(self, host: Host, runner: Runner) -> None:
+    def __init__(self, host: Host, runner: Runner, max_depth: int = 10) -> None:
         self.host = host
         self.runner = runner
+        self.max_depth = max_depth
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -62,6 +63,26 @@ class ImageService:
                 f"image {img.id} is not usable: an operation on it has not finished",
                 imageId=img.id,
             )
+
+    @staticmethod
+    def _no_fix_running(repo: localfs.LocalRepository, img: model.Image,
+                        vols: list[model.Volume] | None = None) -> None:
+        """Refuse while a fix rewrites this image's volumes (merge, optimize)."""
+        if img.fix_id is not None:
+            raise errors.ImageBusy(
+                f"image {img.id} is being improved by fix operation {img.fix_id}; wait for it "
+                "(getImageStatus shows its progress)",
+                imageId=img.id,
+            )
+        if vols:
+            ids = {v.id for v in vols}
+            for op in repo.operations():
+                if op.kind.is_fix and op.params.get("rewrites") in ids:
+                    raise errors.ImageBusy(
+                        f"a layer of image {img.id} is being rewritten by fix operation "
+                        f"{op.id} (of image {op.image_id}); wait for it",
+                        imageId=img.id,
+                    )
 
     @staticmethod
     def _not_being_snapshotted(repo: localfs.LocalRepository, image_id: str,
@@ -181,6 +202,7 @@ class ImageService:
                     param="baseVirtualDiskId",
                 )
             self._usable(disk)
+            self._no_fix_running(repo, disk)
             if disk.prepared_by:
                 raise errors.ImageBusy(
                     f"disk {disk_id} is prepared on host(s) {disk.prepared_by}; tear it down "
@@ -288,28 +310,34 @@ class ImageService:
         self._not_being_snapshotted(
             repo, image_id, "; wait for it, or remove the snapshot first"
         )
-        if img.operation_id is not None:
-            # Removing a broken image aborts its operation: stop it, then forget it.
-            self.runner.stop(img.operation_id)
+        # Removing an image aborts its operation (a broken image being made) or its fix (a
+        # merge or optimize: every step of those keeps the bytes whole, so stopping is safe).
+        for op_id in (img.operation_id, img.fix_id):
+            if op_id is not None:
+                self.runner.stop(op_id)
         with repo.meta_lock:
             img = self._image(repo, image_id, repo_id)
             img.removed = True
             img.strong = False
             op_id, img.operation_id = img.operation_id, None
+            fix_id, img.fix_id = img.fix_id, None
             repo.put_image(img)
-            if op_id is not None:
-                repo.delete_operation(op_id)
-        log.info("event=removed image=%s repo=%s aborted_op=%s", image_id, repo_id, op_id)
+            for gone in (op_id, fix_id):
+                if gone is not None:
+                    repo.delete_operation(gone)
+        log.info("event=removed image=%s repo=%s aborted_op=%s aborted_fix=%s", image_id,
+                 repo_id, op_id, fix_id)
 
     def stop_operation(self, repo_id: str, image_id: str) -> None:
         repo = self._repo(repo_id)
         img = self._image(repo, image_id, repo_id)
-        if img.operation_id is None:
+        op_id = img.operation_id or img.fix_id
+        if op_id is None:
             raise errors.NoOperation(f"image {image_id} has no operation to stop")
-        if self.runner.stop(img.operation_id):
+        if self.runner.stop(op_id):
             return
         with repo.meta_lock:
-            op = repo.get_operation(img.operation_id)
+            op = repo.get_operation(op_id)
             if op is None:
                 raise errors.NoOperation(f"image {image_id} has no operation to stop")
             op.state = model.OpState.STOPPED
@@ -318,66 +346,78 @@ class ImageService:
 
     # -- read ----------------------------------------------------------------------------------
 
+    def _op(self, repo: localfs.LocalRepository, op_id: str | None,
+            journal: dict[str, model.Operation] | None = None) -> model.Operation | None:
+        """An operation's freshest state: live in this process, else from the journal."""
+        if op_id is None:
+            return None
+        live = self.runner.live(op_id)
+        if live is not None:
+            return live
+        if journal is not None:
+            return journal.get(op_id)
+        return repo.get_operation(op_id)
+
+    def _facts(self, repo: localfs.LocalRepository, img: model.Image,
+               vols: list[model.Volume], fault: str | None,
+               journal: dict[str, model.Operation] | None = None) -> status.Facts:
+        op = self._op(repo, img.operation_id, journal)
+        fix = self._op(repo, img.fix_id, journal)
+        running = any(o is not None and self.runner.is_active(o.id) for o in (op, fix))
+        if img.operation_id is not None:
+            fault = None  # an image being made has no chain yet: its operation says it all
+        return status.Facts(img, op, fix, running, fault, len(vols), self.max_depth)
+
     def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
         img = self._image(repo, image_id, repo_id)
-        if img.operation_id is None:
-            return status.describe(img, None, False)
-        live = self.runner.live(img.operation_id)
-        if live is not None:
-            return status.describe(img, live, True)
-        op = repo.get_operation(img.operation_id)
-        return status.describe(img, op, op is not None and self.runner.is_active(op.id))
+        vols, fault = chain.walk(img.volume_id, repo.get_volume, repo.get_image)
+        return status.describe(self._facts(repo, img, vols, fault))
 
-    def _summary(
-        self, repo: localfs.LocalRepository, img: model.Image, ops: dict[str, model.Operation]
-    ) -> dict[str, Any]:
-        op = ops.get(img.operation_id) if img.operation_id else None
-        st = status.describe(img, op, op is not None and self.runner.is_active(op.id))
-        parent = None
-        top = repo.get_volume(img.volume_id)
-        if top is not None:
-            parent = top.parent_image_id
+    def _summary(self, repo: localfs.LocalRepository, img: model.Image,
+                 vols: list[model.Volume], fault: str | None,
+                 journal: dict[str, model.Operation] | None = None) -> dict[str, Any]:
+        st = status.describe(self._facts(repo, img, vols, fault, journal))
         return {
             "imageId": img.id,
             "kind": img.kind.value,
             "size": img.size,
             "status": st["status"],
             "userData": img.user_data,
-            "parentId": parent,
+            "parentId": vols[0].parent_image_id if vols else None,
             "created": img.created,
             "prepared": bool(img.prepared_by),
         }
 
     def list_images(self, repo_id: str, options: dict[str, Any]) -> list[dict[str, Any]]:
         repo = self._repo(repo_id)
-        ops = {op.id: op for op in repo.operations()}
+        inv = inventory.Inventory(repo, set())
         kind = options.get("kind")
         include_weak = bool(options.get("includeIncomplete", False))
         out = []
-        for img in repo.images():
+        for img in inv.images.values():
             if img.removed or (not img.strong and not include_weak):
                 continue
             if kind and img.kind.value != kind:
                 continue
-            out.append(self._summary(repo, img, ops))
+            vols, fault = inv.chains[img.id]
+            out.append(self._summary(repo, img, vols, fault, inv.ops))
         out.sort(key=lambda d: (d["created"], d["imageId"]))
         return out
 
     def image_info(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
         img = self._image(repo, image_id, repo_id)
-        op = repo.get_operation(img.operation_id) if img.operation_id else None
-        info = self._summary(repo, img, {op.id: op} if op else {})
-        try:
-            vols = chain.volumes(repo, img.volume_id)
-            info["chain"] = chain.image_ids(vols, img.id)
-            # The bytes this image holds itself: its top volume (lower layers are shared).
-            info["allocated"] = fileio.allocated_bytes(repo.volume_path(vols[0].id, vols[0].format))
-        except errors.ImageBroken as e:
-            info["chain"] = [img.id]
-            info["allocated"] = 0
-            info["chainError"] = str(e)
+        vols, fault = chain.walk(img.volume_id, repo.get_volume, repo.get_image)
+        info = self._summary(repo, img, vols, fault)
+        info["chain"] = chain.image_ids(vols, img.id) if vols else [img.id]
+        info["depth"] = len(vols)
+        # The bytes this image holds itself: its top volume (lower layers are shared).
+        info["allocated"] = (
+            fileio.allocated_bytes(repo.volume_path(vols[0].id, vols[0].format)) if vols else 0
+        )
+        if fault is not None:
+            info["chainError"] = fault
         info["generation"] = img.generation
         info["strong"] = img.strong
         return info
@@ -400,6 +440,7 @@ class ImageService:
             if img.kind == model.Kind.DISK:
                 self._not_being_copied(image_id)
             vols = chain.volumes(repo, img.volume_id)
+            self._no_fix_running(repo, img, vols)
             if self.host.host_id not in img.prepared_by:
                 img.prepared_by.append(self.host.host_id)
                 repo.put_image(img)

@@ -2,43 +2,51 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from agent.image import model
 
 
-def describe(image: model.Image, op: model.Operation | None, active: bool) -> dict[str, Any]:
+@dataclasses.dataclass
+class Facts:
+    """What the status of one image depends on, gathered by the caller."""
+
+    image: model.Image
+    op: model.Operation | None = None  # the operation making it (operation_id)
+    fix: model.Operation | None = None  # the fix improving it (fix_id)
+    running: bool = False  # op or fix runs in this process now
+    fault: str | None = None  # a chain fault: broken
+    depth: int = 1
+    max_depth: int = 10
+
+
+def describe(f: Facts) -> dict[str, Any]:
     """Status plus the last persisted progress of the image's operation (or its last one)."""
-    if image.operation_id is None:
-        progress = image.progress
-        return {
-            "imageId": image.id,
-            "status": model.Status.OPTIMIZED.value,
-            "hostID": progress.host_id,
-            "stage": progress.stage,
-            "percent_complete": progress.percent,
-            "last_error": progress.last_error,
-            "operation": None,
-            "running": False,
-        }
-    if op is None:
-        return {
-            "imageId": image.id,
-            "status": model.Status.BROKEN.value,
-            "hostID": 0,
-            "stage": "0/0",
-            "percent_complete": -1,
-            "last_error": f"the journal of operation {image.operation_id} is missing",
-            "operation": None,
-            "running": False,
-        }
+    img = f.image
+    if img.operation_id is not None:
+        if f.op is None:
+            return _out(img, model.Status.BROKEN, model.Progress(
+                last_error=f"the journal of operation {img.operation_id} is missing"), None, False)
+        return _out(img, model.Status.BROKEN, f.op.progress, f.op.kind.value, f.running)
+    if f.fault is not None:
+        return _out(img, model.Status.BROKEN, model.Progress(
+            img.progress.host_id, img.progress.stage, -1, f.fault), None, False)
+    if f.fix is not None:
+        return _out(img, model.Status.DEGRADED, f.fix.progress, f.fix.kind.value, f.running)
+    status = model.Status.DEGRADED if f.depth > f.max_depth else model.Status.OPTIMIZED
+    return _out(img, status, img.progress, None, False)
+
+
+def _out(img: model.Image, status: model.Status, progress: model.Progress,
+         operation: str | None, running: bool) -> dict[str, Any]:
     return {
-        "imageId": image.id,
-        "status": model.Status.BROKEN.value,
-        "hostID": op.progress.host_id,
-        "stage": op.progress.stage,
-        "percent_complete": op.progress.percent,
-        "last_error": op.progress.last_error,
-        "operation": op.kind.value,
-        "running": active,
+        "imageId": img.id,
+        "status": status.value,
+        "hostID": progress.host_id,
+        "stage": progress.stage,
+        "percent_complete": progress.percent,
+        "last_error": progress.last_error,
+        "operation": operation,
+        "running": running,
     }
