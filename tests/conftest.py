@@ -38,9 +38,9 @@ def settle(call: Any, repo: str, image_id: str, timeout: float = 120.0) -> dict[
 class Engine:
     """The agent's API in-process, with two connected local repositories ``r1`` and ``r2``."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, max_chain_depth: int = 10) -> None:
         self.base = base
-        self.api = agent_api.Api(1, 2, os.path.join(base, "state"))
+        self.api = agent_api.Api(1, 2, os.path.join(base, "state"), max_chain_depth)
         self.roots = {}
         for name in ("r1", "r2"):
             params = {"path": os.path.join(base, name)}

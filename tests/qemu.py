@@ -62,3 +62,30 @@ def reads_layout(path: str, layout: list[tuple[int, int]], total: int,
     r = subprocess.run(["qemu-io", "-r", "-f", "qcow2", *commands, path],
                        capture_output=True, text=True)
     return r.returncode == 0 and "Pattern verification failed" not in r.stdout
+
+
+def leak_a_cluster(path: str) -> None:
+    """Make qemu-img check find one leaked cluster: a refcount for a cluster nothing uses.
+
+    qemu has no command that leaks on purpose; a crash between a refcount update and the L2
+    update is what leaks in real life. Writing the refcount directly is the same end state.
+    """
+    import os
+    import struct
+
+    with open(path, "r+b") as f:
+        head = f.read(104)
+        cluster_bits = struct.unpack(">I", head[20:24])[0]
+        table_offset = struct.unpack(">Q", head[48:56])[0]
+        order = struct.unpack(">I", head[96:100])[0]
+        assert order == 4, "16-bit refcounts expected"
+        cluster = 1 << cluster_bits
+        f.seek(table_offset)
+        block_offset = struct.unpack(">Q", f.read(8))[0]
+        # A new cluster at the end of the file, counted but referenced by nothing.
+        index = (os.fstat(f.fileno()).st_size + cluster - 1) // cluster
+        f.truncate((index + 1) * cluster)
+        f.seek(block_offset + 2 * index)
+        assert f.read(2) == b"\0\0"
+        f.seek(block_offset + 2 * index)
+        f.write(struct.pack(">H", 1))

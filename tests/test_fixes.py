@@ -1,0 +1,223 @@
+"""The checker and the fixes on real qcow2 chains: merge, optimize, chain faults, clean.
+
+Each fix is checked by the bytes every image reads afterwards, and by the next check not
+proposing it again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agent import errors, fileio
+from tests import qemu
+from tests.conftest import Engine
+
+MiB = qemu.MiB
+
+
+@pytest.fixture
+def shallow(tmp_path: Any) -> Iterator[Engine]:
+    """An engine whose chains count as deep from 4 layers on."""
+    e = Engine(str(tmp_path), max_chain_depth=3)
+    yield e
+    e.api.close()
+
+
+def fixes(e: Engine, repo: str = "r1", **options: Any) -> list[dict[str, Any]]:
+    return e.call("checkStorageRepository", repo, options)  # type: ignore[no-any-return]
+
+
+def converge(e: Engine, repo: str = "r1") -> None:
+    """Run every proposed fix until only nothing is left; every fix must finish."""
+    for _ in range(10):
+        found = [f for f in fixes(e, repo) if not f.get("manual")]
+        if not found:
+            return
+        for f in found:
+            e.call("fixStorageRepository", repo, f)
+            for image_id in f["imageIds"]:
+                try:
+                    st = e.settle(repo, image_id)
+                except errors.ImageNotFound:
+                    continue  # a removed image, reclaimed by clean
+                assert st["last_error"] is None, st
+    raise AssertionError(f"did not converge: {fixes(e, repo)}")
+
+
+def volume_files(e: Engine, repo: str = "r1") -> list[str]:
+    return sorted(f for f in os.listdir(os.path.join(e.roots[repo], "volumes"))
+                  if not f.endswith(".json"))
+
+
+def snapshot(e: Engine, disk: str, repo: str = "r1") -> str:
+    s = e.call("createSnapshot", repo, disk)
+    assert e.settle(repo, s)["status"] == "optimized"
+    return str(s)
+
+
+def disk(e: Engine, size: int = 64 * MiB, repo: str = "r1") -> str:
+    d = e.call("createVirtualDisk", repo, size)
+    assert e.settle(repo, d)["status"] == "optimized"
+    return str(d)
+
+
+def test_merge_by_commit_folds_a_small_top_into_the_removed_snapshot(engine: Engine) -> None:
+    d = disk(engine)
+    qemu.write(engine.path("r1", d), 0x11, 0, 16 * MiB)
+    s = snapshot(engine, d)
+    qemu.write(engine.path("r1", d), 0x22, 0, MiB)  # a small top: commit writes less
+    engine.call("removeImage", "r1", s)
+    [merge] = fixes(engine)
+    assert merge["type"] == "merge" and merge["imageIds"] == [s, d]
+    assert "commit" in merge["description"]
+    engine.call("fixStorageRepository", "r1", merge)
+    assert engine.settle("r1", d)["status"] == "optimized"
+    assert engine.call("getImageInfo", "r1", d)["chain"] == [d]
+    path = engine.path("r1", d)
+    assert qemu.reads(path, 0x22, 0, MiB) and qemu.reads(path, 0x11, MiB, 15 * MiB)
+    [clean] = fixes(engine)  # the old top, nothing needs it now
+    assert clean["type"] == "clean"
+    engine.call("fixStorageRepository", "r1", clean)
+    assert fixes(engine) == []
+    assert volume_files(engine) == [os.path.basename(path)]
+    assert qemu.check_clean(path)
+
+
+def test_merge_by_rebase_when_the_snapshot_holds_less(engine: Engine) -> None:
+    d = disk(engine)
+    qemu.write(engine.path("r1", d), 0x11, 0, MiB)
+    s = snapshot(engine, d)
+    qemu.write(engine.path("r1", d), 0x22, 2 * MiB, 16 * MiB)  # a big top: rebase writes less
+    top = engine.path("r1", d)
+    engine.call("removeImage", "r1", s)
+    [merge] = fixes(engine)
+    assert "rebase" in merge["description"]
+    engine.call("fixStorageRepository", "r1", merge)
+    assert engine.settle("r1", d)["status"] == "optimized"
+    assert engine.path("r1", d) == top  # the disk kept its volume, now standing alone
+    assert "backing-filename" not in qemu.info(top)
+    assert qemu.reads(top, 0x11, 0, MiB) and qemu.reads(top, 0x22, 2 * MiB, 16 * MiB)
+    converge(engine)
+    assert volume_files(engine) == [os.path.basename(top)]
+
+
+def test_merge_into_a_snapshot_that_has_dependants(engine: Engine) -> None:
+    d = disk(engine)
+    qemu.write(engine.path("r1", d), 0x11, 0, 4 * MiB)
+    s1 = snapshot(engine, d)
+    qemu.write(engine.path("r1", d), 0x22, MiB, MiB)
+    s2 = snapshot(engine, d)
+    qemu.write(engine.path("r1", d), 0x33, 2 * MiB, MiB)
+    engine.call("removeImage", "r1", s1)
+    [merge] = fixes(engine)
+    assert merge["imageIds"] == [s1, s2] and "rebase" in merge["description"]
+    converge(engine)
+    assert engine.call("getImageInfo", "r1", s2)["chain"] == [s2]
+    assert engine.call("getImageInfo", "r1", d)["chain"] == [d, s2]
+    p = engine.path("r1", d)
+    assert qemu.reads(p, 0x11, 0, MiB) and qemu.reads(p, 0x22, MiB, MiB)
+    assert qemu.reads(p, 0x33, 2 * MiB, MiB) and qemu.reads(p, 0x11, 3 * MiB, MiB)
+    p2 = engine.path("r1", s2)
+    assert qemu.reads(p2, 0x22, MiB, MiB) and qemu.reads(p2, 0, 2 * MiB, MiB) is False
+    assert len(volume_files(engine)) == 2
+
+
+def test_no_merge_while_the_dependant_is_prepared(engine: Engine) -> None:
+    d = disk(engine)
+    s = snapshot(engine, d)
+    engine.call("removeImage", "r1", s)
+    engine.call("prepareImage", "r1", d)
+    assert fixes(engine) == []
+    engine.call("teardownImage", "r1", d)
+    assert [f["type"] for f in fixes(engine)] == ["merge"]
+
+
+def test_deep_chain_is_degraded_and_optimize_flattens_it(shallow: Engine) -> None:
+    e = shallow
+    d = disk(e)
+    for i in range(4):
+        qemu.write(e.path("r1", d), 0x10 + i, i * MiB, MiB)
+        e.settle("r1", e.call("createSnapshot", "r1", d))
+    assert e.call("getImageInfo", "r1", d)["depth"] == 5
+    assert e.call("getImageStatus", "r1", d)["status"] == "degraded"
+    found = fixes(e, types=["optimize"])
+    assert {f["imageIds"][0] for f in found} >= {d}
+    [mine] = [f for f in found if f["imageIds"] == [d]]
+    e.call("fixStorageRepository", "r1", mine)
+    assert e.settle("r1", d)["status"] == "optimized"
+    assert e.call("getImageInfo", "r1", d)["depth"] == 2
+    p = e.path("r1", d)
+    for i in range(4):
+        assert qemu.reads(p, 0x10 + i, i * MiB, MiB)
+    assert not [f for f in fixes(e, types=["optimize"]) if f["imageIds"] == [d]]
+
+
+def test_deep_check_finds_and_repairs_leaks(engine: Engine) -> None:
+    d = disk(engine)
+    qemu.write(engine.path("r1", d), 0x11, 0, MiB)
+    path = engine.path("r1", d)
+    qemu.leak_a_cluster(path)
+    assert not qemu.check_clean(path)
+    assert fixes(engine) == []  # a plain check reads metadata only
+    [leak] = fixes(engine, deep=True)
+    assert leak["type"] == "optimize" and "leaks 1 cluster" in leak["description"]
+    engine.call("fixStorageRepository", "r1", leak)
+    assert engine.settle("r1", d)["status"] == "optimized"
+    assert qemu.check_clean(path) and qemu.reads(path, 0x11, 0, MiB)
+    assert fixes(engine, deep=True) == []
+
+
+def test_backing_named_by_absolute_path_is_relinked(engine: Engine) -> None:
+    d = disk(engine)
+    qemu.write(engine.path("r1", d), 0x11, 0, MiB)
+    s = snapshot(engine, d)
+    top, base = engine.path("r1", d), engine.path("r1", s)
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", base, "-F", "qcow2", top],
+                   check=True)
+    [mend] = fixes(engine)
+    assert mend["type"] == "mend" and not mend.get("manual") and "re-point" in mend["description"]
+    engine.call("fixStorageRepository", "r1", mend)
+    assert qemu.info(top)["backing-filename"] == os.path.basename(base)
+    assert qemu.reads(top, 0x11, 0, MiB)
+    assert fixes(engine) == []
+
+
+def test_faults_a_person_must_decide_are_reported_not_run(engine: Engine) -> None:
+    d = disk(engine)
+    s = snapshot(engine, d)
+    other = disk(engine)
+    top = engine.path("r1", d)
+    # The top names another volume than the records say: which chain is right?
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b",
+                    os.path.basename(engine.path("r1", other)), "-F", "qcow2", top], check=True)
+    [finding] = fixes(engine)
+    assert finding["manual"] and "a person must decide" in finding["description"]
+    with pytest.raises(errors.ImageBroken):
+        engine.call("fixStorageRepository", "r1", finding)
+    assert qemu.info(top)["backing-filename"] == os.path.basename(engine.path("r1", other))
+    # A missing record below the top: unknown parent, broken.
+    snap_vol = os.path.basename(engine.path("r1", s)).split(".")[0]
+    record = os.path.join(engine.roots["r1"], "volumes", f"{snap_vol}.json")
+    saved = fileio.read_json(record)
+    os.unlink(record)
+    st = engine.call("getImageStatus", "r1", d)
+    assert st["status"] == "broken" and "unknown parent" in st["last_error"]
+    assert any(f.get("manual") and "unknown parent" in f["description"] for f in fixes(engine))
+    fileio.write_json(record, saved)
+
+
+def test_check_types_narrow_the_answer(engine: Engine) -> None:
+    d = disk(engine)
+    s = snapshot(engine, d)
+    x = disk(engine)
+    engine.call("removeImage", "r1", s)
+    engine.call("removeImage", "r1", x)
+    assert sorted(f["type"] for f in fixes(engine)) == ["clean", "merge"]
+    assert [f["type"] for f in fixes(engine, types=["clean"])] == ["clean"]
+    assert [f["type"] for f in fixes(engine, types=["merge"])] == ["merge"]
+    assert fixes(engine, types=["optimize", "mend"]) == []
