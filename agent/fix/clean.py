@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from agent import fileio
+from agent import crashpoint, fileio
 from agent.image import inventory, model
 from agent.repo import localfs
 
@@ -73,12 +73,18 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
 def execute(repo: localfs.LocalRepository, p: Plan) -> int:
     """Reclaim what the plan lists; every removal is idempotent, so a crash here is harmless."""
     with repo.meta_lock:
+        crashpoint.hit("clean", "volumes")
         for vol in p.volumes:
-            repo.delete_volume(vol)
+            repo.delete_volume_data(vol)
+            crashpoint.hit("clean", "volume-record")
+            repo.delete_volume_record(vol)
+        crashpoint.hit("clean", "files")
         for path in p.orphan_files + p.strays:
             fileio.remove(path)
+        crashpoint.hit("clean", "journals")
         for op_id in p.journals:
             repo.delete_operation(op_id)
+        crashpoint.hit("clean", "images")
         for image_id in p.images:
             repo.delete_image(image_id)
     log.info("event=cleaned repo=%s volumes=%d files=%d images=%d journals=%d bytes=%d",

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 
-from agent import command, errors, logctx
+from agent import command, crashpoint, errors, logctx
 from agent.host import Host
 from agent.image import model, operations
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
-
-# Test-only fault injection: "KIND:STEP" (e.g. "copyImage:seal") makes the process _exit(75)
-# just before that step runs, as a crash would. Read once at start-up; never set it in production.
-CRASH_AT = os.environ.get("STRATA_TEST_CRASH_AT", "")
 
 # Progress is persisted at most this often (seconds) while a step runs: a repository write per
 # qemu-img progress line would cost more than the copy.
@@ -134,9 +129,7 @@ class Runner:
                 op.progress.percent = 0
                 persist()
                 cancel.check()
-                if f"{op.kind.value}:{name}" == CRASH_AT:
-                    log.warning("event=test_crash step=%s", name)
-                    os._exit(75)
+                crashpoint.hit(op.kind.value, name)
                 fn(ctx)
                 log.info("event=step_done step=%s", name)
                 if op.step == len(steps) - 1:

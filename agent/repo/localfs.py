@@ -191,10 +191,13 @@ class LocalRepository:
     def put_volume(self, vol: model.Volume) -> None:
         fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict())
 
-    def delete_volume(self, vol: model.Volume) -> None:
-        """Data first, record last: a record without data is a fault the checker reports."""
+    def delete_volume_data(self, vol: model.Volume) -> None:
+        """Data first, record last (``delete_volume_record``): a record whose data is gone
+        is still found and finished by the next clean."""
         fileio.remove(self.volume_partial_path(vol.id, vol.format))
         fileio.remove(self.volume_path(vol.id, vol.format))
+
+    def delete_volume_record(self, vol: model.Volume) -> None:
         fileio.remove(self._record_path(VOLUMES, vol.id))
 
     def volumes(self) -> list[model.Volume]:
