@@ -23,7 +23,7 @@ CLEAN_POINTS = ("volumes", "volume-record", "files", "journals", "images")
 
 
 def hit(kind: str, step: str) -> None:
-    if _AT and _AT == f"{kind}:{step}" and (not _ARM or os.path.exists(_ARM)):
+    if _AT and f"{kind}:{step}" == _AT and (not _ARM or os.path.exists(_ARM)):
         log.warning("event=test_crash point=%s:%s", kind, step)
         for handler in logging.getLogger().handlers:
             handler.flush()
