@@ -50,7 +50,7 @@ class Engine:
 
     def call(self, method: str, *args: Any) -> Any:
         fn = getattr(self.api, method)
-        defaults = {"options": {}, "userData": {}}
+        defaults: dict[str, Any] = {"options": {}, "userData": {}}
         params = list(inspect.signature(fn).parameters)
         full = list(args) + [defaults.get(p) for p in params[len(args):]]
         return fn(*full)

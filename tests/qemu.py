@@ -39,26 +39,28 @@ def check_clean(path: str) -> bool:
     return subprocess.run(["qemu-img", "check", "-q", path], capture_output=True).returncode == 0
 
 
-def fill(path: str, gib: float, chunk: int = 256 * MiB) -> list[tuple[int, int]]:
-    """Write ``gib`` GiB of non-zero data in chunks, a distinct pattern per chunk.
+Layout = list[tuple[int, int, int]]  # (pattern, offset, length)
 
-    Returns (pattern, offset) pairs so a reader can verify every chunk. Non-zero data matters:
-    qemu-img skips zeros, so a copy of zeros measures nothing.
+
+def fill(path: str, gib: float, chunk: int = 256 * MiB, offset: int = 0) -> Layout:
+    """Write ``gib`` GiB of non-zero data from ``offset`` in chunks, a pattern per chunk.
+
+    Returns the layout so a reader can verify every chunk. Non-zero data matters: qemu-img skips
+    zeros, so a copy of zeros measures nothing.
     """
-    total = int(gib * GiB)
-    layout = [(1 + (i // chunk) % 250, i) for i in range(0, total, chunk)]
+    end = offset + int(gib * GiB)
+    layout = [(1 + (i // chunk) % 250, i, min(chunk, end - i)) for i in range(offset, end, chunk)]
     commands: list[str] = []
-    for pattern, offset in layout:
-        commands += ["-c", f"write -P {pattern} {offset} {min(chunk, total - offset)}"]
+    for pattern, off, length in layout:
+        commands += ["-c", f"write -P {pattern} {off} {length}"]
     subprocess.run(["qemu-io", "-f", "qcow2", *commands, path], check=True, capture_output=True)
     return layout
 
 
-def reads_layout(path: str, layout: list[tuple[int, int]], total: int,
-                 chunk: int = 256 * MiB) -> bool:
+def reads_layout(path: str, layout: Layout) -> bool:
     commands: list[str] = []
-    for pattern, offset in layout:
-        commands += ["-c", f"read -P {pattern} {offset} {min(chunk, total - offset)}"]
+    for pattern, off, length in layout:
+        commands += ["-c", f"read -P {pattern} {off} {length}"]
     r = subprocess.run(["qemu-io", "-r", "-f", "qcow2", *commands, path],
                        capture_output=True, text=True)
     return r.returncode == 0 and "Pattern verification failed" not in r.stdout

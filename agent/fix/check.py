@@ -146,7 +146,8 @@ class Checker:
                 FixType.OPTIMIZE,
                 [img.id],
                 f"{img.kind.value} {img.id} has a chain of {len(vols)} layers (more than "
-                f"{self.max_depth}): fold the {len(vols) - 2} intermediate layers into its top",
+                f"{self.max_depth}): fold the {len(vols) - 2} intermediate layers into its top"
+                + _last_error(img),
                 {"flatten": top.id, "generation": img.generation, "depth": len(vols)},
                 self._starter(model.OpKind.FLATTEN, img.id, params),
             ))
@@ -170,7 +171,7 @@ class Checker:
                     FixType.OPTIMIZE,
                     [img.id],
                     f"volume of {img.kind.value} {img.id} leaks {report['leaks']} cluster(s): "
-                    "free them (qemu-img check -r leaks)",
+                    "free them (qemu-img check -r leaks)" + _last_error(img),
                     {"repair": vol.id, "generation": img.generation, "leaks": report["leaks"]},
                     self._starter(model.OpKind.REPAIR, img.id, {"rewrites": vol.id}),
                 ))
@@ -214,7 +215,8 @@ class Checker:
                 FixType.MERGE,
                 [removed.id, target.id],
                 f"fold removed {removed.kind.value} {removed.id} into {target.kind.value} "
-                f"{target.id}, its only dependant ({how}); clean then reclaims it",
+                f"{target.id}, its only dependant ({how}); clean then reclaims it"
+                + _last_error(target),
                 {"lower": lower.id, "upper": upper.id, "kind": kind.value,
                  "generations": [removed.generation, target.generation]},
                 self._starter(kind, target.id, params),
@@ -286,6 +288,11 @@ def _owner(inv: inventory.Inventory, vol_id: str) -> str | None:
     if tops:
         return tops[0].id
     return vol.parent_image_id if vol else None
+
+
+def _last_error(img: model.Image) -> str:
+    error = img.progress.last_error
+    return f" (the last attempt failed: {error})" if error else ""
 
 
 def _manual(img: model.Image, message: str) -> Fix:

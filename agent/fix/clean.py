@@ -51,7 +51,11 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
     needed = inv.needed
     p = Plan()
     p.volumes = [v for v in inv.volumes.values() if v.id not in needed]
-    p.images = [i.id for i in inv.images.values() if i.removed and i.volume_id not in needed]
+    # A removed image's record goes with its volume, or when a live image owns that volume
+    # outright (a removed snapshot absorbed by a merge, or removed before its switch).
+    live_tops = {i.volume_id for i in inv.images.values() if not i.removed}
+    p.images = [i.id for i in inv.images.values()
+                if i.removed and (i.volume_id not in needed or i.volume_id in live_tops)]
     live_ids = {op.id for op in inv.live_ops}
     p.journals = [op_id for op_id in inv.ops if op_id not in live_ids]
     for vol_id, path in repo.volume_files().items():

@@ -282,6 +282,22 @@ def seal_fix(ctx: Context) -> None:
         ctx.repo.delete_operation(ctx.op.id)
 
 
+def release_fix(repo: localfs.LocalRepository, op: model.Operation,
+                last_error: str | None) -> None:
+    """Drop a fix that has not passed its first step: that step keeps every byte whole, so the
+    repository is as before, and the checker proposes the fix again (with last_error)."""
+    with repo.meta_lock:
+        img = repo.get_image(op.image_id)
+        if img is not None and img.fix_id == op.id:
+            img.fix_id = None
+            img.progress = model.Progress(op.progress.host_id, op.progress.stage,
+                                          op.progress.percent, last_error)
+            repo.put_image(img)
+        repo.delete_operation(op.id)
+    log.info("event=fix_released kind=%s image=%s error=%r", op.kind.value, op.image_id,
+             last_error)
+
+
 # -- shared --------------------------------------------------------------------------------------
 
 

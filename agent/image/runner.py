@@ -152,6 +152,10 @@ class Runner:
     def _failed(repo: localfs.LocalRepository, op: model.Operation, message: str,
                 persist: Callable[[], None]) -> None:
         log.warning("event=op_failed image=%s error=%r", op.image_id, message)
+        if op.kind.is_fix and op.step == 0:
+            # A failed fix must leave the image as usable as before: give it back.
+            operations.release_fix(repo, op, message)
+            return
         op.state = model.OpState.STOPPED
         op.progress.last_error = message
         persist()

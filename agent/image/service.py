@@ -13,7 +13,7 @@ from typing import Any
 
 from agent import errors, fileio
 from agent.host import Host
-from agent.image import chain, inventory, model, status
+from agent.image import chain, inventory, model, operations, status
 from agent.image.runner import Runner
 from agent.repo import localfs
 
@@ -64,25 +64,26 @@ class ImageService:
                 imageId=img.id,
             )
 
-    @staticmethod
-    def _no_fix_running(repo: localfs.LocalRepository, img: model.Image,
-                        vols: list[model.Volume] | None = None) -> None:
-        """Refuse while a fix rewrites this image's volumes (merge, optimize)."""
-        if img.fix_id is not None:
-            raise errors.ImageBusy(
-                f"image {img.id} is being improved by fix operation {img.fix_id}; wait for it "
-                "(getImageStatus shows its progress)",
-                imageId=img.id,
-            )
-        if vols:
-            ids = {v.id for v in vols}
-            for op in repo.operations():
-                if op.kind.is_fix and op.params.get("rewrites") in ids:
-                    raise errors.ImageBusy(
-                        f"a layer of image {img.id} is being rewritten by fix operation "
-                        f"{op.id} (of image {op.image_id}); wait for it",
-                        imageId=img.id,
-                    )
+    def _give_way(self, repo: localfs.LocalRepository, img: model.Image,
+                  vols: list[model.Volume]) -> None:
+        """Make way for a consumer of img: a fix (merge, optimize) that rewrites one of its
+        layers is dropped when it is idle in its first step, which keeps every byte whole (the
+        checker proposes it again); a running fix, or one with only metadata left, is busy."""
+        ids = {v.id for v in vols}
+        for op in repo.operations():
+            if not op.kind.is_fix or (op.image_id != img.id
+                                      and op.params.get("rewrites") not in ids):
+                continue
+            running = self.runner.is_active(op.id)
+            if running or op.step > 0:
+                advice = ("wait for it (getImageStatus shows its progress)" if running
+                          else "run its mend fix (only metadata is left to write)")
+                raise errors.ImageBusy(
+                    f"image {img.id} is being improved by fix operation {op.id} "
+                    f"({op.kind.value}); {advice}",
+                    imageId=img.id,
+                )
+            operations.release_fix(repo, op, None)
 
     @staticmethod
     def _not_being_snapshotted(repo: localfs.LocalRepository, image_id: str,
@@ -202,7 +203,7 @@ class ImageService:
                     param="baseVirtualDiskId",
                 )
             self._usable(disk)
-            self._no_fix_running(repo, disk)
+            self._give_way(repo, disk, chain.volumes(repo, disk.volume_id))
             if disk.prepared_by:
                 raise errors.ImageBusy(
                     f"disk {disk_id} is prepared on host(s) {disk.prepared_by}; tear it down "
@@ -440,7 +441,8 @@ class ImageService:
             if img.kind == model.Kind.DISK:
                 self._not_being_copied(image_id)
             vols = chain.volumes(repo, img.volume_id)
-            self._no_fix_running(repo, img, vols)
+            self._give_way(repo, img, vols)
+            img = self._image(repo, image_id, repo_id)  # _give_way may have written it
             if self.host.host_id not in img.prepared_by:
                 img.prepared_by.append(self.host.host_id)
                 repo.put_image(img)
