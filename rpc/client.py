@@ -22,8 +22,14 @@ Exit codes:
     1    the agent answered with an error (one line on stderr: NAME (code): message)
     2    usage error: bad arguments, unknown method or param, bad size
     3    cannot reach the agent (the socket path or address and the OS error on stderr)
-    4    a watched operation failed (the image is broken with last_error)
+    4    a watched operation failed (the image is broken with last_error), or with --all:
+         a fix failed or a finding needs a person
     130  interrupted (Ctrl-C)
+
+Keeping a repository healthy:
+    strata-client checkStorageRepository repositoryId=R            what is left to do
+    strata-client fixStorageRepository repositoryId=R --all         do it all, in a safe order
+    strata-client fixStorageRepository repositoryId=R --all --types clean,merge
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
-from rpc import transport
+from rpc import fixall, transport
 
 PROG = "strata-client"
 DEFAULT_SOCKET = "/run/strata/agent.sock"
@@ -70,7 +76,8 @@ Row = Mapping[str, Any]
 
 USAGE = (
     f"{PROG} [-s SOCKET | -a HOST:PORT [--cert C --key K --ca CA]] [--json] [--timeout S]\n"
-    f"       {' ' * len(PROG)} METHOD [name=value ...] [-f params.json] [--watch] [-h]"
+    f"       {' ' * len(PROG)} METHOD [name=value ...] [-f params.json] [--watch] [-h]\n"
+    f"       {PROG} fixStorageRepository repositoryId=R --all [--types clean,merge]"
 )
 EPILOG = """\
 values:
@@ -83,8 +90,12 @@ exit codes:
   1    the agent answered with an error
   2    usage error: bad arguments, unknown method or param, bad size
   3    cannot reach the agent
-  4    a watched operation failed
+  4    a watched operation failed; with --all, a fix failed or needs a person
   130  interrupted
+
+keeping a repository healthy:
+  strata-client fixStorageRepository repositoryId=R --all [--types clean,merge]
+      applies every fix checkStorageRepository proposes, in a safe order, following each
 """
 
 DISCOVER_METHOD: Doc = {
@@ -709,6 +720,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a JSON object of params ('-' reads stdin); name=value overrides it")
     p.add_argument("--watch", action="store_true",
                    help="follow the image until it is optimized or failed (progress on stderr)")
+    p.add_argument("--all", action="store_true",
+                   help="fixStorageRepository: apply every proposed fix in a safe order and "
+                   "follow each until done")
+    p.add_argument("--types", metavar="T,T",
+                   help="with --all: only these fix types (mend, merge, optimize, clean)")
     p.add_argument("-h", "--help", action="store_true",
                    help="list the methods; with METHOD, describe its params")
     p.add_argument("method", nargs="?", metavar="METHOD", help="an API method (listed below)")
@@ -732,11 +748,28 @@ def emit(text: str | None) -> None:
         print(text, flush=True)
 
 
+def run_fix_all(args: argparse.Namespace, agent: Agent) -> int:
+    """``fixStorageRepository repositoryId=R --all [--types ...]``: converge a repository."""
+    if args.method != "fixStorageRepository" or not args.all:
+        raise UsageError("--all (and --types) go with: fixStorageRepository repositoryId=R --all")
+    params = dict(split_pair(pair) for pair in args.params)
+    if set(params) != {"repositoryId"}:
+        raise UsageError("with --all, give only repositoryId=R")
+    try:
+        types = fixall.parse_types(args.types)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _, failed, manual = fixall.fix_all(agent.call, params["repositoryId"], types, sys.stdout)
+    return EXIT_OK if not failed and not manual else EXIT_WATCH_FAILED
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, agent: Agent) -> int:
     if args.help:
         return print_help(parser, agent, args.method)
     if args.method is None:
         raise UsageError(f"a METHOD is needed ({PROG} -h lists them)")
+    if args.all or args.types:
+        return run_fix_all(args, agent)
     base = load_params_file(args.params_file, sys.stdin) if args.params_file else {}
     doc = agent.document()
     method = find_method(doc, args.method)
