@@ -82,21 +82,37 @@ class Api:
         options: dict[str, Any],
     ) -> dict[str, Any]:
         changed = self.host.connect(repoId, repoFormat, connectionParameters)
+        try:
+            info = self.getStorageRepositoryInfo(repoId)
+        except Exception:
+            if changed:
+                self.host.disconnect(repoId)  # never keep a repository we cannot serve
+            raise
         if changed:
             self._save_connections()
-        info = self.getStorageRepositoryInfo(repoId)
         info["changed"] = changed
         return info
 
     def disconnectStorageRepository(self, repoId: str, options: dict[str, Any]) -> None:
         conn = self.host.connection(repoId)
         running = [op.id for op in conn.repo.operations() if self.runner.is_active(op.id)]
-        if running and not options.get("force", False):
+        prepared = [i.id for i in conn.repo.images() if i.prepared_by]
+        # Copies elsewhere that read from this repository right now.
+        readers = [op.id for c in self.host.connections() if c is not conn
+                   for op in c.repo.operations()
+                   if self.runner.is_active(op.id) and conn.repo.get_image(
+                       op.params.get("source_id") or op.params.get("base_image_id") or ""
+                   ) is not None]
+        if (running or prepared or readers) and not options.get("force", False):
             raise errors.ImageBusy(
-                f"repository {repoId!r} has {len(running)} running operation(s); stop them or "
-                "pass options.force=true (they stay resumable)",
+                f"repository {repoId!r} is in use: {len(running)} running operation(s), "
+                f"{len(prepared)} prepared image(s), {len(readers)} copy(ies) reading from it; "
+                "finish or tear them down, or pass options.force=true (operations stay "
+                "resumable)",
                 repoId=repoId,
             )
+        for op_id in readers:
+            self.runner.stop(op_id)
         for op_id in running:
             self.runner.stop(op_id)
         self.host.disconnect(repoId)

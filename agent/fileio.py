@@ -7,10 +7,13 @@ fsync the directory. A crash leaves either the old or the new content, plus at m
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 from typing import Any
+
+from agent import errors
 
 TMP_MARK = ".tmp-"
 
@@ -31,19 +34,24 @@ def write_json(path: str, obj: Any) -> None:
 def write_bytes(path: str, data: bytes) -> None:
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}{TMP_MARK}{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
         os.close(fd)
-        os.unlink(tmp)
+        os.rename(tmp, path)
+        fsync_dir(directory)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise errors.NoSpace(f"no space to write {path}: {e.strerror}") from e
         raise
-    os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(directory)
 
 
 def read_json(path: str) -> Any:

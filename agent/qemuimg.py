@@ -36,6 +36,11 @@ def create(
     command.run(argv)
 
 
+def resize(path: str, size: int, fmt: str = "qcow2") -> None:
+    """Grow an image's virtual size (never shrink: callers only grow)."""
+    command.run([QEMU_IMG, "resize", "-q", "-f", fmt, path, str(size)])
+
+
 def convert(
     src: str,
     dst: str,

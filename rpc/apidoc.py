@@ -15,6 +15,9 @@ from typing import Any
 import jsonschema
 
 INVALID_PARAMS = -32602
+# Deeper JSON than this is refused at the edge: nothing in the API needs it, and deep nesting
+# makes recursive code (dataclasses.asdict, json) blow the stack.
+MAX_DEPTH = 32
 
 
 class ParamError(Exception):
@@ -56,6 +59,8 @@ class Method:
                 out[p.name] = _default(p.schema)
                 continue
             value = given[p.name]
+            if _depth(value) > MAX_DEPTH:
+                raise ParamError(f"invalid parameter {p.name!r}: nested deeper than {MAX_DEPTH}")
             error = jsonschema.exceptions.best_match(p.validator.iter_errors(value))
             if error is not None:
                 where = "".join(f"[{x!r}]" for x in error.absolute_path)
@@ -71,6 +76,21 @@ class Method:
                 value = int(value)  # 1024.0 is a valid JSON integer; qemu-img wants 1024
             out[p.name] = value
         return out
+
+
+def _depth(value: Any, limit: int = MAX_DEPTH + 1) -> int:
+    """Nesting depth of a JSON value, counted up to ``limit`` (iteratively: no recursion)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return depth
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _default(schema: dict[str, Any]) -> Any:

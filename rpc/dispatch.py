@@ -55,6 +55,8 @@ class Dispatcher:
             request = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             return _encode(error_body(PARSE_ERROR, f"Parse error: {e}"))
+        except RecursionError:
+            return _encode(error_body(PARSE_ERROR, "Parse error: nested too deeply"))
         if isinstance(request, list):
             if not request:
                 return _encode(error_body(INVALID_REQUEST, "Invalid Request: empty batch"))
@@ -100,6 +102,11 @@ class Dispatcher:
                 return jsonrpcserver.Error(apidoc.INVALID_PARAMS, f"Invalid params: {e}")
             try:
                 result = self._submit(logctx.bound(logctx.request_id.get(), target), **bound)
+            except errors.InvalidArgument as e:
+                # A value the schema admits but the call cannot use names its parameter: to a
+                # client that is invalid params, like any schema failure.
+                return jsonrpcserver.Error(apidoc.INVALID_PARAMS, f"Invalid params: {e.message}",
+                                           {"name": e.name, **e.data})
             except errors.Error as e:
                 data = {"name": e.name, **e.data}
                 return jsonrpcserver.Error(e.code, e.message, data)

@@ -45,7 +45,18 @@ class Server:
         self._servers: list[gevent.pywsgi.WSGIServer] = []
 
     def _run_in_thread(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
-        return self.pool.spawn(fn, **kwargs).get()
+        # The outcome travels back as a value: gevent re-raising some exceptions across the
+        # thread boundary can fail (a RecursionError's traceback), leaving the call hanging.
+        def guarded() -> tuple[bool, Any]:
+            try:
+                return True, fn(**kwargs)
+            except BaseException as e:
+                return False, e
+
+        ok, value = self.pool.spawn(guarded).get()
+        if not ok:
+            raise value
+        return value
 
     # -- WSGI --------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -271,3 +272,80 @@ def test_a_disk_being_copied_cannot_be_prepared(engine: Engine) -> None:
     engine.call("fixStorageRepository", "r2", mend)
     assert engine.settle("r2", c)["status"] == "optimized"
     assert engine.call("prepareImage", "r1", d)["path"]
+
+
+def test_performance_disk_larger_than_its_snapshot(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    for repo in ("r1", "r2"):
+        big = engine.call("createVirtualDisk", repo, 128 * MiB, s, {},
+                          {"strategy": "performance"})
+        assert engine.settle(repo, big)["status"] == "optimized"
+        p = engine.path(repo, big)
+        assert qemu.info(p)["virtual-size"] == 128 * MiB
+        assert qemu.reads(p, 0x11, 0, 4 * MiB) and qemu.reads(p, 0, 64 * MiB, 64 * MiB)
+
+
+def test_the_source_of_an_unfinished_copy_cannot_be_removed(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    c = engine.call("copyImage", "r2", s, None, {}, {"AutoFix": False})
+    with pytest.raises(errors.ImageBusy):
+        engine.call("removeImage", "r1", s)
+    [mend] = engine.call("checkStorageRepository", "r2")
+    engine.call("fixStorageRepository", "r2", mend)
+    assert engine.settle("r2", c)["status"] == "optimized"
+    engine.call("removeImage", "r1", s)  # now it may go
+
+
+def test_remove_and_prepare_racing_never_both_win(engine: Engine) -> None:
+    import concurrent.futures
+
+    for _ in range(20):
+        d = engine.call("createVirtualDisk", "r1", MiB)
+        engine.settle("r1", d)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            rm = pool.submit(engine.call, "removeImage", "r1", d)
+            prep = pool.submit(engine.call, "prepareImage", "r1", d)
+            outcomes = [f.exception() is None for f in (rm, prep)]
+        assert outcomes.count(True) == 1, outcomes
+        if outcomes[1]:
+            engine.call("teardownImage", "r1", d)
+            engine.call("removeImage", "r1", d)
+    for f in engine.call("checkStorageRepository", "r1"):
+        engine.call("fixStorageRepository", "r1", f)
+    assert os.listdir(os.path.join(engine.roots["r1"], "volumes")) == []
+
+
+def test_copying_a_removed_snapshot_back_revives_it(engine: Engine) -> None:
+    d = disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    engine.call("copyImage", "r2", s)
+    engine.settle("r2", s)
+    thin = engine.call("createVirtualDisk", "r2", 64 * MiB, s)
+    engine.settle("r2", thin)
+    engine.call("removeImage", "r2", s)  # the thin disk still needs its bytes
+    assert engine.call("copyImage", "r2", s) == s
+    assert engine.call("getImageStatus", "r2", s)["status"] == "optimized"
+    assert s in {i["imageId"] for i in engine.call("listImages", "r2")}
+    assert qemu.reads(engine.path("r2", s), 0x11, 0, 4 * MiB)
+    assert engine.call("checkStorageRepository", "r2") == []
+
+
+def test_an_interrupted_format_can_be_finished(tmp_path: Any) -> None:
+    from agent import api as agent_api
+
+    a = agent_api.Api(1, 1)
+    root = tmp_path / "half"
+    for sub in ("images", "volumes"):
+        (root / sub).mkdir(parents=True)  # a crash before repository.json
+    a.formatStorageRepository("localfs-1.0", {"path": str(root)}, {})
+    assert a.connectStorageRepository("x", "localfs-1.0", {"path": str(root)}, {})["changed"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "data.img").write_bytes(b"x")
+    with pytest.raises(errors.RepositoryNotEmpty):
+        a.formatStorageRepository("localfs-1.0", {"path": str(tmp_path / "full")}, {})
+    a.close()

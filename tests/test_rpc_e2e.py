@@ -21,6 +21,13 @@ pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 
 
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 def snapshot_tree(root: str) -> list[tuple[str, int, float]]:
     out = []
     for d, _, files in os.walk(root):
@@ -100,8 +107,14 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(daemon: Daemon) -> None
          "snapshot"),
         ("createVirtualDisk", {"targetRepoId": "default", "size": 64 * MiB,
                                "baseSnapshotId": d}, 1202, "baseSnapshotId"),
-        ("copyImage", {"targetRepoId": "default", "imageId": d, "baseImageId": d}, 1001,
+        ("copyImage", {"targetRepoId": "default", "imageId": d, "baseImageId": d}, -32602,
          "baseImageId"),
+        ("setImageUserData", {"repositoryId": "default", "imageId": d,
+                              "userData": _nested(600)}, -32602, "'userData'"),
+        ("createVirtualDisk", {"targetRepoId": "default", "size": 1 << 20,
+                               "userData": _nested(100)}, -32602, "'userData'"),
+        ("connectStorageRepository", {"repoId": "x", "repoFormat": "localfs-1.0",
+                                      "connectionParameters": {}}, -32602, "path"),
         ("fixStorageRepository", {"repositoryId": "default",
                                   "fix": {"type": "clean", "data": "forged"}}, 1400, "stale"),
         ("setImageUserData", {"repositoryId": "default", "imageId": d,
@@ -117,6 +130,9 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(daemon: Daemon) -> None
 def test_malformed_bodies_and_batches(daemon: Daemon) -> None:
     status, answer = raw(daemon, b'{"jsonrpc": "2.0", "method": ')
     assert status == 200 and answer["error"]["code"] == -32700 and answer["id"] is None
+
+    status, answer = raw(daemon, b"[" * 200_000 + b"]" * 200_000)
+    assert status == 200 and answer["error"]["code"] == -32700
 
     status, answer = raw(daemon, [])
     assert answer["error"]["code"] == -32600
@@ -167,6 +183,28 @@ def test_connect_is_idempotent_and_refuses_other_parameters(daemon: Daemon, tmp_
     assert {r["repoId"] for r in daemon.call("listStorageRepositories")} == {"default", "r2"}
     daemon.call("disconnectStorageRepository", "r2")
     assert [r["repoId"] for r in daemon.call("listStorageRepositories")] == ["default"]
+
+
+def test_a_damaged_repository_is_refused_and_harms_nothing(daemon: Daemon, tmp_path: Any) -> None:
+    bad = tmp_path / "damaged"
+    bad.mkdir()
+    (bad / "repository.json").write_text('{"format": "localfs-1.0"}')
+    err = error_of(daemon, "connectStorageRepository",
+                   ["bad", "localfs-1.0", {"path": str(bad)}])
+    assert err["code"] == 1102 and "damaged" in err["message"]
+    assert [r["repoId"] for r in daemon.call("listStorageRepositories")] == ["default"]
+
+
+def test_disconnect_refuses_while_an_image_is_prepared(daemon: Daemon, tmp_path: Any) -> None:
+    params = {"path": str(tmp_path / "r2")}
+    daemon.call("formatStorageRepository", "localfs-1.0", params)
+    daemon.call("connectStorageRepository", "r2", "localfs-1.0", params)
+    d = daemon.call("createVirtualDisk", "r2", 64 * MiB)
+    settle(daemon.call, "r2", d)
+    daemon.call("prepareImage", "r2", d)
+    assert error_of(daemon, "disconnectStorageRepository", ["r2"])["code"] == 1201
+    daemon.call("teardownImage", "r2", d)
+    daemon.call("disconnectStorageRepository", "r2")
 
 
 def test_second_agent_cannot_use_a_connected_repository(daemon: Daemon, tmp_path: Any) -> None:

@@ -7,6 +7,7 @@ stale or forged fix can never run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -263,15 +264,19 @@ class Checker:
             wanted = FixType(fix_type)
         except ValueError:
             raise errors.InvalidArgument(f"unknown fix type {fix_type!r}", param="fix") from None
-        for candidate in self.check({wanted}, deep=wanted == FixType.OPTIMIZE):
-            if candidate.data == data:
-                if candidate.manual:
-                    raise errors.ImageBroken(
-                        f"this finding needs a person, not a fix: {candidate.description}"
-                    )
-                log.info("event=fix type=%s images=%s", candidate.type, candidate.image_ids)
-                candidate.run()
-                return candidate
+        # Clean deletes: derive its plan and run it under the metadata lock, so nothing can
+        # start to need what it deletes in between. The others only start operations, which
+        # check again under the lock themselves.
+        with self.repo.meta_lock if wanted == FixType.CLEAN else contextlib.nullcontext():
+            for candidate in self.check({wanted}, deep=wanted == FixType.OPTIMIZE):
+                if candidate.data == data:
+                    if candidate.manual:
+                        raise errors.ImageBroken(
+                            f"this finding needs a person, not a fix: {candidate.description}"
+                        )
+                    log.info("event=fix type=%s images=%s", candidate.type, candidate.image_ids)
+                    candidate.run()
+                    return candidate
         raise errors.StaleFix(
             "this fix does not match the repository's current state (it is stale, already "
             "done, or was not proposed by the checker); run checkStorageRepository again"

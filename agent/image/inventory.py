@@ -81,7 +81,8 @@ class Inventory:
                 vol_id = vol.parent_volume_id if vol else None
 
         for img in self.images.values():
-            if not img.removed:
+            # A prepared image's chain is needed even if it were removed: a consumer reads it.
+            if not img.removed or img.prepared_by:
                 walk(img.volume_id)
         for op in self.live_ops:
             for key in VOLUME_KEYS:

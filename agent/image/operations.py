@@ -111,6 +111,9 @@ def create_volume(ctx: Context) -> None:
         else:
             base_repo, base_chain = _source_chain(ctx, p["base_image_id"])
             _full_copy(base_repo, base_chain, partial, ctx)
+            header = qcow2.read_header(partial)
+            if header is not None and header.size < p["size"]:
+                qemuimg.resize(partial, p["size"])  # a disk may be larger than its snapshot
 
     materialize(ctx.repo, vol, produce)
 

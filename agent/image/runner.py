@@ -93,12 +93,14 @@ class Runner:
             self._run_steps(repo, op_id, cancel)
         finally:
             logctx.operation_id.reset(token)
+            # Before the future resolves: whoever waits on it then sees it inactive.
+            self._forget(op_id)
 
     def _run_steps(self, repo: localfs.LocalRepository, op_id: str,
                    cancel: command.Cancel) -> None:
         op = repo.get_operation(op_id)
-        if op is None or op.state == model.OpState.ABORTED:
-            return
+        if op is None or op.state in (model.OpState.ABORTED, model.OpState.STOPPED):
+            return  # gone, or stopped by a client between a mend and this start
         steps = operations.STEPS[op.kind]
         last_write = [0.0]
         with self._lock:

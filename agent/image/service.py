@@ -8,10 +8,11 @@ first write, so a refused call changes nothing.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from typing import Any
 
-from agent import errors, fileio
+from agent import errors, fileio, host
 from agent.host import Host
 from agent.image import chain, inventory, model, operations, status
 from agent.image.runner import Runner
@@ -146,7 +147,14 @@ class ImageService:
             "base_volume_id": None,
         }
         if base_snapshot_id is not None:
-            base = self.host.find_image(base_snapshot_id, options)
+            # Snapshots are copied with their ids: prefer the copy in the target repository,
+            # the one a thin disk can stand on, unless options pin it elsewhere.
+            local = repo.get_image(base_snapshot_id)
+            if local is not None and not local.removed and not options.hints \
+                    and not options.participating:
+                base = host.Found(target_repo_id, repo, local)
+            else:
+                base = self.host.find_image(base_snapshot_id, options)
             if base.image.kind != model.Kind.SNAPSHOT:
                 raise errors.WrongImageKind(
                     f"baseSnapshotId {base_snapshot_id} is a {base.image.kind.value}, not a "
@@ -257,11 +265,7 @@ class ImageService:
                     log.info("event=copy_noop image=%s repo=%s", image_id, target_repo_id)
                     return image_id  # same id, same bits: already there (or on its way)
                 if existing is not None:
-                    raise errors.ImageBusy(
-                        f"a removed copy of {image_id} in {target_repo_id!r} still awaits "
-                        "cleaning; run the clean fix first",
-                        imageId=image_id,
-                    )
+                    return self._revive(repo, existing, target_repo_id)
             if base_image_id is not None:
                 if base_image_id == image_id:
                     raise errors.InvalidArgument(
@@ -298,26 +302,42 @@ class ImageService:
             image.operation_id = op.id
             return self._commit(repo, op, image, options)
 
+    def _revive(self, repo: localfs.LocalRepository, snap: model.Image, repo_id: str) -> str:
+        """Copying a removed snapshot back: its record and bytes are still here (a disk needs
+        them), and the same id means the same bits, so it is made strong again in place."""
+        vols, fault = chain.walk(snap.volume_id, repo.get_volume, repo.get_image)
+        touched = {v for op in repo.operations() if op.kind.is_fix
+                   for v in (op.params.get("rewrites"), op.params.get("lower_volume_id"))}
+        whole = fault is None and snap.operation_id is None and snap.volume_id not in touched \
+            and all(os.path.exists(repo.volume_path(v.id, v.format)) for v in vols)
+        if not whole:
+            raise errors.ImageBusy(
+                f"a removed copy of {snap.id} in {repo_id!r} is being reclaimed or merged; "
+                "run the clean fix, then copy again",
+                imageId=snap.id,
+            )
+        snap.removed = False
+        snap.strong = True
+        repo.put_image(snap)
+        log.info("event=revived image=%s repo=%s", snap.id, repo_id)
+        return snap.id
+
     # -- remove, stop --------------------------------------------------------------------------
 
     def remove_image(self, repo_id: str, image_id: str) -> None:
         repo = self._repo(repo_id)
         img = self._image(repo, image_id, repo_id)
-        if img.prepared_by:
-            raise errors.ImageBusy(
-                f"image {image_id} is prepared on host(s) {img.prepared_by}; tear it down first",
-                imageId=image_id,
-            )
-        self._not_being_snapshotted(
-            repo, image_id, "; wait for it, or remove the snapshot first"
-        )
+        self._removable(repo, img)
         # Removing an image aborts its operation (a broken image being made) or its fix (a
         # merge or optimize: every step of those keeps the bytes whole, so stopping is safe).
+        # Stopping waits for the worker, which takes meta_lock: so outside it, and every check
+        # is made again inside it, where a prepareImage cannot slip in between.
         for op_id in (img.operation_id, img.fix_id):
             if op_id is not None:
                 self.runner.stop(op_id)
         with repo.meta_lock:
             img = self._image(repo, image_id, repo_id)
+            self._removable(repo, img)
             img.removed = True
             img.strong = False
             op_id, img.operation_id = img.operation_id, None
@@ -328,6 +348,36 @@ class ImageService:
                     repo.delete_operation(gone)
         log.info("event=removed image=%s repo=%s aborted_op=%s aborted_fix=%s", image_id,
                  repo_id, op_id, fix_id)
+
+    def _removable(self, repo: localfs.LocalRepository, img: model.Image) -> None:
+        if img.prepared_by:
+            raise errors.ImageBusy(
+                f"image {img.id} is prepared on host(s) {img.prepared_by}; tear it down first",
+                imageId=img.id,
+            )
+        self._not_being_snapshotted(repo, img.id, "; wait for it, or remove the snapshot first")
+        self._not_a_source(repo, img.id)
+
+    def _not_a_source(self, repo: localfs.LocalRepository, image_id: str) -> None:
+        """Refuse while an unfinished operation (in any connected repository) will read this
+        image by its id: a copy, or an independent disk made from it. (A snapshot's copy has
+        the same id as its source: only the operation of this very image is skipped.)"""
+        for conn in self.host.connections():
+            for op in conn.repo.operations():
+                if op.state == model.OpState.ABORTED or (
+                        conn.repo is repo and op.image_id == image_id):
+                    continue
+                source = op.params.get("source_id")
+                if op.kind == model.OpKind.CREATE_DISK and (
+                        op.params.get("strategy") == model.Strategy.PERFORMANCE.value):
+                    source = op.params.get("base_image_id")
+                if source == image_id:
+                    raise errors.ImageBusy(
+                        f"image {image_id} is the source of unfinished operation {op.id} "
+                        f"({op.kind.value} of {op.image_id} in {conn.repo_id!r}); let it finish "
+                        "or remove that image first",
+                        imageId=image_id,
+                    )
 
     def stop_operation(self, repo_id: str, image_id: str) -> None:
         repo = self._repo(repo_id)

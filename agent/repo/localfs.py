@@ -65,12 +65,17 @@ class LocalRepository:
             os.makedirs(root, exist_ok=True)
         except OSError as e:
             raise errors.InvalidArgument(f"cannot create {root}: {e.strerror}") from e
-        if os.listdir(root):
-            raise errors.RepositoryNotEmpty(
-                f"{root} is not empty; formatting needs an empty directory", path=root
-            )
-        for sub in (IMAGES, VOLUMES, JOURNAL):
-            os.mkdir(os.path.join(root, sub), 0o750)
+        # A format interrupted before repository.json was written left only empty
+        # subdirectories: formatting again finishes it. Anything else is someone's data.
+        ours = (IMAGES, VOLUMES, JOURNAL)
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name not in ours or not os.path.isdir(path) or os.listdir(path):
+                raise errors.RepositoryNotEmpty(
+                    f"{root} is not empty; formatting needs an empty directory", path=root
+                )
+        for sub in ours:
+            os.makedirs(os.path.join(root, sub), 0o750, exist_ok=True)
         repo_uuid = str(uuid.uuid4())
         # repository.json is written last: a directory without it is not a repository.
         fileio.write_json(
@@ -88,9 +93,15 @@ class LocalRepository:
             raise errors.RepositoryNotFormatted(f"{root} is not a formatted repository") from None
         except (OSError, ValueError) as e:
             raise errors.RepositoryNotFormatted(f"{root}/repository.json unreadable: {e}") from e
-        if meta.get("format") != cls.FORMAT:
-            raise errors.UnsupportedFormat(
-                f"{root} has format {meta.get('format')!r}, not {cls.FORMAT}"
+        if not isinstance(meta, dict) or meta.get("format") != cls.FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise errors.UnsupportedFormat(f"{root} has format {found!r}, not {cls.FORMAT}")
+        missing = [sub for sub in (IMAGES, VOLUMES, JOURNAL)
+                   if not os.path.isdir(os.path.join(root, sub))]
+        if not isinstance(meta.get("uuid"), str) or missing:
+            raise errors.RepositoryNotFormatted(
+                f"{root} is damaged: "
+                + (f"missing {', '.join(missing)}" if missing else "repository.json has no uuid")
             )
         repo = cls(root, meta["uuid"])
         repo._take_lock()

@@ -1,0 +1,173 @@
+"""The real ``strata-agent`` as a child process, and the calls the figures make through it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench import context, tools
+from rpc import transport
+
+FORMAT = "localfs-1.0"
+DEFAULT = "default"
+
+
+class Agent:
+    """``python -m rpc.main --dev DIR``: socket DIR/agent.sock, repository "default" connected."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self.socket = os.path.join(directory, "agent.sock")
+        self.log = os.path.join(directory, "agent.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._client: transport.Client | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": context.ROOT}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rpc.main", "--dev", self.dir],
+                stdout=log, stderr=log, env=env, cwd=context.ROOT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise context.BenchError(
+                    f"strata-agent exited with {self.proc.returncode}: {self.tail()}")
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(self.socket)
+                return
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                s.close()
+        raise context.BenchError(f"strata-agent did not listen within {timeout} s: {self.tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM (calls finish, operations stay resumable), SIGKILL if it hangs."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise context.BenchError("the agent is not running")
+        return self.proc.pid
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()[-n:]
+        except FileNotFoundError:
+            return ""
+
+    def log_count(self, needle: str) -> int:
+        with open(self.log, errors="replace") as f:
+            return sum(1 for line in f if needle in line)
+
+    def memory(self) -> dict[str, int]:
+        """VmRSS and VmHWM of the daemon, in bytes."""
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+        return out
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def client(self) -> transport.Client:
+        """A new keep-alive client (one per thread)."""
+        return transport.Client(socket_path=self.socket, timeout=600.0)
+
+    @property
+    def main(self) -> transport.Client:
+        """The main thread's keep-alive client."""
+        if self._client is None:
+            self._client = self.client()
+        return self._client
+
+    def call(self, method: str, *args: Any, **params: Any) -> Any:
+        return self.main.call(method, *args, **params)
+
+    def wait(self, repo: str, image_id: str, client: transport.Client | None = None,
+             interval: float = 0.001, timeout: float = 900.0) -> float:
+        """Poll getImageStatus until the image is optimized and nothing runs on it; return
+        perf_counter() at that moment. A failed operation is a BenchError."""
+        c = client or self.main
+        deadline = time.monotonic() + timeout
+        while True:
+            s = c.call("getImageStatus", repo, image_id)
+            if s["status"] == "optimized" and not s["running"]:
+                return time.perf_counter()
+            if s["status"] == "broken" and s["last_error"]:
+                raise context.BenchError(f"image {image_id} in {repo!r} failed: {s}")
+            if time.monotonic() > deadline:
+                raise context.BenchError(f"image {image_id} did not become optimized: {s}")
+            time.sleep(interval)
+
+    def timed(self, repo: str, method: str, *args: Any,
+              client: transport.Client | None = None, **params: Any) -> tuple[str, float, float]:
+        """Call a method that makes an image; return its id, the time the call took to return
+        and the time until the image was optimized (both from the call)."""
+        c = client or self.main
+        t0 = time.perf_counter()
+        image_id: str = c.call(method, *args, **params)
+        t1 = time.perf_counter()
+        t2 = self.wait(repo, image_id, c)
+        return image_id, t1 - t0, t2 - t0
+
+    def settled(self, repo: str, method: str, *args: Any, **params: Any) -> str:
+        image_id, _, _ = self.timed(repo, method, *args, **params)
+        return image_id
+
+    # -- repositories ----------------------------------------------------------------------------
+
+    def add_repo(self, repo_id: str, path: str, client: transport.Client | None = None) -> None:
+        c = client or self.main
+        params = {"path": path}
+        c.call("formatStorageRepository", repoFormat=FORMAT, connectionParameters=params)
+        c.call("connectStorageRepository", repoId=repo_id, repoFormat=FORMAT,
+               connectionParameters=params)
+
+    def drop_repo(self, repo_id: str, path: str, client: transport.Client | None = None) -> None:
+        """Disconnect a repository and delete it with its data."""
+        c = client or self.main
+        c.call("disconnectStorageRepository", repoId=repo_id)
+        shutil.rmtree(path, ignore_errors=True)
+
+    # -- images ----------------------------------------------------------------------------------
+
+    def top_path(self, repo: str, image_id: str) -> str:
+        """The image's top volume (prepared, then torn down again)."""
+        path: str = self.call("prepareImage", repositoryId=repo, imageId=image_id)["path"]
+        self.call("teardownImage", repositoryId=repo, imageId=image_id)
+        return path
+
+    def write(self, repo: str, image_id: str, chunks: list[tuple[int, int, int]]) -> None:
+        """Write into a disk as a consumer does: prepare, qemu-io, tear down."""
+        path: str = self.call("prepareImage", repositoryId=repo, imageId=image_id)["path"]
+        try:
+            tools.write(path, chunks)
+        finally:
+            self.call("teardownImage", repositoryId=repo, imageId=image_id)
