@@ -101,7 +101,7 @@ class Api:
         readers = [op.id for c in self.host.connections() if c is not conn
                    for op in c.repo.operations()
                    if self.runner.is_active(op.id) and conn.repo.get_image(
-                       op.params.get("source_id") or op.params.get("base_image_id") or ""
+                       op.params.source() or ""
                    ) is not None]
         if (running or prepared or readers) and not options.get("force", False):
             raise errors.ImageBusy(

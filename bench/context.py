@@ -7,12 +7,13 @@ import dataclasses
 import os
 import sys
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 from bench import stats
 
 if TYPE_CHECKING:
-    from bench import agentproc
+    from bench import agentproc, fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +46,8 @@ class Bench:
     quick: bool
     cleanup: contextlib.ExitStack
     agent: agentproc.Agent
+    # Shared images, made on first use (set right after construction).
+    images: fixtures.Images = dataclasses.field(init=False)
     rows: list[Row] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     started: float = dataclasses.field(default_factory=time.monotonic)
@@ -83,3 +86,8 @@ class Bench:
 
     def error(self, figure: str, reason: str) -> None:
         self.rows.append(Row(figure, None, None, "", None, "", ERROR, reason))
+
+
+def new_id() -> str:
+    """An id of the kind the agent makes (a lower-case UUID)."""
+    return str(uuid.uuid4())

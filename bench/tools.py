@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -24,8 +26,8 @@ Chunk = tuple[int, int, int]  # offset, length, byte pattern
 def run(argv: Sequence[str], timeout: float = 600.0) -> float:
     """Run argv to completion; return its wall time in seconds. A failure is a BenchError."""
     t0 = time.perf_counter()
-    proc = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout, env={**os.environ, "LC_ALL": "C"})
+    proc = subprocess.run(list(argv), capture_output=True, timeout=timeout,
+                          env={**os.environ, "LC_ALL": "C"})
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip() or proc.stdout.decode(errors="replace")
@@ -78,7 +80,33 @@ def fsync(path: str) -> None:
 
 
 def remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Terminate a child we started (SIGTERM, then SIGKILL) and reap it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise context.BenchError(f"{proc.args!r} exited with {proc.returncode}")
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            return
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            s.close()
+    raise context.BenchError(f"nothing listens on {path} after {timeout} s")

@@ -74,16 +74,10 @@ class Checker:
         return out
 
     def _why(self, op: model.Operation) -> str:
-        if op.kind == model.OpKind.COPY:
-            source = op.params["source_id"]
-            found = any(
-                (img := c.repo.get_image(source)) is not None and img.strong
-                and not img.removed and not (c.repo is self.repo and source == op.image_id)
-                for c in self.host.connections()
-            )
-            if not found:
-                return (f"its source image {source} is not in any connected repository: "
-                        "connect the repository that holds it, or remove this image")
+        source = op.params.source()
+        if source is not None and operations.find_source(self.host, self.repo, op) is None:
+            return (f"its source image {source} is not in any connected repository: "
+                    "connect the repository that holds it, or remove this image")
         if op.progress.last_error:
             return f"last error: {op.progress.last_error}"
         if op.state == model.OpState.PENDING:
@@ -141,8 +135,8 @@ class Checker:
             top, bottom = vols[0], vols[-1]
             if not self._quiet(inv, img, top.id):
                 continue
-            params = {"rewrites": top.id, "new_parent_volume_id": bottom.id,
-                      "new_parent_image_id": _owner(inv, bottom.id)}
+            params = model.OpParams(rewrites=top.id, new_parent_volume_id=bottom.id,
+                                    new_parent_image_id=_owner(inv, bottom.id))
             out.append(Fix(
                 FixType.OPTIMIZE,
                 [img.id],
@@ -174,7 +168,8 @@ class Checker:
                     f"volume of {img.kind.value} {img.id} leaks {report['leaks']} cluster(s): "
                     "free them (qemu-img check -r leaks)" + _last_error(img),
                     {"repair": vol.id, "generation": img.generation, "leaks": report["leaks"]},
-                    self._starter(model.OpKind.REPAIR, img.id, {"rewrites": vol.id}),
+                    self._starter(model.OpKind.REPAIR, img.id,
+                                  model.OpParams(rewrites=vol.id)),
                 ))
         return out
 
@@ -202,15 +197,15 @@ class Checker:
                          and commit_writes <= rebase_writes)
             if by_commit:
                 kind = model.OpKind.MERGE_COMMIT
-                params: dict[str, Any] = {"lower_volume_id": lower_id,
-                                          "upper_volume_id": upper_id, "rewrites": lower_id,
-                                          "absorbed_image_id": removed.id}
+                params = model.OpParams(lower_volume_id=lower_id, upper_volume_id=upper_id,
+                                        rewrites=lower_id, absorbed_image_id=removed.id)
                 how = f"qemu-img commit, about {commit_writes} bytes to write"
             else:
                 kind = model.OpKind.MERGE_REBASE
-                params = {"lower_volume_id": lower_id, "upper_volume_id": upper_id,
-                          "rewrites": upper_id, "new_parent_volume_id": lower.parent_volume_id,
-                          "new_parent_image_id": lower.parent_image_id}
+                params = model.OpParams(lower_volume_id=lower_id, upper_volume_id=upper_id,
+                                        rewrites=upper_id,
+                                        new_parent_volume_id=lower.parent_volume_id,
+                                        new_parent_image_id=lower.parent_image_id)
                 how = f"qemu-img rebase, about {rebase_writes} bytes to write"
             out.append(Fix(
                 FixType.MERGE,
@@ -243,7 +238,7 @@ class Checker:
     # -- running fixes -------------------------------------------------------------------------
 
     def _starter(self, kind: model.OpKind, image_id: str,
-                 params: dict[str, Any]) -> Callable[[], None]:
+                 params: model.OpParams) -> Callable[[], None]:
         def start() -> None:
             with self.repo.meta_lock:
                 img = self.repo.get_image(image_id)

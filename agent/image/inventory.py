@@ -15,10 +15,6 @@ from agent import fileio, qcow2
 from agent.image import chain, model
 from agent.repo import localfs
 
-# Volume-id keys an operation's params may hold.
-VOLUME_KEYS = ("volume_id", "new_volume_id", "old_volume_id", "base_volume_id",
-               "lower_volume_id", "upper_volume_id", "new_parent_volume_id")
-
 
 @dataclasses.dataclass
 class Fault:
@@ -58,7 +54,7 @@ class Inventory:
     @functools.cached_property
     def rewritten(self) -> set[str]:
         """Volumes an unfinished fix rewrites in place: images on them cannot be prepared."""
-        return {op.params["rewrites"] for op in self.live_ops if "rewrites" in op.params}
+        return {op.params.rewrites for op in self.live_ops if op.params.rewrites is not None}
 
     # -- chains --------------------------------------------------------------------------------
 
@@ -85,8 +81,8 @@ class Inventory:
             if not img.removed or img.prepared_by:
                 walk(img.volume_id)
         for op in self.live_ops:
-            for key in VOLUME_KEYS:
-                walk(op.params.get(key))
+            for vol_id in op.params.volumes():
+                walk(vol_id)
         return needed
 
     @functools.cached_property

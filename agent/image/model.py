@@ -11,6 +11,8 @@ import enum
 import time
 from typing import Any, TypeVar
 
+from agent import errors
+
 T = TypeVar("T")
 
 
@@ -120,14 +122,62 @@ class Volume:
 
 
 @dataclasses.dataclass
+class OpParams:
+    """What an operation needs to run on any host, fixed when its intent is committed."""
+
+    size: int = 0
+    strategy: Strategy = Strategy.SPACE
+    volume_id: str | None = None  # the volume a create or a copy makes
+    base_image_id: str | None = None  # the snapshot a disk stands on, or a copy's base
+    base_volume_id: str | None = None
+    source_id: str | None = None  # copy: the image copied, found by id in any repository
+    disk_id: str | None = None  # snapshot: the disk switched to a new top
+    old_volume_id: str | None = None
+    new_volume_id: str | None = None
+    lower_volume_id: str | None = None  # merge: the removed snapshot's volume
+    upper_volume_id: str | None = None  # merge: its one dependant
+    rewrites: str | None = None  # fixes: the volume rewritten in place
+    new_parent_volume_id: str | None = None  # rebase/flatten: the new backing (None: none)
+    new_parent_image_id: str | None = None
+    absorbed_image_id: str | None = None  # merge by commit: the record forgotten at the end
+
+    def volumes(self) -> list[str]:
+        """Every volume this operation names: what clean must keep while it is unfinished."""
+        ids = (self.volume_id, self.base_volume_id, self.old_volume_id, self.new_volume_id,
+               self.lower_volume_id, self.upper_volume_id, self.rewrites,
+               self.new_parent_volume_id)
+        return [i for i in ids if i is not None]
+
+    def source(self) -> str | None:
+        """The image this operation reads by id (from any repository), if any."""
+        if self.source_id is not None:
+            return self.source_id
+        if self.strategy == Strategy.PERFORMANCE:
+            return self.base_image_id  # an independent disk is a copy of its snapshot
+        return None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OpParams:
+        params = _from(cls, d)
+        params.strategy = Strategy(params.strategy)
+        return params
+
+
+def need(value: T | None, what: str) -> T:
+    """A field an operation of this kind always has; its absence means a damaged journal."""
+    if value is None:
+        raise errors.ImageBroken(f"the operation's journal lacks its {what}")
+    return value
+
+
+@dataclasses.dataclass
 class Operation:
     """A journal entry: the intent of one multi-step change, enough to resume it anywhere."""
 
     id: str
     kind: OpKind
     image_id: str
-    # Kind-specific, JSON-safe parameters fixed at intent time (volume ids, source ids, strategy).
-    params: dict[str, Any]
+    params: OpParams
     state: OpState = OpState.PENDING
     step: int = 0  # index of the next step to run; all steps before it are done
     progress: Progress = dataclasses.field(default_factory=Progress)
@@ -141,6 +191,7 @@ class Operation:
         op = _from(cls, d)
         op.kind = OpKind(op.kind)
         op.state = OpState(op.state)
+        op.params = OpParams.from_dict(d.get("params") or {})
         op.progress = _from(Progress, d.get("progress") or {})
         return op
 

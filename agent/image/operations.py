@@ -88,32 +88,32 @@ def _full_copy(top_repo: localfs.LocalRepository, vols: list[model.Volume], dst:
 
 def create_volume(ctx: Context) -> None:
     p = ctx.op.params
-    independent = p["strategy"] == model.Strategy.PERFORMANCE.value
-    base_vol_id = p.get("base_volume_id")
+    independent = p.strategy == model.Strategy.PERFORMANCE
+    base_vol_id = p.base_volume_id
     vol = model.Volume(
-        id=p["volume_id"],
+        id=model.need(p.volume_id, "volume"),
         format=model.VolumeFormat.QCOW2,
         parent_volume_id=None if independent else base_vol_id,
-        parent_image_id=None if independent else p.get("base_image_id"),
-        size=p["size"],
+        parent_image_id=None if independent else p.base_image_id,
+        size=p.size,
     )
 
     def produce(partial: str) -> None:
         if base_vol_id is None:
-            qemuimg.create(partial, "qcow2", size=p["size"])
+            qemuimg.create(partial, "qcow2", size=p.size)
         elif not independent:
             base = _volume(ctx.repo, base_vol_id)
             qemuimg.create(
-                partial, "qcow2", size=p["size"],
+                partial, "qcow2", size=p.size,
                 backing=ctx.repo.backing_reference(base.id, base.format),
                 backing_fmt=base.format.value,
             )
         else:
-            base_repo, base_chain = _source_chain(ctx, p["base_image_id"])
+            base_repo, base_chain = _source_chain(ctx, model.need(p.base_image_id, "base"))
             _full_copy(base_repo, base_chain, partial, ctx)
             header = qcow2.read_header(partial)
-            if header is not None and header.size < p["size"]:
-                qemuimg.resize(partial, p["size"])  # a disk may be larger than its snapshot
+            if header is not None and header.size < p.size:
+                qemuimg.resize(partial, p.size)  # a disk may be larger than its snapshot
 
     materialize(ctx.repo, vol, produce)
 
@@ -123,19 +123,19 @@ def create_volume(ctx: Context) -> None:
 
 def create_overlay(ctx: Context) -> None:
     p = ctx.op.params
-    old = _volume(ctx.repo, p["old_volume_id"])
+    old = _volume(ctx.repo, model.need(p.old_volume_id, "old volume"))
     vol = model.Volume(
-        id=p["new_volume_id"],
+        id=model.need(p.new_volume_id, "new volume"),
         format=model.VolumeFormat.QCOW2,
         parent_volume_id=old.id,
         parent_image_id=ctx.op.image_id,
-        size=p["size"],
+        size=p.size,
     )
     materialize(
         ctx.repo,
         vol,
         lambda partial: qemuimg.create(
-            partial, "qcow2", size=p["size"],
+            partial, "qcow2", size=p.size,
             backing=ctx.repo.backing_reference(old.id, old.format), backing_fmt=old.format.value,
         ),
     )
@@ -144,17 +144,18 @@ def create_overlay(ctx: Context) -> None:
 def switch(ctx: Context) -> None:
     """Re-point the disk at its new top volume: the one write that takes the snapshot."""
     p = ctx.op.params
+    disk_id, new = model.need(p.disk_id, "disk"), model.need(p.new_volume_id, "new volume")
     with ctx.repo.meta_lock:
-        disk = ctx.repo.get_image(p["disk_id"])
+        disk = ctx.repo.get_image(disk_id)
         if disk is None:
-            raise errors.ImageNotFound(f"disk {p['disk_id']} of this snapshot is gone")
-        if disk.volume_id == p["new_volume_id"]:
+            raise errors.ImageNotFound(f"disk {disk_id} of this snapshot is gone")
+        if disk.volume_id == new:
             return  # done before a crash
-        if disk.volume_id != p["old_volume_id"]:
+        if disk.volume_id != p.old_volume_id:
             raise errors.ImageBroken(
                 f"disk {disk.id} moved to volume {disk.volume_id} during the snapshot"
             )
-        disk.volume_id = p["new_volume_id"]
+        disk.volume_id = new
         ctx.repo.put_image(disk)
 
 
@@ -163,14 +164,14 @@ def switch(ctx: Context) -> None:
 
 def copy_data(ctx: Context) -> None:
     p = ctx.op.params
-    src_repo, src_chain = _source_chain(ctx, p["source_id"])
-    base_vol_id = p.get("base_volume_id")
+    src_repo, src_chain = _source_chain(ctx, model.need(p.source_id, "source"))
+    base_vol_id = p.base_volume_id
     vol = model.Volume(
-        id=p["volume_id"],
+        id=model.need(p.volume_id, "volume"),
         format=model.VolumeFormat.QCOW2,
         parent_volume_id=base_vol_id,
-        parent_image_id=p.get("base_image_id"),
-        size=p["size"],
+        parent_image_id=p.base_image_id,
+        size=p.size,
     )
     top = src_chain[0]
     top_path = src_repo.volume_path(top.id, top.format)
@@ -181,7 +182,7 @@ def copy_data(ctx: Context) -> None:
             return
         base = _volume(ctx.repo, base_vol_id)
         base_ref = ctx.repo.backing_reference(base.id, base.format)
-        if len(src_chain) > 1 and top.parent_image_id == p["base_image_id"]:
+        if len(src_chain) > 1 and top.parent_image_id == p.base_image_id:
             # The source sits directly on (its copy of) the base snapshot, which has the same
             # id and so the same bits: copy only the top volume's clusters.
             qemuimg.convert(
@@ -191,7 +192,7 @@ def copy_data(ctx: Context) -> None:
         else:
             # General case: an empty overlay on the source, then a safe rebase onto the base,
             # which writes exactly the clusters whose content differs from the base.
-            qemuimg.create(partial, "qcow2", size=p["size"], backing=top_path,
+            qemuimg.create(partial, "qcow2", size=p.size, backing=top_path,
                            backing_fmt=top.format.value)
             qemuimg.rebase(partial, base_ref, base.format.value,
                            progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
@@ -209,7 +210,7 @@ def copy_data(ctx: Context) -> None:
 def commit_down(ctx: Context) -> None:
     """Merge by commit: the upper layer's clusters into the removed snapshot's volume."""
     p = ctx.op.params
-    upper = _volume(ctx.repo, p["upper_volume_id"])
+    upper = _volume(ctx.repo, model.need(p.upper_volume_id, "upper volume"))
     qemuimg.commit(ctx.repo.volume_path(upper.id, upper.format), progress=ctx.report,
                    cancel=ctx.cancel, direct=ctx.direct)
 
@@ -217,24 +218,25 @@ def commit_down(ctx: Context) -> None:
 def switch_down(ctx: Context) -> None:
     """Merge by commit: the image now reads from the lower volume, which holds its bytes."""
     p = ctx.op.params
+    lower = model.need(p.lower_volume_id, "lower volume")
     with ctx.repo.meta_lock:
         img = ctx.repo.get_image(ctx.op.image_id)
         if img is None:
             raise errors.ImageNotFound(f"image {ctx.op.image_id} is gone")
-        if img.volume_id == p["lower_volume_id"]:
+        if img.volume_id == lower:
             return
-        if img.volume_id != p["upper_volume_id"]:
+        if img.volume_id != p.upper_volume_id:
             raise errors.ImageBroken(f"image {img.id} moved to volume {img.volume_id}")
-        img.volume_id = p["lower_volume_id"]
+        img.volume_id = lower
         ctx.repo.put_image(img)
 
 
 def rebase_in_place(ctx: Context) -> None:
     """Merge by rebase, or flatten: the layer takes in what its old backing gave it."""
     p = ctx.op.params
-    vol = _volume(ctx.repo, p["rewrites"])
+    vol = _volume(ctx.repo, model.need(p.rewrites, "volume to rewrite"))
     path = ctx.repo.volume_path(vol.id, vol.format)
-    new_parent_id = p["new_parent_volume_id"]
+    new_parent_id = p.new_parent_volume_id
     if new_parent_id is None:
         ref, fmt = "", ""
     else:
@@ -250,18 +252,18 @@ def relink(ctx: Context) -> None:
     """The volume's record follows its new backing."""
     p = ctx.op.params
     with ctx.repo.meta_lock:
-        vol = _volume(ctx.repo, p["rewrites"])
-        parent_image = p.get("new_parent_image_id")
-        if (vol.parent_volume_id, vol.parent_image_id) != (p["new_parent_volume_id"],
+        vol = _volume(ctx.repo, model.need(p.rewrites, "volume to rewrite"))
+        parent_image = p.new_parent_image_id
+        if (vol.parent_volume_id, vol.parent_image_id) != (p.new_parent_volume_id,
                                                             parent_image):
-            vol.parent_volume_id = p["new_parent_volume_id"]
+            vol.parent_volume_id = p.new_parent_volume_id
             vol.parent_image_id = parent_image
             ctx.repo.put_volume(vol)
 
 
 def repair_leaks(ctx: Context) -> None:
     p = ctx.op.params
-    vol = _volume(ctx.repo, p["rewrites"])
+    vol = _volume(ctx.repo, model.need(p.rewrites, "volume to rewrite"))
     report = qemuimg.check(ctx.repo.volume_path(vol.id, vol.format), repair="leaks")
     if report.get("leaks", 0) - report.get("leaks-fixed", 0) > 0:
         raise errors.CommandFailed(f"qemu-img check could not repair every leak: {report}")
@@ -277,7 +279,7 @@ def seal_fix(ctx: Context) -> None:
             n = len(STEPS[ctx.op.kind])
             img.progress = model.Progress(ctx.host.host_id, f"{n}/{n}", 100, None)
             ctx.repo.put_image(img)
-        absorbed = ctx.op.params.get("absorbed_image_id")
+        absorbed = ctx.op.params.absorbed_image_id
         if absorbed is not None:
             gone = ctx.repo.get_image(absorbed)
             if gone is not None and gone.removed:
@@ -324,22 +326,36 @@ def _volume(repo: localfs.LocalRepository, vol_id: str) -> model.Volume:
     return vol
 
 
-def _source_chain(
-    ctx: Context, source_id: str
-) -> tuple[localfs.LocalRepository, list[model.Volume]]:
-    """Find a usable source image in any connected repository (never the copy being made)."""
-    for conn in ctx.host.connections():
-        if conn.repo is ctx.repo and source_id == ctx.op.image_id:
+def find_source(
+    host: Host, repo: localfs.LocalRepository, op: model.Operation
+) -> tuple[localfs.LocalRepository, model.Image] | None:
+    """The usable image an operation reads by id, in any connected repository, never the
+    image the operation makes (a snapshot's copy has its source's id)."""
+    source_id = op.params.source()
+    if source_id is None:
+        return None
+    for conn in host.connections():
+        if conn.repo is repo and source_id == op.image_id:
             continue
         img = conn.repo.get_image(source_id)
         if img is not None and img.strong and not img.removed:
-            if img.kind == model.Kind.DISK and img.prepared_by:
-                raise errors.ImageBusy(
-                    f"source disk {source_id} is in use (prepared) and would be copied torn; "
-                    "tear it down, or copy a snapshot of it",
-                    imageId=source_id,
-                )
-            return conn.repo, chain.volumes(conn.repo, img.volume_id)
+            return conn.repo, img
+    return None
+
+
+def _source_chain(
+    ctx: Context, source_id: str
+) -> tuple[localfs.LocalRepository, list[model.Volume]]:
+    found = find_source(ctx.host, ctx.repo, ctx.op)
+    if found is not None:
+        src_repo, img = found
+        if img.kind == model.Kind.DISK and img.prepared_by:
+            raise errors.ImageBusy(
+                f"source disk {source_id} is in use (prepared) and would be copied torn; "
+                "tear it down, or copy a snapshot of it",
+                imageId=source_id,
+            )
+        return src_repo, chain.volumes(src_repo, img.volume_id)
     raise errors.ImageNotFound(
         f"source image {source_id} is not in any connected repository; "
         "the operation resumes when it is connected again",

@@ -73,7 +73,7 @@ class ImageService:
         ids = {v.id for v in vols}
         for op in repo.operations():
             if not op.kind.is_fix or (op.image_id != img.id
-                                      and op.params.get("rewrites") not in ids):
+                                      and op.params.rewrites not in ids):
                 continue
             running = self.runner.is_active(op.id)
             if running or op.step > 0:
@@ -91,7 +91,7 @@ class ImageService:
                                advice: str = "") -> None:
         """Refuse while an unfinished snapshot operation has image_id as its disk."""
         for op in repo.operations():
-            if op.state != model.OpState.ABORTED and op.params.get("disk_id") == image_id:
+            if op.state != model.OpState.ABORTED and op.params.disk_id == image_id:
                 raise errors.ImageBusy(
                     f"disk {image_id} is being snapshotted by operation {op.id}{advice}",
                     imageId=image_id,
@@ -101,7 +101,7 @@ class ImageService:
         """A disk being copied must not be written meanwhile: the copy would be torn."""
         for conn in self.host.connections():
             for op in conn.repo.operations():
-                if op.kind == model.OpKind.COPY and op.params.get("source_id") == disk_id and (
+                if op.kind == model.OpKind.COPY and op.params.source_id == disk_id and (
                     self.runner.is_active(op.id) or op.state == model.OpState.PENDING
                 ):
                     raise errors.ImageBusy(
@@ -139,13 +139,7 @@ class ImageService:
     ) -> str:
         check_size(size)
         repo = self._repo(target_repo_id)
-        params: dict[str, Any] = {
-            "volume_id": new_id(),
-            "size": size,
-            "strategy": options.strategy.value,
-            "base_image_id": None,
-            "base_volume_id": None,
-        }
+        params = model.OpParams(size=size, strategy=options.strategy, volume_id=new_id())
         if base_snapshot_id is not None:
             # Snapshots are copied with their ids: prefer the copy in the target repository,
             # the one a thin disk can stand on, unless options pin it elsewhere.
@@ -173,10 +167,11 @@ class ImageService:
                     "strategy=performance",
                     param="baseSnapshotId",
                 )
-            params["base_image_id"] = base.image.id
-            params["base_volume_id"] = base.image.volume_id
+            params.base_image_id = base.image.id
+            params.base_volume_id = base.image.volume_id
         image = model.Image(
-            id=new_id(), kind=model.Kind.DISK, size=size, volume_id=params["volume_id"],
+            id=new_id(), kind=model.Kind.DISK, size=size,
+            volume_id=model.need(params.volume_id, "volume"),
             user_data=user_data,
         )
         op = model.Operation(new_id(), model.OpKind.CREATE_DISK, image.id, params)
@@ -219,12 +214,8 @@ class ImageService:
                     imageId=disk_id,
                 )
             self._not_being_snapshotted(repo, disk_id)
-            params = {
-                "disk_id": disk.id,
-                "old_volume_id": disk.volume_id,
-                "new_volume_id": new_id(),
-                "size": disk.size,
-            }
+            params = model.OpParams(size=disk.size, disk_id=disk.id,
+                                    old_volume_id=disk.volume_id, new_volume_id=new_id())
             snap = model.Image(
                 id=new_id(), kind=model.Kind.SNAPSHOT, size=disk.size, volume_id=disk.volume_id,
                 user_data=user_data,
@@ -250,14 +241,9 @@ class ImageService:
                 imageId=image_id,
             )
         keep_id = src.image.kind == model.Kind.SNAPSHOT
-        params: dict[str, Any] = {
-            "source_id": image_id,
-            "volume_id": new_id(),
-            "size": src.image.size,
-            "strategy": options.strategy.value,
-            "base_image_id": None,
-            "base_volume_id": None,
-        }
+        volume_id = new_id()
+        params = model.OpParams(size=src.image.size, strategy=options.strategy,
+                                volume_id=volume_id, source_id=image_id)
         with repo.meta_lock:
             if keep_id:
                 existing = repo.get_image(image_id)
@@ -289,13 +275,13 @@ class ImageService:
                         f"base {base_image_id} is larger than image {image_id}",
                         param="baseImageId",
                     )
-                params["base_image_id"] = base.id
-                params["base_volume_id"] = base.volume_id
+                params.base_image_id = base.id
+                params.base_volume_id = base.volume_id
             image = model.Image(
                 id=image_id if keep_id else new_id(),
                 kind=src.image.kind,
                 size=src.image.size,
-                volume_id=params["volume_id"],
+                volume_id=volume_id,
                 user_data={**src.image.user_data, **user_data},
             )
             op = model.Operation(new_id(), model.OpKind.COPY, image.id, params)
@@ -307,7 +293,7 @@ class ImageService:
         them), and the same id means the same bits, so it is made strong again in place."""
         vols, fault = chain.walk(snap.volume_id, repo.get_volume, repo.get_image)
         touched = {v for op in repo.operations() if op.kind.is_fix
-                   for v in (op.params.get("rewrites"), op.params.get("lower_volume_id"))}
+                   for v in (op.params.rewrites, op.params.lower_volume_id)}
         whole = fault is None and snap.operation_id is None and snap.volume_id not in touched \
             and all(os.path.exists(repo.volume_path(v.id, v.format)) for v in vols)
         if not whole:
@@ -367,11 +353,7 @@ class ImageService:
                 if op.state == model.OpState.ABORTED or (
                         conn.repo is repo and op.image_id == image_id):
                     continue
-                source = op.params.get("source_id")
-                if op.kind == model.OpKind.CREATE_DISK and (
-                        op.params.get("strategy") == model.Strategy.PERFORMANCE.value):
-                    source = op.params.get("base_image_id")
-                if source == image_id:
+                if op.params.source() == image_id:
                     raise errors.ImageBusy(
                         f"image {image_id} is the source of unfinished operation {op.id} "
                         f"({op.kind.value} of {op.image_id} in {conn.repo_id!r}); let it finish "

@@ -1,0 +1,122 @@
+"""Run the figures of issue 4 side by side with their references; print and save one table."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+
+from bench import (
+    agentproc,
+    context,
+    fig_copy,
+    fig_create,
+    fig_libvirt,
+    fig_reflink,
+    fig_scale,
+    fig_status,
+    fixtures,
+    machine,
+    report,
+)
+
+FIGURES: dict[str, tuple[str, Callable[[context.Bench], None]]] = {
+    "1": ("createVirtualDisk thin, 1 GiB and 1 TiB", fig_create.thin),
+    "2": ("createSnapshot of a disk with 1 GiB", fig_create.snapshot),
+    "3": ("copyImage full, 3-layer chain, 2 GiB", fig_copy.full),
+    "4": ("copyImage with baseImageId, 5% changed", fig_copy.diff),
+    "5": ("strategy=performance on XFS (reflink)", fig_reflink.run),
+    "6": ("getImageStatus, 8 clients", fig_status.run),
+    "7": ("10,000 images: list, check, RSS", fig_scale.run),
+    "8": ("against libvirt's storage pools", fig_libvirt.run),
+}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "last-results.md")
+# Peak use is about 12 GiB (data disks, chain copies, the XFS file); keep a margin.
+NEEDED_FREE = 25 << 30
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--only", metavar="N[,N...]",
+                   help="run only these figures: " +
+                   "; ".join(f"{k} {title}" for k, (title, _) in FIGURES.items()))
+    p.add_argument("--quick", action="store_true",
+                   help="about a third of the repetitions (a smoke run; not for the README)")
+    p.add_argument("--tmpdir", default="/var/tmp",
+                   help="where the temporary directory goes (default /var/tmp: same disk as "
+                        "the checkout here, and /tmp may be small)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--output", default=RESULTS,
+                   help="the Markdown file to write (default bench/last-results.md; "
+                        "'-' for none)")
+    return p.parse_args(argv)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds the cleanups
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    keys = list(FIGURES) if not args.only else [k.strip() for k in args.only.split(",")]
+    unknown = [k for k in keys if k not in FIGURES]
+    if unknown:
+        print(f"bench: unknown figure(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    os.makedirs(args.tmpdir, exist_ok=True)
+    free = shutil.disk_usage(args.tmpdir).free
+    if free < NEEDED_FREE:
+        print(f"bench: {args.tmpdir} has {free >> 30} GiB free; the benchmark needs "
+              f"{NEEDED_FREE >> 30} GiB (use --tmpdir)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.monotonic()
+    base = tempfile.mkdtemp(prefix="strata-bench-", dir=args.tmpdir)
+    errors = 0
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            print(f"bench: keeping {base}", file=sys.stderr)
+        else:
+            stack.callback(shutil.rmtree, base, ignore_errors=True)
+        agent = agentproc.Agent(os.path.join(base, "agent"))
+        b = context.Bench(base, args.quick, stack, agent)
+        b.images = fixtures.Images(b)
+        agent.start()
+        stack.callback(agent.stop)
+        b.say(f"agent pid {agent.pid}, data under {base}")
+        for key in keys:
+            title, fn = FIGURES[key]
+            b.say(f"figure {key}: {title}")
+            t0 = time.monotonic()
+            try:
+                fn(b)
+            except Exception as e:
+                errors += 1
+                traceback.print_exc()
+                b.error(f"{key} {title}", f"{type(e).__name__}: {e}"[:400])
+            b.say(f"figure {key} took {time.monotonic() - t0:.0f} s")
+        info = machine.describe(base)
+        b.say("cleaning up")
+    elapsed = time.monotonic() - started
+    print()
+    print(report.text(b.rows))
+    for row in b.rows:
+        if row.note:
+            print(f"  * {row.figure}: {row.note}")
+    for note in b.notes:
+        print(f"  * {note}")
+    print(f"\n{', '.join(f'{k}: {v}' for k, v in info.items())}; {elapsed / 60:.1f} min")
+    if args.output != "-":
+        command = "python -m bench" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+        with open(args.output, "w") as f:
+            f.write(report.markdown(b.rows, info, b.notes, elapsed, command))
+        print(f"written to {args.output}")
+    return 1 if errors else 0
