@@ -221,3 +221,22 @@ def test_check_types_narrow_the_answer(engine: Engine) -> None:
     assert [f["type"] for f in fixes(engine, types=["clean"])] == ["clean"]
     assert [f["type"] for f in fixes(engine, types=["merge"])] == ["merge"]
     assert fixes(engine, types=["optimize", "mend"]) == []
+
+
+def test_a_copy_whose_source_is_gone_waits_and_completes_when_it_is_back(engine: Engine) -> None:
+    d = disk(engine, repo="r2")
+    qemu.write(engine.path("r2", d), 0x5C, 0, 2 * MiB)
+    s = snapshot(engine, d, repo="r2")
+    c = engine.call("copyImage", "r1", s, None, {}, {"AutoFix": False})
+    engine.call("disconnectStorageRepository", "r2")
+    [mend] = fixes(engine)
+    assert mend["imageIds"] == [c] and "not in any connected repository" in mend["description"]
+    engine.call("fixStorageRepository", "r1", mend)
+    st = engine.settle("r1", c)
+    assert st["status"] == "broken" and "not in any connected repository" in st["last_error"]
+    [again] = fixes(engine)  # reported until the image is removed, or the source is back
+    assert again["type"] == "mend"
+    engine.call("connectStorageRepository", "r2", "localfs-1.0", {"path": engine.roots["r2"]})
+    converge(engine)
+    assert engine.settle("r1", c)["status"] == "optimized"
+    assert qemu.reads(engine.path("r1", c), 0x5C, 0, 2 * MiB)
