@@ -12,13 +12,10 @@ import socket
 import time
 from typing import Any
 
-from agent import errors, fileio, repo
+from agent import errors, fileio, host, repo
 from agent.fix import check as checker
 from agent.fix import fixes
-from agent.host import Host
-from agent.image import model
-from agent.image.runner import Runner
-from agent.image.service import ImageService
+from agent.image import model, runner, service
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +25,10 @@ VERSION = "0.1.0"
 class Api:
     def __init__(self, host_id: int, workers: int, state_dir: str | None = None,
                  max_chain_depth: int = 10) -> None:
-        self.host = Host(host_id)
-        self.runner = Runner(self.host, workers)
+        self.host = host.Host(host_id)
+        self.runner = runner.Runner(self.host, workers)
         self.max_chain_depth = max_chain_depth
-        self.images = ImageService(self.host, self.runner, max_chain_depth)
+        self.images = service.ImageService(self.host, self.runner, max_chain_depth)
         self.started = time.time()
         # Connections are remembered so a restarted agent (after a crash, an upgrade) serves the
         # same repoIds at once; the cluster manager may still reconnect, which is idempotent.

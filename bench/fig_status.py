@@ -58,7 +58,7 @@ def load(sock: str, repo: str, image: str, duration: float = DURATION) -> Load:
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(f"{start!r}\n".encode())
-            p.stdin.close()
+            p.stdin.flush()  # communicate() closes it
         latencies: list[float] = []
         for p in procs:
             out, err = p.communicate(timeout=duration + 120)

@@ -15,12 +15,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from agent import errors, qemuimg
-from agent.fix import clean
-from agent.fix.fixes import Fix, FixType
-from agent.host import Host
-from agent.image import inventory, model, operations
-from agent.image.runner import Runner
+from agent import errors, host, qemuimg
+from agent.fix import clean, fixes
+from agent.image import inventory, model, operations, runner
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
@@ -28,26 +25,26 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Checker:
-    host: Host
-    runner: Runner
+    host: host.Host
+    runner: runner.Runner
     repo: localfs.LocalRepository
     max_depth: int = 10
 
-    def check(self, types: set[FixType] | None = None, deep: bool = False) -> list[Fix]:
-        wanted = types or set(FixType)
+    def check(self, types: set[fixes.FixType] | None = None, deep: bool = False) -> list[fixes.Fix]:
+        wanted = types or set(fixes.FixType)
         active = {op_id for op_id in self._op_ids() if self.runner.is_active(op_id)}
         inv = inventory.Inventory(self.repo, active)
-        out: list[Fix] = []
-        if FixType.MEND in wanted:
+        out: list[fixes.Fix] = []
+        if fixes.FixType.MEND in wanted:
             out += self._mends(inv)
             out += self._faults(inv)
-        if FixType.OPTIMIZE in wanted:
+        if fixes.FixType.OPTIMIZE in wanted:
             out += self._flattens(inv)
             if deep:
                 out += self._leaks(inv)
-        if FixType.MERGE in wanted:
+        if fixes.FixType.MERGE in wanted:
             out += self._merges(inv)
-        if FixType.CLEAN in wanted:
+        if fixes.FixType.CLEAN in wanted:
             out += self._clean(inv)
         return out
 
@@ -56,14 +53,14 @@ class Checker:
 
     # -- mend ----------------------------------------------------------------------------------
 
-    def _mends(self, inv: inventory.Inventory) -> list[Fix]:
+    def _mends(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         out = []
         for op in inv.live_ops:
             if op.id in inv.active:
                 continue
             img = inv.images[op.image_id]
-            out.append(Fix(
-                FixType.MEND,
+            out.append(fixes.Fix(
+                fixes.FixType.MEND,
                 [op.image_id],
                 f"resume {op.kind.value} of {img.kind.value} {img.id} at step "
                 f"{op.step + 1}/{len(_steps(op))} ({self._why(op)})",
@@ -84,7 +81,7 @@ class Checker:
             return "committed, waiting to be started"
         return f"interrupted on host {op.progress.host_id}"
 
-    def _faults(self, inv: inventory.Inventory) -> list[Fix]:
+    def _faults(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         """Chain faults of usable images: a mend where it is safe, else a manual finding."""
         out = []
         header_cache: dict[str, inventory.Fault | None] = {}
@@ -108,8 +105,8 @@ class Checker:
                 out.append(_manual(img, found.message))
                 continue
             vol = inv.volumes[found.volume_id or ""]
-            out.append(Fix(
-                FixType.MEND,
+            out.append(fixes.Fix(
+                fixes.FixType.MEND,
                 [img.id],
                 f"{found.message}: re-point it (qemu-img rebase -u)",
                 {"relink": vol.id, "to": found.relink_to, "generation": img.generation},
@@ -124,7 +121,7 @@ class Checker:
         return (img.operation_id is None and img.fix_id is None and not img.removed
                 and not any(v in inv.in_use or v in inv.rewritten for v in vol_ids))
 
-    def _flattens(self, inv: inventory.Inventory) -> list[Fix]:
+    def _flattens(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         out = []
         for img in inv.images.values():
             if img.removed:
@@ -137,8 +134,8 @@ class Checker:
                 continue
             params = model.OpParams(rewrites=top.id, new_parent_volume_id=bottom.id,
                                     new_parent_image_id=_owner(inv, bottom.id))
-            out.append(Fix(
-                FixType.OPTIMIZE,
+            out.append(fixes.Fix(
+                fixes.FixType.OPTIMIZE,
                 [img.id],
                 f"{img.kind.value} {img.id} has a chain of {len(vols)} layers (more than "
                 f"{self.max_depth}): fold the {len(vols) - 2} intermediate layers into its top"
@@ -148,7 +145,7 @@ class Checker:
             ))
         return out
 
-    def _leaks(self, inv: inventory.Inventory) -> list[Fix]:
+    def _leaks(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         out = []
         for img in inv.images.values():
             if img.removed or img.operation_id is not None:
@@ -162,8 +159,8 @@ class Checker:
                     f"qemu-img check finds {report['corruptions']} corruption(s) in volume "
                     f"{vol.id}; repairing them may lose data, a person must decide")))
             elif report.get("leaks", 0) and self._quiet(inv, img, vol.id):
-                out.append(Fix(
-                    FixType.OPTIMIZE,
+                out.append(fixes.Fix(
+                    fixes.FixType.OPTIMIZE,
                     [img.id],
                     f"volume of {img.kind.value} {img.id} leaks {report['leaks']} cluster(s): "
                     "free them (qemu-img check -r leaks)" + _last_error(img),
@@ -175,7 +172,7 @@ class Checker:
 
     # -- merge ---------------------------------------------------------------------------------
 
-    def _merges(self, inv: inventory.Inventory) -> list[Fix]:
+    def _merges(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         out = []
         for removed in inv.images.values():
             lower_id = removed.volume_id
@@ -207,8 +204,8 @@ class Checker:
                                         new_parent_volume_id=lower.parent_volume_id,
                                         new_parent_image_id=lower.parent_image_id)
                 how = f"qemu-img rebase, about {rebase_writes} bytes to write"
-            out.append(Fix(
-                FixType.MERGE,
+            out.append(fixes.Fix(
+                fixes.FixType.MERGE,
                 [removed.id, target.id],
                 f"fold removed {removed.kind.value} {removed.id} into {target.kind.value} "
                 f"{target.id}, its only dependant ({how}); clean then reclaims it"
@@ -221,12 +218,12 @@ class Checker:
 
     # -- clean ---------------------------------------------------------------------------------
 
-    def _clean(self, inv: inventory.Inventory) -> list[Fix]:
+    def _clean(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         p = clean.plan(inv)
         if p.empty():
             return []
-        return [Fix(
-            FixType.CLEAN,
+        return [fixes.Fix(
+            fixes.FixType.CLEAN,
             sorted(p.images),
             f"reclaim {p.bytes} bytes: {len(p.volumes) + len(p.orphan_files)} volume(s) "
             f"nothing needs, {len(p.images)} removed image record(s), "
@@ -253,17 +250,17 @@ class Checker:
 
         return start
 
-    def apply(self, fix_type: str, data: str) -> Fix:
+    def apply(self, fix_type: str, data: str) -> fixes.Fix:
         """Run a fix a client sends back, only if the checker proposes exactly it right now."""
         try:
-            wanted = FixType(fix_type)
+            wanted = fixes.FixType(fix_type)
         except ValueError:
             raise errors.InvalidArgument(f"unknown fix type {fix_type!r}", param="fix") from None
         # Clean deletes: derive its plan and run it under the metadata lock, so nothing can
         # start to need what it deletes in between. The others only start operations, which
         # check again under the lock themselves.
-        with self.repo.meta_lock if wanted == FixType.CLEAN else contextlib.nullcontext():
-            for candidate in self.check({wanted}, deep=wanted == FixType.OPTIMIZE):
+        with self.repo.meta_lock if wanted == fixes.FixType.CLEAN else contextlib.nullcontext():
+            for candidate in self.check({wanted}, deep=wanted == fixes.FixType.OPTIMIZE):
                 if candidate.data == data:
                     if candidate.manual:
                         raise errors.ImageBroken(
@@ -295,12 +292,13 @@ def _last_error(img: model.Image) -> str:
     return f" (the last attempt failed: {error})" if error else ""
 
 
-def _manual(img: model.Image, message: str) -> Fix:
-    return Fix(FixType.MEND, [img.id], f"{img.kind.value} {img.id} is broken: {message}",
-               {"manual": message, "generation": img.generation}, manual=True)
+def _manual(img: model.Image, message: str) -> fixes.Fix:
+    return fixes.Fix(fixes.FixType.MEND, [img.id],
+                     f"{img.kind.value} {img.id} is broken: {message}",
+                     {"manual": message, "generation": img.generation}, manual=True)
 
 
-def _resume(runner: Runner, repo: localfs.LocalRepository, op_id: str) -> None:
+def _resume(runner: runner.Runner, repo: localfs.LocalRepository, op_id: str) -> None:
     with repo.meta_lock:
         op = repo.get_operation(op_id)
         if op is None:

@@ -13,8 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from agent import command, errors, fileio, qcow2, qemuimg
-from agent.host import Host
+from agent import command, errors, fileio, host, qcow2, qemuimg
 from agent.image import chain, model
 from agent.repo import localfs
 
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Context:
-    host: Host
+    host: host.Host
     repo: localfs.LocalRepository  # the repository holding the journal and the target image
     op: model.Operation
     cancel: command.Cancel
@@ -327,7 +326,7 @@ def _volume(repo: localfs.LocalRepository, vol_id: str) -> model.Volume:
 
 
 def find_source(
-    host: Host, repo: localfs.LocalRepository, op: model.Operation
+    host: host.Host, repo: localfs.LocalRepository, op: model.Operation
 ) -> tuple[localfs.LocalRepository, model.Image] | None:
     """The usable image an operation reads by id, in any connected repository, never the
     image the operation makes (a snapshot's copy has its source's id)."""

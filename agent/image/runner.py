@@ -12,8 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent import command, crashpoint, errors, logctx
-from agent.host import Host
+from agent import command, crashpoint, errors, host, logctx
 from agent.image import model, operations
 from agent.repo import localfs
 
@@ -25,7 +24,7 @@ PROGRESS_INTERVAL = 1.0
 
 
 class Runner:
-    def __init__(self, host: Host, workers: int) -> None:
+    def __init__(self, host: host.Host, workers: int) -> None:
         self.host = host
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="op")
         self._lock = threading.Lock()

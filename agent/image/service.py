@@ -13,9 +13,7 @@ import uuid
 from typing import Any
 
 from agent import errors, fileio, host
-from agent.host import Host
-from agent.image import chain, inventory, model, operations, status
-from agent.image.runner import Runner
+from agent.image import chain, inventory, model, operations, runner, status
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
@@ -38,7 +36,7 @@ def check_size(size: int) -> None:
 
 
 class ImageService:
-    def __init__(self, host: Host, runner: Runner, max_depth: int = 10) -> None:
+    def __init__(self, host: host.Host, runner: runner.Runner, max_depth: int = 10) -> None:
         self.host = host
         self.runner = runner
         self.max_depth = max_depth
