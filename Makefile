@@ -9,7 +9,7 @@ DEB_PACKAGES := qemu-utils sanlock python3-sanlock python3-venv
 DEB_PROBES := /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/sanlock \
               /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
 
-.PHONY: run test lint bench deps clean
+.PHONY: run test lint bench deps clean install
 
 deps: $(VENV)/.installed
 
@@ -46,3 +46,20 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .tox $(DEV) *.egg-info
+
+# A host install, as root: the agent in its own virtualenv under /opt/strata (made from the
+# distribution's python3, which python3-sanlock needs), commands in $(PREFIX)/bin, the unit, and
+# the example configuration when none exists. Then: systemctl daemon-reload; systemctl enable --now
+# strata-agent.
+PREFIX ?= /usr/local
+OPT    ?= /opt/strata
+install: $(VENV)/.debs
+	$(PYTHON) -m venv --system-site-packages $(OPT)
+	$(OPT)/bin/pip install -q --upgrade pip
+	$(OPT)/bin/pip install -q .
+	install -d $(PREFIX)/bin /etc/strata/conf.d /etc/systemd/system
+	ln -sf $(OPT)/bin/strata-agent $(PREFIX)/bin/strata-agent
+	ln -sf $(OPT)/bin/strata-client $(PREFIX)/bin/strata-client
+	sed 's#^ExecStart=/usr/bin/strata-agent#ExecStart=$(PREFIX)/bin/strata-agent#' \
+	    systemd/strata-agent.service > /etc/systemd/system/strata-agent.service
+	[ -e /etc/strata/agent.conf ] || install -m 0644 systemd/strata-agent.conf.example /etc/strata/agent.conf
