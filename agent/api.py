@@ -134,7 +134,7 @@ class Api:
             "repoFormat": conn.repo_format,
             "repoUUID": conn.repo.uuid,
             "connectionParameters": conn.parameters,
-            "capabilities": list(conn.repo.CAPABILITIES),
+            "capabilities": conn.repo.capabilities(),
             "capacity": capacity,
             "free": free,
             "images": counts,

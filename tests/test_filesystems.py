@@ -19,6 +19,7 @@ def test_performance_copy_is_a_reflink_on_xfs(tmp_path: Any) -> None:
     with mounts.loop_mount(str(tmp_path), "xfs", 512) as mnt:
         e = Engine(mnt)
         try:
+            assert "reflink" in e.call("getStorageRepositoryInfo", "r1")["capabilities"]
             d = e.call("createVirtualDisk", "r1", 128 * MiB)
             e.settle("r1", d)
             qemu.write(e.path("r1", d), 0x3C, 0, 64 * MiB)

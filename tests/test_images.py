@@ -261,6 +261,8 @@ def test_user_data_and_listing(engine: Engine) -> None:
     assert row["imageId"] == d and row["userData"] == {"vm": "web-2"} and row["kind"] == "disk"
     info = engine.call("getStorageRepositoryInfo", "r1")
     assert info["images"]["disk"] == 1 and info["free"] <= info["capacity"]
+    # This machine's root file system (ext4, overlay...) has no reflink; XFS is tested apart.
+    assert {"thin", "snapshot", "copy", "merge"} <= set(info["capabilities"])
 
 
 def test_a_disk_being_copied_cannot_be_prepared(engine: Engine) -> None:

@@ -60,13 +60,14 @@ def materialize(
 
 def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> None:
     """An independent copy of a single-volume image: a reflink where the file system can."""
-    try:
-        command.run(["cp", "--reflink=always", src, dst], cancel=ctx.cancel)
-        log.info("event=reflink dst=%s", dst)
-        ctx.report(100.0)
-        return
-    except errors.CommandFailed:
-        fileio.remove(dst)  # no reflink here (other file system, or not supported): copy
+    if ctx.repo.reflink:
+        try:
+            command.run(["cp", "--reflink=always", src, dst], cancel=ctx.cancel)
+            log.info("event=reflink dst=%s", dst)
+            ctx.report(100.0)
+            return
+        except errors.CommandFailed:
+            fileio.remove(dst)  # the source is on another file system: copy
     qemuimg.convert(src, dst, src_fmt.value, progress=ctx.report, cancel=ctx.cancel,
                     direct=ctx.direct)
 

@@ -16,6 +16,7 @@ local storage domains. A local repository needs no sanlock daemon.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -34,17 +35,20 @@ PARTIAL = ".partial"
 
 R = TypeVar("R")
 
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
 
 class LocalRepository:
     FORMAT = "localfs-1.0"
     VERSION = 1
-    CAPABILITIES = ("thin", "snapshot", "copy", "reflink-when-supported")
+    CAPABILITIES = ("thin", "snapshot", "copy", "merge")
 
     def __init__(self, root: str, repo_uuid: str) -> None:
         self.root = root
         self.uuid = repo_uuid
         self.meta_lock = threading.RLock()
         self.direct_io = True
+        self.reflink = False
         self._lock_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -106,7 +110,32 @@ class LocalRepository:
         repo = cls(root, meta["uuid"])
         repo._take_lock()
         repo.direct_io = repo._probe_direct_io()
+        repo.reflink = repo._probe_reflink()
         return repo
+
+    def capabilities(self) -> list[str]:
+        """What this repository can do, as measured on its file system when it was opened."""
+        extra = [name for name, has in (("reflink", self.reflink), ("direct-io", self.direct_io))
+                 if has]
+        return [*self.CAPABILITIES, *extra]
+
+    def _probe_reflink(self) -> bool:
+        """Whether the file system clones files (XFS with reflink, btrfs): FICLONE on two
+        scratch files. Performance-strategy disks are then clones, not copies."""
+        base = os.path.join(self.root, VOLUMES, f".reflink{fileio.TMP_MARK}probe")
+        src, dst = base + "-a", base + "-b"
+        try:
+            with open(src, "wb") as a:
+                a.write(b"\0" * 4096)
+            with open(src, "rb") as a, open(dst, "wb") as b:
+                fcntl.ioctl(b.fileno(), _FICLONE, a.fileno())
+            return True
+        except OSError:
+            return False
+        finally:
+            for path in (src, dst):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def _probe_direct_io(self) -> bool:
         """Whether the file system takes O_DIRECT (tmpfs does not); copies bypass the page

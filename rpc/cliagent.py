@@ -1,0 +1,96 @@
+"""Talking to the agent from ``strata-client``: where it is (a Unix socket, or TCP with optional
+TLS) and calls by name, with every transport failure turned into ``clierrors.Unreachable``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+from rpc import clierrors, clihelp, transport
+
+Doc = dict[str, Any]  # the OpenRPC document
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    socket: str | None = None
+    address: tuple[str, int] | None = None
+    tls: ssl.SSLContext | None = None
+
+    def describe(self) -> str:
+        if self.address is not None:
+            host, port = self.address
+            host = f"[{host}]" if ":" in host else host
+            return f"{'https' if self.tls else 'http'}://{host}:{port}"
+        return str(self.socket)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    if not (cert or key or ca):
+        return None
+    if key and not cert:
+        raise UsageError("--key needs --cert")
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    except OSError as e:  # ssl.SSLError is an OSError
+        raise UsageError(f"cannot load the TLS files: {e.strerror or e}") from None
+    return ctx
+
+
+class Agent:
+    """One agent: calls by name, with every transport failure turned into ``Unreachable``."""
+
+    def __init__(self, where: Endpoint, timeout: float) -> None:
+        self.where = where
+        self._client = transport.Client(
+            socket_path=where.socket, address=where.address, tls=where.tls, timeout=timeout
+        )
+
+    def call(self, method: str, params: Mapping[str, Any]) -> Any:
+        try:
+            return self._client.call(method, **params)
+        except transport.RemoteError:
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise Unreachable(f"cannot reach the agent at {self.where.describe()}: {reason}") \
+                from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise Unreachable(
+                f"the agent at {self.where.describe()} did not answer JSON-RPC: {e!r}"
+            ) from None
+
+    def document(self) -> Doc:
+        """The live API document; the packaged one when this agent has no rpc.discover."""
+        try:
+            doc = self.call(DISCOVER, {})
+        except transport.RemoteError:
+            return packaged_document()
+        if not isinstance(doc, dict):
+            raise Unreachable(f"the agent at {self.where.describe()} sent no API document")
+        return doc
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def help_document(agent: Agent) -> Doc:
+    """The live document, else the packaged one: help works offline."""
+    try:
+        return agent.document()
+    except Unreachable:
+        return packaged_document()
+
