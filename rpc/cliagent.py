@@ -12,7 +12,6 @@ from typing import Any
 
 from rpc import clierrors, clihelp, transport
 
-Doc = dict[str, Any]  # the OpenRPC document
 
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
@@ -32,7 +31,7 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+        raise clierrors.UsageError(f"bad address {text!r}: expected HOST:PORT")
     return host, int(port)
 
 
@@ -40,13 +39,13 @@ def tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLCon
     if not (cert or key or ca):
         return None
     if key and not cert:
-        raise UsageError("--key needs --cert")
+        raise clierrors.UsageError("--key needs --cert")
     try:
         ctx = ssl.create_default_context(cafile=ca)
         if cert:
             ctx.load_cert_chain(cert, key)
     except OSError as e:  # ssl.SSLError is an OSError
-        raise UsageError(f"cannot load the TLS files: {e.strerror or e}") from None
+        raise clierrors.UsageError(f"cannot load the TLS files: {e.strerror or e}") from None
     return ctx
 
 
@@ -66,31 +65,33 @@ class Agent:
             raise
         except (OSError, http.client.HTTPException) as e:
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise Unreachable(f"cannot reach the agent at {self.where.describe()}: {reason}") \
-                from None
+            raise clierrors.Unreachable(
+                f"cannot reach the agent at {self.where.describe()}: {reason}"
+            ) from None
         except (ValueError, KeyError, TypeError) as e:
-            raise Unreachable(
+            raise clierrors.Unreachable(
                 f"the agent at {self.where.describe()} did not answer JSON-RPC: {e!r}"
             ) from None
 
-    def document(self) -> Doc:
+    def document(self) -> clihelp.Doc:
         """The live API document; the packaged one when this agent has no rpc.discover."""
         try:
-            doc = self.call(DISCOVER, {})
+            doc = self.call(clihelp.DISCOVER, {})
         except transport.RemoteError:
-            return packaged_document()
+            return clihelp.packaged_document()
         if not isinstance(doc, dict):
-            raise Unreachable(f"the agent at {self.where.describe()} sent no API document")
+            raise clierrors.Unreachable(
+                f"the agent at {self.where.describe()} sent no API document"
+            )
         return doc
 
     def close(self) -> None:
         self._client.close()
 
 
-def help_document(agent: Agent) -> Doc:
+def help_document(agent: Agent) -> clihelp.Doc:
     """The live document, else the packaged one: help works offline."""
     try:
         return agent.document()
-    except Unreachable:
-        return packaged_document()
-
+    except clierrors.Unreachable:
+        return clihelp.packaged_document()

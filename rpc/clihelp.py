@@ -42,7 +42,7 @@ def find_method(doc: Doc, name: str) -> Doc:
             return found
     close = difflib.get_close_matches(name, method_names(doc), n=1)
     hint = f"; did you mean {close[0]}?" if close else f" ({PROG} -h lists the methods)"
-    raise UsageError(f"unknown method {name!r}{hint}")
+    raise clierrors.UsageError(f"unknown method {name!r}{hint}")
 
 
 def schema_type(schema: Doc) -> str:
@@ -76,7 +76,7 @@ def param_default(param: Doc) -> str:
 
 def param_summary(param: Doc) -> str:
     kind = schema_type(param.get("schema", {}))
-    if is_size_param(param):
+    if cliparams.is_size_param(param):
         kind += " (bytes; 10G, 512M, 1.5T accepted)"
     if param.get("required"):
         return f"{kind}, required"

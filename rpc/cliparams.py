@@ -65,13 +65,13 @@ def size_value(name: str, value: Any) -> Any:
     try:
         return parse_size(value)
     except ValueError as e:
-        raise UsageError(f"bad size for param {name!r}: {e}") from None
+        raise clierrors.UsageError(f"bad size for param {name!r}: {e}") from None
 
 
 def split_pair(pair: str) -> tuple[str, str]:
     name, sep, raw = pair.partition("=")
     if not sep or not name:
-        raise UsageError(f"{pair!r} is not name=value")
+        raise clierrors.UsageError(f"{pair!r} is not name=value")
     return name, raw
 
 
@@ -84,7 +84,7 @@ def check_names(method: Doc, names: Iterable[str]) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         valid = ", ".join(known) or "none"
-        raise UsageError(
+        raise clierrors.UsageError(
             f"unknown param {unknown[0]!r} for {method['name']} (valid: {valid})"
         )
 
@@ -93,7 +93,7 @@ def check_required(method: Doc, params: Mapping[str, Any]) -> None:
     missing = [p["name"] for p in method.get("params", [])
                if p.get("required") and p["name"] not in params]
     if missing:
-        raise UsageError(f"{method['name']} needs {', '.join(missing)}")
+        raise clierrors.UsageError(f"{method['name']} needs {', '.join(missing)}")
 
 
 def assemble_params(method: Doc, base: Mapping[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
@@ -116,9 +116,9 @@ def parse_params_text(text: str, source: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise UsageError(f"{source} is not JSON: {e}") from None
+        raise clierrors.UsageError(f"{source} is not JSON: {e}") from None
     if not isinstance(value, dict):
-        raise UsageError(f"{source} must hold a JSON object of params")
+        raise clierrors.UsageError(f"{source} must hold a JSON object of params")
     return value
 
 
@@ -129,5 +129,5 @@ def load_params_file(path: str, stdin: TextIO) -> dict[str, Any]:
         with open(path) as f:
             text = f.read()
     except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+        raise clierrors.UsageError(f"cannot read {path}: {e.strerror or e}") from None
     return parse_params_text(text, path)

@@ -139,7 +139,7 @@ def render_list(method: str, rows: list[Any]) -> str:
 
 def render_result(method: str, result: Any, as_json: bool = False) -> str | None:
     """What to print on stdout for ``result``; None prints nothing."""
-    if as_json or method == DISCOVER:
+    if as_json or method == clihelp.DISCOVER:
         return json.dumps(result, indent=2)
     if result is None:
         return None

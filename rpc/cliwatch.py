@@ -23,17 +23,17 @@ def watch_target(method: str, params: Mapping[str, Any], result: Any) -> tuple[s
         return str(params["repositoryId"]), str(params["imageId"])
     if method in CREATE_METHODS and isinstance(result, str):
         return str(params["targetRepoId"]), result
-    raise UsageError(f"{method} returned no image id to watch")
+    raise clierrors.UsageError(f"{method} returned no image id to watch")
 
 
 def check_watchable(method: str, params: Mapping[str, Any]) -> None:
     if method != STATUS_METHOD and method not in CREATE_METHODS:
         names = ", ".join((STATUS_METHOD, *CREATE_METHODS))
-        raise UsageError(f"--watch works with {names}, not {method}")
+        raise clierrors.UsageError(f"--watch works with {names}, not {method}")
     options = params.get("options")
     if isinstance(options, dict) and options.get("AutoFix") is False:
-        raise UsageError("--watch would wait forever: with AutoFix=false the work waits for "
-                         "fixStorageRepository")
+        raise clierrors.UsageError("--watch would wait forever: with AutoFix=false the work "
+                                   "waits for fixStorageRepository")
 
 
 def watch_outcome(status: Mapping[str, Any]) -> bool | None:
@@ -86,8 +86,7 @@ class Progress:
             self._drawn = False
 
 
-
-def watch(agent: Agent, repo_id: str, image_id: str, progress: Progress,
+def watch(agent: cliagent.Agent, repo_id: str, image_id: str, progress: Progress,
           sleep: Callable[[float], None] = time.sleep) -> Mapping[str, Any]:
     """Poll until the image is done (return its status) or failed (raise WatchFailed)."""
     params = {"repositoryId": repo_id, "imageId": image_id}
@@ -99,7 +98,7 @@ def watch(agent: Agent, repo_id: str, image_id: str, progress: Progress,
             if outcome is True:
                 return dict(status)
             if outcome is False:
-                raise WatchFailed(f"image {image_id} failed: {status.get('last_error')}")
+                raise clierrors.WatchFailed(f"image {image_id} failed: {status.get('last_error')}")
             sleep(POLL_INTERVAL)
     finally:
         progress.finish()

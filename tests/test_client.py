@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from rpc import client, transport
+from rpc import cliagent, client, clierrors, clihelp, cliparams, clirender, cliwatch, transport
 
 GiB = 1 << 30
 IMAGE_ID = "0b7c1a52-52a3-4a4f-9d27-1b7d7a0c7f10"
@@ -17,11 +17,11 @@ IMAGE_ID = "0b7c1a52-52a3-4a4f-9d27-1b7d7a0c7f10"
 
 @pytest.fixture(scope="module")
 def doc() -> dict[str, Any]:
-    return client.packaged_document()
+    return clihelp.packaged_document()
 
 
 def method(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    return client.find_method(doc, name)
+    return clihelp.find_method(doc, name)
 
 
 # -- sizes ----------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def method(doc: dict[str, Any], name: str) -> dict[str, Any]:
     (".5K", 512),
 ])
 def test_parse_size(text: str, expected: int) -> None:
-    assert client.parse_size(text) == expected
+    assert cliparams.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", [
@@ -52,19 +52,19 @@ def test_parse_size(text: str, expected: int) -> None:
 ])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
-        client.parse_size(text)
+        cliparams.parse_size(text)
 
 
 def test_bad_size_is_a_usage_error_naming_the_param(doc: dict[str, Any]) -> None:
-    with pytest.raises(client.UsageError, match=r"'size'.*'12Q'"):
-        client.assemble_params(method(doc, "createVirtualDisk"), {},
-                               ["targetRepoId=default", "size=12Q"])
+    with pytest.raises(clierrors.UsageError, match=r"'size'.*'12Q'"):
+        cliparams.assemble_params(method(doc, "createVirtualDisk"), {},
+                                  ["targetRepoId=default", "size=12Q"])
 
 
 def test_size_param_is_found_by_the_document(doc: dict[str, Any]) -> None:
-    params = client.params_by_name(method(doc, "createVirtualDisk"))
-    assert client.is_size_param(params["size"])
-    assert not client.is_size_param(params["targetRepoId"])
+    params = cliparams.params_by_name(method(doc, "createVirtualDisk"))
+    assert cliparams.is_size_param(params["size"])
+    assert not cliparams.is_size_param(params["targetRepoId"])
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -84,17 +84,17 @@ def test_size_param_is_found_by_the_document(doc: dict[str, Any]) -> None:
     ("", ""),
 ])
 def test_parse_value_is_json_or_string(text: str, expected: Any) -> None:
-    assert client.parse_value(text) == expected
+    assert cliparams.parse_value(text) == expected
 
 
 def test_string_params_keep_the_text(doc: dict[str, Any]) -> None:
     m = method(doc, "getStorageRepositoryInfo")
-    assert client.assemble_params(m, {}, ["repoId=2024"]) == {"repoId": "2024"}
-    assert client.assemble_params(m, {}, ['repoId="r1"']) == {"repoId": "r1"}
+    assert cliparams.assemble_params(m, {}, ["repoId=2024"]) == {"repoId": "2024"}
+    assert cliparams.assemble_params(m, {}, ['repoId="r1"']) == {"repoId": "r1"}
 
 
 def test_json_values_reach_object_params(doc: dict[str, Any]) -> None:
-    params = client.assemble_params(
+    params = cliparams.assemble_params(
         method(doc, "createVirtualDisk"), {},
         ["targetRepoId=default", "size=10G", "baseSnapshotId=null",
          'options={"AutoFix": false, "strategy": "performance"}', 'userData={"vm": "db1"}'],
@@ -109,7 +109,7 @@ def test_json_values_reach_object_params(doc: dict[str, Any]) -> None:
 
 
 def test_value_may_hold_equal_signs(doc: dict[str, Any]) -> None:
-    params = client.assemble_params(
+    params = cliparams.assemble_params(
         method(doc, "setImageUserData"), {},
         ["repositoryId=default", f"imageId={IMAGE_ID}", 'userData={"cmd": "a=b"}'],
     )
@@ -117,8 +117,8 @@ def test_value_may_hold_equal_signs(doc: dict[str, Any]) -> None:
 
 
 def test_pair_without_equal_sign_is_a_usage_error(doc: dict[str, Any]) -> None:
-    with pytest.raises(client.UsageError, match="'default' is not name=value"):
-        client.assemble_params(method(doc, "listImages"), {}, ["default"])
+    with pytest.raises(clierrors.UsageError, match="'default' is not name=value"):
+        cliparams.assemble_params(method(doc, "listImages"), {}, ["default"])
 
 
 # -- params: -f merging, unknown and missing names ------------------------------------------------
@@ -126,27 +126,27 @@ def test_pair_without_equal_sign_is_a_usage_error(doc: dict[str, Any]) -> None:
 
 def test_file_params_are_overridden_by_pairs(doc: dict[str, Any]) -> None:
     base = {"targetRepoId": "r1", "size": "1G", "userData": {"a": 1}}
-    params = client.assemble_params(method(doc, "createVirtualDisk"), base,
-                                    ["targetRepoId=r2", 'userData={"b": 2}'])
+    params = cliparams.assemble_params(method(doc, "createVirtualDisk"), base,
+                                       ["targetRepoId=r2", 'userData={"b": 2}'])
     assert params == {"targetRepoId": "r2", "size": GiB, "userData": {"b": 2}}
 
 
 def test_file_size_in_bytes_is_kept(doc: dict[str, Any]) -> None:
-    params = client.assemble_params(method(doc, "createVirtualDisk"),
-                                    {"targetRepoId": "r1", "size": 1048576}, [])
+    params = cliparams.assemble_params(method(doc, "createVirtualDisk"),
+                                       {"targetRepoId": "r1", "size": 1048576}, [])
     assert params["size"] == 1048576
 
 
 def test_pair_size_overrides_file_size(doc: dict[str, Any]) -> None:
-    params = client.assemble_params(method(doc, "createVirtualDisk"),
-                                    {"targetRepoId": "r1", "size": 4096}, ["size=2G"])
+    params = cliparams.assemble_params(method(doc, "createVirtualDisk"),
+                                       {"targetRepoId": "r1", "size": 4096}, ["size=2G"])
     assert params["size"] == 2 * GiB
 
 
 def test_unknown_param_lists_the_valid_names(doc: dict[str, Any]) -> None:
-    with pytest.raises(client.UsageError) as e:
-        client.assemble_params(method(doc, "createVirtualDisk"), {},
-                               ["targetRepoId=default", "size=1G", "sise=2G"])
+    with pytest.raises(clierrors.UsageError) as e:
+        cliparams.assemble_params(method(doc, "createVirtualDisk"), {},
+                                  ["targetRepoId=default", "size=1G", "sise=2G"])
     assert str(e.value) == (
         "unknown param 'sise' for createVirtualDisk "
         "(valid: targetRepoId, size, baseSnapshotId, userData, options)"
@@ -154,26 +154,26 @@ def test_unknown_param_lists_the_valid_names(doc: dict[str, Any]) -> None:
 
 
 def test_unknown_param_in_the_file_is_refused(doc: dict[str, Any]) -> None:
-    with pytest.raises(client.UsageError, match="unknown param 'repoId' for listImages"):
-        client.assemble_params(method(doc, "listImages"), {"repoId": "default"}, [])
+    with pytest.raises(clierrors.UsageError, match="unknown param 'repoId' for listImages"):
+        cliparams.assemble_params(method(doc, "listImages"), {"repoId": "default"}, [])
 
 
 def test_no_params_method_refuses_any(doc: dict[str, Any]) -> None:
-    with pytest.raises(client.UsageError, match=r"\(valid: none\)"):
-        client.assemble_params(method(doc, "getHostInfo"), {}, ["verbose=1"])
+    with pytest.raises(clierrors.UsageError, match=r"\(valid: none\)"):
+        cliparams.assemble_params(method(doc, "getHostInfo"), {}, ["verbose=1"])
 
 
 def test_missing_required_params_are_named(doc: dict[str, Any]) -> None:
-    with pytest.raises(client.UsageError, match="getImageStatus needs repositoryId, imageId"):
-        client.assemble_params(method(doc, "getImageStatus"), {}, [])
+    with pytest.raises(clierrors.UsageError, match="getImageStatus needs repositoryId, imageId"):
+        cliparams.assemble_params(method(doc, "getImageStatus"), {}, [])
 
 
 def test_load_params_file(tmp_path: Any) -> None:
     path = tmp_path / "p.json"
     path.write_text('{"repositoryId": "default"}')
-    assert client.load_params_file(str(path), io.StringIO()) == {"repositoryId": "default"}
+    assert cliparams.load_params_file(str(path), io.StringIO()) == {"repositoryId": "default"}
     stdin = io.StringIO('{"imageId": "x"}')
-    assert client.load_params_file("-", stdin) == {"imageId": "x"}
+    assert cliparams.load_params_file("-", stdin) == {"imageId": "x"}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -183,31 +183,31 @@ def test_load_params_file(tmp_path: Any) -> None:
 def test_load_params_file_rejects(tmp_path: Any, text: str, message: str) -> None:
     path = tmp_path / "p.json"
     path.write_text(text)
-    with pytest.raises(client.UsageError, match=message):
-        client.load_params_file(str(path), io.StringIO())
+    with pytest.raises(clierrors.UsageError, match=message):
+        cliparams.load_params_file(str(path), io.StringIO())
 
 
 def test_load_missing_params_file(tmp_path: Any) -> None:
-    with pytest.raises(client.UsageError, match="cannot read .*: No such file"):
-        client.load_params_file(str(tmp_path / "none.json"), io.StringIO())
+    with pytest.raises(clierrors.UsageError, match="cannot read .*: No such file"):
+        cliparams.load_params_file(str(tmp_path / "none.json"), io.StringIO())
 
 
 # -- methods and help -----------------------------------------------------------------------------
 
 
 def test_unknown_method_suggests_a_close_one(doc: dict[str, Any]) -> None:
-    with pytest.raises(client.UsageError, match="'listImage'; did you mean listImages"):
-        client.find_method(doc, "listImage")
-    with pytest.raises(client.UsageError, match="unknown method 'frobnicate'"):
-        client.find_method(doc, "frobnicate")
+    with pytest.raises(clierrors.UsageError, match="'listImage'; did you mean listImages"):
+        clihelp.find_method(doc, "listImage")
+    with pytest.raises(clierrors.UsageError, match="unknown method 'frobnicate'"):
+        clihelp.find_method(doc, "frobnicate")
 
 
 def test_discover_is_callable(doc: dict[str, Any]) -> None:
-    assert client.find_method(doc, "rpc.discover")["params"] == []
+    assert clihelp.find_method(doc, "rpc.discover")["params"] == []
 
 
 def test_method_list_has_every_method(doc: dict[str, Any]) -> None:
-    text = client.format_method_list(doc)
+    text = clihelp.format_method_list(doc)
     for m in doc["methods"]:
         assert f"  {m['name']} " in text
         assert m["summary"] in text
@@ -215,7 +215,7 @@ def test_method_list_has_every_method(doc: dict[str, Any]) -> None:
 
 
 def test_method_help(doc: dict[str, Any]) -> None:
-    text = client.format_method_help(doc, method(doc, "createVirtualDisk"))
+    text = clihelp.format_method_help(doc, method(doc, "createVirtualDisk"))
     lines = text.splitlines()
     assert lines[0].startswith("createVirtualDisk: Create a disk")
     assert any(line.split()[:3] == ["targetRepoId", "string,", "required"] for line in lines)
@@ -282,7 +282,7 @@ def test_options_and_pairs_intermix() -> None:
     ("[::1]:8443", ("::1", 8443)),
 ])
 def test_parse_address(text: str, expected: tuple[str, int]) -> None:
-    assert client.parse_address(text) == expected
+    assert cliagent.parse_address(text) == expected
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -293,12 +293,13 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
     (3 * GiB // 2, "1.5 GiB"), (1 << 40, "1 TiB"), (3 << 50, "3 PiB"), (5 << 60, "5120 PiB"),
 ])
 def test_human_size(n: int, text: str) -> None:
-    assert client.human_size(n) == text
+    assert clirender.human_size(n) == text
 
 
 def test_render_table_aligns_columns() -> None:
-    cols = (client.Column("A", client.field("a")), client.Column("LONG NAME", client.field("b")))
-    text = client.render_table([{"a": "xxxxx", "b": 1}, {"a": "y"}], cols)
+    cols = (clirender.Column("A", clirender.field("a")),
+            clirender.Column("LONG NAME", clirender.field("b")))
+    text = clirender.render_table([{"a": "xxxxx", "b": 1}, {"a": "y"}], cols)
     assert text.splitlines() == [
         "A      LONG NAME",
         "xxxxx  1",
@@ -313,7 +314,7 @@ def test_list_images_table() -> None:
         {"imageId": "9c3e", "kind": "disk", "size": 64 << 20, "status": "broken",
          "prepared": True, "parentId": IMAGE_ID},
     ]
-    assert client.render_result("listImages", rows) == "\n".join([
+    assert clirender.render_result("listImages", rows) == "\n".join([
         "IMAGE ID                              KIND      SIZE    STATUS     PREPARED  PARENT",
         f"{IMAGE_ID}  snapshot  10 GiB  optimized  no        -",
         f"9c3e                                  disk      64 MiB  broken     yes       {IMAGE_ID}",
@@ -323,7 +324,7 @@ def test_list_images_table() -> None:
 def test_list_repositories_table() -> None:
     rows = [{"repoId": "default", "repoFormat": "localfs-1.0", "capacity": 1 << 40,
              "free": 3 * GiB // 2, "images": {"disk": 2, "snapshot": 1}}]
-    assert client.render_result("listStorageRepositories", rows) == "\n".join([
+    assert clirender.render_result("listStorageRepositories", rows) == "\n".join([
         "REPO ID  FORMAT       CAPACITY  FREE     IMAGES",
         "default  localfs-1.0  1 TiB     1.5 GiB  disk=2 snapshot=1",
     ])
@@ -332,36 +333,37 @@ def test_list_repositories_table() -> None:
 def test_check_repository_table() -> None:
     rows = [{"type": "mend", "data": "opaque", "imageIds": [IMAGE_ID, "b"],
              "description": "resume createVirtualDisk"}]
-    assert client.render_result("checkStorageRepository", rows) == "\n".join([
+    assert clirender.render_result("checkStorageRepository", rows) == "\n".join([
         "TYPE  IMAGES                                  DESCRIPTION",
         f"mend  {IMAGE_ID},b  resume createVirtualDisk",
     ])
-    assert client.render_result("checkStorageRepository", []) == "TYPE  IMAGES  DESCRIPTION"
+    assert clirender.render_result("checkStorageRepository", []) == "TYPE  IMAGES  DESCRIPTION"
 
 
 def test_render_scalars_objects_and_json() -> None:
-    assert client.render_result("createVirtualDisk", IMAGE_ID) == IMAGE_ID
-    assert client.render_result("removeImage", None) is None
-    assert client.render_result("getImageInfo", {
+    assert clirender.render_result("createVirtualDisk", IMAGE_ID) == IMAGE_ID
+    assert clirender.render_result("removeImage", None) is None
+    assert clirender.render_result("getImageInfo", {
         "size": 64 << 20, "chain": ["a", "b"], "userData": {"k": 1}, "prepared": True,
         "last_error": None,
     }) == "\n".join([
         "size: 67108864 (64 MiB)", "chain: a,b", 'userData: {"k":1}', "prepared: yes",
         "last_error: -",
     ])
-    assert json.loads(client.render_result("createVirtualDisk", IMAGE_ID, True) or "") == IMAGE_ID
-    assert client.render_result("removeImage", None, True) == "null"
+    assert json.loads(
+        clirender.render_result("createVirtualDisk", IMAGE_ID, True) or "") == IMAGE_ID
+    assert clirender.render_result("removeImage", None, True) == "null"
 
 
 def test_remote_error_line() -> None:
     e = transport.RemoteError(1200, "image x is not in\nrepository 'default'",
                               {"name": "ImageNotFound"})
-    assert client.remote_error_line(e) == (
+    assert clirender.remote_error_line(e) == (
         "ImageNotFound (1200): image x is not in repository 'default'")
     e = transport.RemoteError(-32602, "Invalid params: invalid parameter 'imageId'")
-    assert client.remote_error_line(e) == (
+    assert clirender.remote_error_line(e) == (
         "InvalidParams (-32602): Invalid params: invalid parameter 'imageId'")
-    assert client.remote_error_line(transport.RemoteError(-1, "odd")) == "error (-1): odd"
+    assert clirender.remote_error_line(transport.RemoteError(-1, "odd")) == "error (-1): odd"
 
 
 # -- watching -------------------------------------------------------------------------------------
@@ -382,36 +384,36 @@ def status(st: str, stage: str = "1/2", pct: int = -1, running: bool = True,
     (status("broken", running=False, error="stopped by client"), False),
 ])
 def test_watch_outcome(s: dict[str, Any], outcome: bool | None) -> None:
-    assert client.watch_outcome(s) is outcome
+    assert cliwatch.watch_outcome(s) is outcome
 
 
 def test_progress_line() -> None:
-    assert client.progress_line(status("broken", "1/2", 50), width=10) == (
+    assert cliwatch.progress_line(status("broken", "1/2", 50), width=10) == (
         "[#####.....]  50%  broken  stage 1/2  copyImage")
-    assert client.progress_line(status("broken", "1/2", -1), width=4) == (
+    assert cliwatch.progress_line(status("broken", "1/2", -1), width=4) == (
         "[????]   ?%  broken  stage 1/2  copyImage")
 
 
 def test_check_watchable() -> None:
-    client.check_watchable("copyImage", {})
-    with pytest.raises(client.UsageError, match="not listImages"):
-        client.check_watchable("listImages", {})
-    with pytest.raises(client.UsageError, match="AutoFix=false"):
-        client.check_watchable("createVirtualDisk", {"options": {"AutoFix": False}})
+    cliwatch.check_watchable("copyImage", {})
+    with pytest.raises(clierrors.UsageError, match="not listImages"):
+        cliwatch.check_watchable("listImages", {})
+    with pytest.raises(clierrors.UsageError, match="AutoFix=false"):
+        cliwatch.check_watchable("createVirtualDisk", {"options": {"AutoFix": False}})
 
 
 def test_watch_target() -> None:
-    assert client.watch_target("getImageStatus", {"repositoryId": "r", "imageId": IMAGE_ID},
-                               {}) == ("r", IMAGE_ID)
-    assert client.watch_target("createSnapshot", {"targetRepoId": "r2"}, IMAGE_ID) == (
+    assert cliwatch.watch_target("getImageStatus", {"repositoryId": "r", "imageId": IMAGE_ID},
+                                 {}) == ("r", IMAGE_ID)
+    assert cliwatch.watch_target("createSnapshot", {"targetRepoId": "r2"}, IMAGE_ID) == (
         "r2", IMAGE_ID)
 
 
-class _Scripted(client.Agent):
+class _Scripted(cliagent.Agent):
     """An agent whose getImageStatus answers come from a list (no socket is touched)."""
 
     def __init__(self, answers: list[dict[str, Any]]) -> None:
-        super().__init__(client.Endpoint(socket="/nonexistent"), 1.0)
+        super().__init__(cliagent.Endpoint(socket="/nonexistent"), 1.0)
         self.answers: Iterator[dict[str, Any]] = iter(answers)
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
@@ -425,7 +427,7 @@ def test_watch_until_done_prints_each_change_once() -> None:
                        status("broken", "1/2", 40), status("optimized", "2/2", 100, False)])
     err = io.StringIO()
     sleeps: list[float] = []
-    final = client.watch(agent, "r", IMAGE_ID, client.Progress(err), sleeps.append)
+    final = cliwatch.watch(agent, "r", IMAGE_ID, cliwatch.Progress(err), sleeps.append)
     assert final["status"] == "optimized"
     assert agent.calls == [("getImageStatus", {"repositoryId": "r", "imageId": IMAGE_ID})] * 4
     assert sleeps == [0.5, 0.5, 0.5]
@@ -437,8 +439,8 @@ def test_watch_until_done_prints_each_change_once() -> None:
 def test_watch_failure() -> None:
     agent = _Scripted([status("broken", "1/2", 10),
                        status("broken", "1/2", 10, False, "No space left on device")])
-    with pytest.raises(client.WatchFailed, match="No space left on device"):
-        client.watch(agent, "r", IMAGE_ID, client.Progress(io.StringIO()), lambda _: None)
+    with pytest.raises(clierrors.WatchFailed, match="No space left on device"):
+        cliwatch.watch(agent, "r", IMAGE_ID, cliwatch.Progress(io.StringIO()), lambda _: None)
 
 
 def test_progress_redraws_one_line_on_a_tty() -> None:
@@ -447,7 +449,7 @@ def test_progress_redraws_one_line_on_a_tty() -> None:
             return True
 
     out = Tty()
-    progress = client.Progress(out)
+    progress = cliwatch.Progress(out)
     progress.update(status("broken", "1/2", 10))
     progress.update(status("broken", "1/2", 10))
     progress.finish()
