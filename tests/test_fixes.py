@@ -33,19 +33,21 @@ def fixes(e: Engine, repo: str = "r1", **options: Any) -> list[dict[str, Any]]:
 
 
 def converge(e: Engine, repo: str = "r1") -> None:
-    """Run every proposed fix until only nothing is left; every fix must finish."""
-    for _ in range(10):
+    """Run proposed fixes one at a time, checking again after each, until nothing is left;
+    every fix must finish."""
+    order = {"mend": 0, "merge": 1, "optimize": 2, "clean": 3}
+    for _ in range(20):
         found = [f for f in fixes(e, repo) if not f.get("manual")]
         if not found:
             return
-        for f in found:
-            e.call("fixStorageRepository", repo, f)
-            for image_id in f["imageIds"]:
-                try:
-                    st = e.settle(repo, image_id)
-                except errors.ImageNotFound:
-                    continue  # a removed image, reclaimed by clean
-                assert st["last_error"] is None, st
+        f = min(found, key=lambda f: order[f["type"]])
+        e.call("fixStorageRepository", repo, f)
+        for image_id in f["imageIds"]:
+            try:
+                st = e.settle(repo, image_id)
+            except errors.ImageNotFound:
+                continue  # a removed image, reclaimed by clean
+            assert st["last_error"] is None, st
     raise AssertionError(f"did not converge: {fixes(e, repo)}")
 
 

@@ -271,19 +271,23 @@ def repair_leaks(ctx: Context) -> None:
 
 
 def seal_fix(ctx: Context) -> None:
-    """The image's fix is done; a merge by commit also forgets the snapshot it absorbed."""
+    """The image's fix is done; a merge by commit also forgets the snapshot it absorbed.
+
+    The absorbed record goes first: once the image shows no fix, nothing of the fix is left
+    for a concurrent check to see but the journal, which a running operation keeps.
+    """
     with ctx.repo.meta_lock:
+        absorbed = ctx.op.params.absorbed_image_id
+        if absorbed is not None:
+            gone = ctx.repo.get_image(absorbed)
+            if gone is not None and gone.removed:
+                ctx.repo.delete_image(absorbed)
         img = ctx.repo.get_image(ctx.op.image_id)
         if img is not None and img.fix_id == ctx.op.id:
             img.fix_id = None
             n = len(STEPS[ctx.op.kind])
             img.progress = model.Progress(ctx.host.host_id, f"{n}/{n}", 100, None)
             ctx.repo.put_image(img)
-        absorbed = ctx.op.params.absorbed_image_id
-        if absorbed is not None:
-            gone = ctx.repo.get_image(absorbed)
-            if gone is not None and gone.removed:
-                ctx.repo.delete_image(absorbed)
         ctx.repo.delete_operation(ctx.op.id)
 
 
