@@ -223,7 +223,7 @@ def _measure(b: context.Bench, pool: Any) -> None:
         clone.delete(0)
         return took
 
-    n = b.reps(3)
+    n = b.reps(5)
     b.say(f"8: full copy of 1 GiB vs libvirt, {n} pairs (after a warm-up pair)")
     ratio_of["copy"] = stats.alternate(n, strata_copy, libvirt_copy)
 

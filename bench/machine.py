@@ -45,7 +45,29 @@ def _output(argv: list[str]) -> str:
     return got.stdout.strip().splitlines()[0] if got.returncode == 0 and got.stdout else "unknown"
 
 
-def describe(base: str) -> dict[str, str]:
+def _commit() -> str:
+    """The checkout's commit, and whether its working tree differs (read-only git calls)."""
+    commit = _output(["git", "rev-parse", "--short", "HEAD"])
+    try:
+        # GIT_OPTIONAL_LOCKS=0: git status does not refresh (write) the index.
+        got = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=context.ROOT, capture_output=True, timeout=10,
+                             env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        dirty = got.returncode == 0 and bool(got.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        dirty = False
+    return f"{commit} (with local changes)" if dirty else commit
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def describe(base: str, load_at_start: str) -> dict[str, str]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "kernel": os.uname().release,
@@ -53,5 +75,6 @@ def describe(base: str) -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "file system": _file_system(base),
         "qemu-img": _output(["qemu-img", "--version"]),
-        "commit": _output(["git", "rev-parse", "--short", "HEAD"]),
+        "load average (1, 5, 15 min) at start / end": f"{load_at_start} / {load_average()}",
+        "commit": _commit(),
     }

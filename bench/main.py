@@ -60,7 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_stopping: list[int] = []  # the signal that asked us to stop, once one did
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    _stopping.append(signum)
     raise SystemExit(128 + signum)  # unwinds the cleanups
 
 
@@ -79,8 +83,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
+    load_at_start = machine.load_average()
     base = tempfile.mkdtemp(prefix="strata-bench-", dir=args.tmpdir)
-    errors = 0
+    try:
+        b, info = _run(args, keys, base, load_at_start)
+    except (KeyboardInterrupt, SystemExit) as e:
+        kept = f"; data kept in {base}" if args.keep else ""
+        print(f"bench: interrupted ({type(e).__name__}); the processes and mounts it started "
+              f"are gone{kept}", file=sys.stderr)
+        return 130
+    elapsed = time.monotonic() - started
+    print()
+    print(report.text(b.rows))
+    for row in b.rows:
+        if row.note:
+            print(f"  * {row.figure}: {row.note}")
+    for note in b.notes:
+        print(f"  * {note}")
+    print(f"\n{', '.join(f'{k}: {v}' for k, v in info.items())}; {elapsed / 60:.1f} min")
+    if args.output != "-":
+        command = "python -m bench" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+        with open(args.output, "w") as f:
+            f.write(report.markdown(b.rows, info, b.notes, elapsed, command))
+        print(f"written to {args.output}")
+    return 1 if any(r.result == context.ERROR for r in b.rows) else 0
+
+
+def _run(args: argparse.Namespace, keys: list[str], base: str,
+         load_at_start: str) -> tuple[context.Bench, dict[str, str]]:
     with contextlib.ExitStack() as stack:
         if args.keep:
             print(f"bench: keeping {base}", file=sys.stderr)
@@ -99,24 +129,20 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 fn(b)
             except Exception as e:
-                errors += 1
+                if _stopping:  # a cleanup failed on the way out: keep leaving
+                    raise SystemExit(128 + _stopping[0]) from e
                 traceback.print_exc()
                 b.error(f"{key} {title}", f"{type(e).__name__}: {e}"[:400])
             b.say(f"figure {key} took {time.monotonic() - t0:.0f} s")
-        info = machine.describe(base)
+        info = machine.describe(base, load_at_start)
+        if agent.busy_disconnects:
+            b.note(f"disconnectStorageRepository right after getImageStatus said optimized (and "
+                   f"not running) was refused as ImageBusy {agent.busy_disconnects} time(s) and "
+                   "retried: the agent still counted the finished operation as running")
+        if agent.transient_broken:
+            b.note(f"getImageStatus said broken, with last_error (e.g. 'the journal of "
+                   f"operation ... is missing'), for an image that was optimized a moment later "
+                   f"{agent.transient_broken} time(s): the status read raced the operation's "
+                   "seal")
         b.say("cleaning up")
-    elapsed = time.monotonic() - started
-    print()
-    print(report.text(b.rows))
-    for row in b.rows:
-        if row.note:
-            print(f"  * {row.figure}: {row.note}")
-    for note in b.notes:
-        print(f"  * {note}")
-    print(f"\n{', '.join(f'{k}: {v}' for k, v in info.items())}; {elapsed / 60:.1f} min")
-    if args.output != "-":
-        command = "python -m bench" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-        with open(args.output, "w") as f:
-            f.write(report.markdown(b.rows, info, b.notes, elapsed, command))
-        print(f"written to {args.output}")
-    return 1 if errors else 0
+    return b, info
