@@ -1,21 +1,25 @@
 """Every child process Strata runs goes through here.
 
-Processes are run with ``sh`` from whatever real thread calls us. The daemon never monkey-patches
-(gevent >= 25.8.1 patches ``os.close`` and sh hangs), so callers on the gevent hub must hand this
-work to a thread pool; keeping all execution in this module keeps that rule in one place.
+Processes are started with ``subprocess`` from whatever real thread calls us, never from the
+gevent hub (the daemon does not monkey-patch): callers on the hub hand this work to a thread
+pool. The design first named ``sh`` for this; measured on sh 2.4 it costs 3-4 ms per child, and
+~100 ms more unless stdin is given explicitly, which alone made every short operation miss its
+target (a thin create must be within 1.5x of a bare ``qemu-img create`` of ~5-8 ms). subprocess
+with a selector over the pipes costs 0.5 ms and keeps progress parsing and cancellation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
+import os
 import re
+import selectors
+import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Sequence
-
-import sh
 
 from agent import errors
 
@@ -27,6 +31,17 @@ ProgressCallback = Callable[[float], None]
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 _NO_SPACE = re.compile(r"No space left on device|ENOSPC", re.I)
 
+# C locale: we parse qemu-img's messages, so they must not be translated.
+_ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+# If the agent dies (kill -9), its children die with it: an orphaned qemu-img would go on writing
+# a partial file that a restarted agent is about to recreate. setpriv sets the parent-death
+# signal and execs the command, so no Python code runs between fork and exec (preexec_fn is
+# unsafe in a threaded process). The signal follows the forking thread; our workers live as
+# long as the agent.
+_SETPRIV = shutil.which("setpriv", path=_ENV["PATH"])
+_DIE_WITH_PARENT = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
+
 
 class Cancel:
     """A cancellation token shared by an operation and the client that may stop it."""
@@ -34,7 +49,7 @@ class Cancel:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
-        self._running: list[sh.RunningCommand] = []
+        self._running: list[subprocess.Popen[bytes]] = []
         # "client" (stopOperation, removeImage) or "shutdown" (the agent is stopping and the
         # operation must look exactly as if the host had crashed, to be resumed later).
         self.reason = ""
@@ -50,22 +65,26 @@ class Cancel:
         with self._lock:
             running = list(self._running)
         for proc in running:
-            with contextlib.suppress(Exception):  # already gone: nothing to stop
-                proc.kill()
+            _kill(proc)
 
     def check(self) -> None:
         if self.requested:
             raise errors.OperationStopped("operation stopped by client")
 
-    def _track(self, proc: sh.RunningCommand) -> None:
+    def _track(self, proc: subprocess.Popen[bytes]) -> None:
         with self._lock:
             self._running.append(proc)
         if self.requested:
-            proc.kill()
+            _kill(proc)
 
-    def _untrack(self, proc: sh.RunningCommand) -> None:
+    def _untrack(self, proc: subprocess.Popen[bytes]) -> None:
         with self._lock:
             self._running.remove(proc)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone: nothing to stop
+        proc.send_signal(signal.SIGKILL)
 
 
 def run(
@@ -81,47 +100,57 @@ def run(
     """
     if cancel is not None:
         cancel.check()
-    # sh hands callbacks decoded text, in whatever pieces the pipe delivers.
-    out: list[str] = []
-    err: list[str] = []
-    tail = [""]
-
-    def on_out(chunk: str) -> None:
-        out.append(chunk)
-        if progress is not None:
-            tail[0] = (tail[0] + chunk)[-64:]
-            found = _PROGRESS.findall(tail[0])
-            if found:
-                progress(float(found[-1]))
-
     log.debug("event=exec argv=%r", list(argv))
-    cmd = sh.Command(argv[0])
-    proc = cmd(
-        *argv[1:],
-        _bg=True,
-        _bg_exc=False,
-        _out=on_out,
-        _err=err.append,
-        _out_bufsize=0,
-        _err_bufsize=0,
-        _decode_errors="replace",
-        _cwd=cwd,
-        _env=_ENV,
-        _preexec_fn=_die_with_parent,
-        _ok_code=list(ok_codes),
-    )
+    try:
+        proc = subprocess.Popen(
+            [*_DIE_WITH_PARENT, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=_ENV,
+            close_fds=True,
+        )
+    except OSError as e:
+        raise errors.CommandFailed(f"cannot run {argv[0]}: {e.strerror}") from e
     if cancel is not None:
         cancel._track(proc)
     try:
-        proc.wait()
-    except sh.ErrorReturnCode as e:
-        _raise_for(argv, e.exit_code, "".join(err), cancel)
-    except sh.SignalException as e:
-        _raise_for(argv, e.exit_code, "".join(err), cancel)
+        out, err = _collect(proc, progress)
+        code = proc.wait()
     finally:
         if cancel is not None:
             cancel._untrack(proc)
-    return "".join(out)
+    if code not in ok_codes:
+        _raise_for(argv, code, err, cancel)
+    return out
+
+
+def _collect(proc: subprocess.Popen[bytes], progress: ProgressCallback | None) -> tuple[str, str]:
+    """Read stdout and stderr to their ends, reporting qemu-img's progress as it comes."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: []}
+    tail = ""
+    with selectors.DefaultSelector() as sel:
+        for f in (proc.stdout, proc.stderr):
+            sel.register(f, selectors.EVENT_READ)
+        while sel.get_map():
+            for key, _ in sel.select():
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                chunks[key.fd].append(data)
+                if progress is not None and key.fd == out_fd:
+                    tail = (tail + data.decode(errors="replace"))[-64:]
+                    found = _PROGRESS.findall(tail)
+                    if found:
+                        progress(float(found[-1]))
+    proc.stdout.close()
+    proc.stderr.close()
+    return (b"".join(chunks[out_fd]).decode(errors="replace"),
+            b"".join(chunks[err_fd]).decode(errors="replace"))
 
 
 def _raise_for(argv: Sequence[str], code: int, stderr: str, cancel: Cancel | None) -> None:
@@ -131,21 +160,3 @@ def _raise_for(argv: Sequence[str], code: int, stderr: str, cancel: Cancel | Non
     if _NO_SPACE.search(stderr):
         raise errors.NoSpace(f"{argv[0]}: {message}")
     raise errors.CommandFailed(f"{argv[0]} failed: {message}", exit_code=code)
-
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    """In the child: if the agent dies (kill -9), take qemu-img with it.
-
-    Otherwise an orphaned copy would go on writing a partial file that a restarted agent is
-    about to recreate. (The signal follows the forking thread; our worker threads live as long
-    as the agent.)
-    """
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-# C locale: we parse qemu-img's messages, so they must not be translated.
-_ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}

@@ -48,7 +48,4 @@ def setup(level: str, file: str = "") -> None:
         root.addHandler(handler)
     root.setLevel(level)
 
-    # sh logs every process start at INFO; the agent logs the commands it runs itself, with the
-    # request and operation ids, so sh's lines would only double the volume.
-    logging.getLogger("sh").setLevel(logging.WARNING)
     logging.captureWarnings(True)

@@ -31,6 +31,8 @@ import time
 from types import ModuleType
 from typing import Any
 
+from lxml import etree
+
 from bench import agentproc, context, stats, tools
 from bench.tools import GiB
 
@@ -127,12 +129,23 @@ class Libvirtd:
 
 
 def _volume_xml(name: str, size: int, backing: str | None = None) -> str:
-    back = ""
+    """libvirt's volume XML, built with lxml so paths and names are escaped properly."""
+    vol = etree.Element("volume")
+    etree.SubElement(vol, "name").text = name
+    etree.SubElement(vol, "capacity", unit="bytes").text = str(size)
+    etree.SubElement(etree.SubElement(vol, "target"), "format", type="qcow2")
     if backing is not None:
-        back = (f"<backingStore><path>{backing}</path><format type='qcow2'/>"
-                "</backingStore>")
-    return (f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
-            f"<target><format type='qcow2'/></target>{back}</volume>")
+        store = etree.SubElement(vol, "backingStore")
+        etree.SubElement(store, "path").text = backing
+        etree.SubElement(store, "format", type="qcow2")
+    return str(etree.tostring(vol, encoding="unicode"))
+
+
+def _pool_xml(name: str, path: str) -> str:
+    pool = etree.Element("pool", type="dir")
+    etree.SubElement(pool, "name").text = name
+    etree.SubElement(etree.SubElement(pool, "target"), "path").text = path
+    return str(etree.tostring(pool, encoding="unicode"))
 
 
 def run(b: context.Bench) -> None:
@@ -153,9 +166,7 @@ def run(b: context.Bench) -> None:
             b.skip(FIGURES[key], TARGET, f"libvirtd did not start: {e}")
         return
     pool_dir = b.dir("libvirt", "pool")
-    pool = conn.storagePoolCreateXML(
-        f"<pool type='dir'><name>strata-bench-{os.getpid()}</name>"
-        f"<target><path>{pool_dir}</path></target></pool>", 0)
+    pool = conn.storagePoolCreateXML(_pool_xml(f"strata-bench-{os.getpid()}", pool_dir), 0)
     try:
         _measure(b, pool)
     finally:

@@ -60,15 +60,6 @@ def test_level(capsys: pytest.CaptureFixture[str]) -> None:
     assert [LINE.fullmatch(line)["level"] for line in out] == ["WARNING", "ERROR"]  # type: ignore[index]
 
 
-def test_sh_process_lines_are_quiet(capsys: pytest.CaptureFixture[str]) -> None:
-    logsetup.setup("DEBUG")
-    logging.getLogger("sh.command").info("process started")
-    logging.getLogger("agent.test").debug("shown=yes")
-    out = lines(capsys.readouterr().err)
-    assert len(out) == 1
-    assert out[0].endswith("logger=agent.test shown=yes")
-
-
 def test_file(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "agent.log"
     logsetup.setup("DEBUG", file=str(path))
