@@ -26,12 +26,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any, sync_dir: bool = True) -> None:
     data = json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
-    write_bytes(path, data)
+    write_bytes(path, data, sync_dir)
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes, sync_dir: bool = True) -> None:
+    """``sync_dir=False`` leaves the directory fsync to the caller, who batches it with other
+    renames in the same directory."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}{TMP_MARK}{secrets.token_hex(4)}")
     try:
@@ -47,7 +49,8 @@ def write_bytes(path: str, data: bytes) -> None:
             raise
         os.close(fd)
         os.rename(tmp, path)
-        fsync_dir(directory)
+        if sync_dir:
+            fsync_dir(directory)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise errors.NoSpace(f"no space to write {path}: {e.strerror}") from e
@@ -59,13 +62,15 @@ def read_json(path: str) -> Any:
         return json.loads(f.read())
 
 
-def remove(path: str) -> bool:
-    """Remove a file durably; return False when it was already gone (idempotent)."""
+def remove(path: str, durable: bool = True) -> bool:
+    """Remove a file (durably, unless told the removal may be lost in a crash); return False
+    when it was already gone (idempotent)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    fsync_dir(os.path.dirname(path))
+    if durable:
+        fsync_dir(os.path.dirname(path))
     return True
 
 

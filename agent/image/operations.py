@@ -52,9 +52,13 @@ def materialize(
             # Out of space or stopped: give the space back, nothing else was touched.
             fileio.remove(partial)
             raise
+        # Record and data are renamed into place in one directory, made durable by one fsync
+        # of it. A crash may keep either rename alone: a record without data makes the data
+        # again (the final name is missing), data without a record gets its record below.
+        repo.put_volume(vol, sync_dir=False)
         os.rename(partial, final)
         fileio.fsync_dir(os.path.dirname(final))
-    if repo.get_volume(vol.id) != vol:
+    elif repo.get_volume(vol.id) != vol:
         repo.put_volume(vol)
 
 
@@ -288,7 +292,8 @@ def seal_fix(ctx: Context) -> None:
             n = len(STEPS[ctx.op.kind])
             img.progress = model.Progress(ctx.host.host_id, f"{n}/{n}", 100, None)
             ctx.repo.put_image(img)
-        ctx.repo.delete_operation(ctx.op.id)
+        # Not durably: a journal back from a crash names an image no longer waiting for it.
+        ctx.repo.delete_operation(ctx.op.id, durable=False)
 
 
 def release_fix(repo: localfs.LocalRepository, op: model.Operation,
@@ -302,7 +307,7 @@ def release_fix(repo: localfs.LocalRepository, op: model.Operation,
             img.progress = model.Progress(op.progress.host_id, op.progress.stage,
                                           op.progress.percent, last_error)
             repo.put_image(img)
-        repo.delete_operation(op.id)
+        repo.delete_operation(op.id, durable=False)
     log.info("event=fix_released kind=%s image=%s error=%r", op.kind.value, op.image_id,
              last_error)
 
@@ -320,7 +325,8 @@ def seal(ctx: Context) -> None:
             n = len(STEPS[ctx.op.kind])
             img.progress = model.Progress(ctx.host.host_id, f"{n}/{n}", 100, None)
             ctx.repo.put_image(img)
-        ctx.repo.delete_operation(ctx.op.id)
+        # Not durably: a journal back from a crash names an image no longer waiting for it.
+        ctx.repo.delete_operation(ctx.op.id, durable=False)
 
 
 def _volume(repo: localfs.LocalRepository, vol_id: str) -> model.Volume:

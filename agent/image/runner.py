@@ -118,6 +118,11 @@ class Runner:
                 if time.monotonic() - last_write[0] >= PROGRESS_INTERVAL:
                     persist()
 
+        # A fresh thin create or snapshot is over in milliseconds: its first persist would only
+        # slow it down. Anything that moves data says at once that it runs, and where.
+        quick = op.kind == model.OpKind.CREATE_SNAPSHOT or (
+            op.kind == model.OpKind.CREATE_DISK and op.params.strategy == model.Strategy.SPACE)
+        fresh = quick and op.step == 0 and op.state == model.OpState.PENDING
         op.state = model.OpState.RUNNING
         op.progress.host_id = self.host.host_id
         op.progress.last_error = None
@@ -128,7 +133,11 @@ class Runner:
                 name, fn = steps[op.step]
                 op.progress.stage = f"{op.step + 1}/{len(steps)}"
                 op.progress.percent = 0
-                persist()
+                # The journal records each step done, so a resume skips it. Not before the
+                # first step of a fresh quick operation, nor before the last (seal is cheap
+                # and idempotent, and deletes the journal): every step is safe to run again.
+                if not (fresh and op.step == 0) and op.step < len(steps) - 1:
+                    persist()
                 cancel.check()
                 crashpoint.hit(op.kind.value, name)
                 fn(ctx)

@@ -394,6 +394,15 @@ class ImageService:
                journal: dict[str, model.Operation] | None = None) -> status.Facts:
         op = self._op(repo, img.operation_id, journal)
         fix = self._op(repo, img.fix_id, journal)
+        if (img.operation_id is not None and op is None) or (img.fix_id is not None
+                                                             and fix is None):
+            # The operation finished between reading the image and reading its journal (the
+            # seal writes the image, then deletes the journal): read the image again.
+            fresh = repo.get_image(img.id)
+            if fresh is not None and (fresh.operation_id, fresh.fix_id) != (img.operation_id,
+                                                                           img.fix_id):
+                vols, fault = chain.walk(fresh.volume_id, repo.get_volume, repo.get_image)
+                return self._facts(repo, fresh, vols, fault)
         running = any(o is not None and self.runner.is_active(o.id) for o in (op, fix))
         if img.operation_id is not None:
             fault = None  # an image being made has no chain yet: its operation says it all

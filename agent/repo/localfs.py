@@ -228,8 +228,8 @@ class LocalRepository:
     def get_volume(self, vol_id: str) -> model.Volume | None:
         return self._get(VOLUMES, vol_id, model.Volume.from_dict)
 
-    def put_volume(self, vol: model.Volume) -> None:
-        fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict())
+    def put_volume(self, vol: model.Volume, sync_dir: bool = True) -> None:
+        fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict(), sync_dir)
 
     def delete_volume_data(self, vol: model.Volume) -> None:
         """Data first, record last (``delete_volume_record``): a record whose data is gone
@@ -249,8 +249,10 @@ class LocalRepository:
     def put_operation(self, op: model.Operation) -> None:
         fileio.write_json(self._record_path(JOURNAL, op.id), op.to_dict())
 
-    def delete_operation(self, op_id: str) -> None:
-        fileio.remove(self._record_path(JOURNAL, op_id))
+    def delete_operation(self, op_id: str, durable: bool = True) -> None:
+        """``durable=False`` for a finished operation: a journal that comes back after a crash
+        names an image that no longer waits for it, and clean removes it."""
+        fileio.remove(self._record_path(JOURNAL, op_id), durable)
 
     def operations(self) -> list[model.Operation]:
         return self._all(JOURNAL, model.Operation.from_dict)
