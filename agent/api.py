@@ -58,6 +58,22 @@ class Api:
             ],
         )
 
+    # Calls that only read a bounded handful of records: polled many times a second by cluster
+    # managers, and cheap enough to answer without a hop to a worker thread, which costs more
+    # than the call itself (measured: 2,100 against 4,650 getImageStatus calls/s, 8 clients).
+    INLINE = frozenset({"getImageStatus"})
+
+    def runs_inline(self, method: str, params: dict[str, Any]) -> bool:
+        """Whether a call may run on the caller's thread (the RPC event loop) without blocking
+        it: a bounded read of a repository whose driver reads without blocking."""
+        if method not in self.INLINE:
+            return False
+        try:
+            conn = self.host.connection(params.get("repositoryId", ""))
+        except errors.Error:
+            return True  # answered at once with an error
+        return conn.repo.INLINE_READS
+
     def close(self) -> None:
         self.runner.shutdown()
         self.host.close()

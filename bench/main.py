@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--only", metavar="N[,N...]",
                    help="run only these figures: " +
-                   "; ".join(f"{k} {title}" for k, (title, _) in FIGURES.items()))
+                   "; ".join(f"{k} {title}" for k, (title, _) in FIGURES.items())
+                   .replace("%", "%%"))  # argparse formats help with %
     p.add_argument("--quick", action="store_true",
                    help="about a third of the repetitions (a smoke run; not for the README)")
     p.add_argument("--tmpdir", default="/var/tmp",

@@ -4,7 +4,8 @@ We parse the body and split batches ourselves, because jsonrpcserver answers som
 against the JSON-RPC 2.0 spec (``[]``, ``[1,2,3]``) and puts exception text into ``-32603``.
 jsonrpcserver then validates each request object and calls our method wrappers, which bind the
 params against the API document and run the call on a real thread of the gevent thread pool,
-so the hub keeps serving while a call fsyncs or waits on qemu-img.
+so the hub keeps serving while a call fsyncs or waits on qemu-img (a bounded metadata read the
+agent declares safe, getImageStatus, runs on the hub itself: see Api.runs_inline).
 """
 
 from __future__ import annotations
@@ -106,7 +107,11 @@ class Dispatcher:
                 # The message itself names the parameter: clients show message, not data.
                 return jsonrpcserver.Error(apidoc.INVALID_PARAMS, f"Invalid params: {e}")
             try:
-                result = self._submit(logctx.bound(logctx.request_id.get(), target), **bound)
+                if self._api.runs_inline(method.name, bound):
+                    result = target(**bound)
+                else:
+                    result = self._submit(logctx.bound(logctx.request_id.get(), target),
+                                          **bound)
             except errors.InvalidArgument as e:
                 # A value the schema admits but the call cannot use names its parameter: to a
                 # client that is invalid params, like any schema failure.

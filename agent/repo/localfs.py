@@ -42,6 +42,10 @@ class LocalRepository:
     FORMAT = "localfs-1.0"
     VERSION = 1
     CAPABILITIES = ("thin", "snapshot", "copy", "merge")
+    # Reading a few small records of a local file system takes microseconds from the page
+    # cache, so a status poll may run on the RPC event loop itself (see Api.runs_inline). A
+    # shared-storage driver, whose reads can hang on a lost server, must say False.
+    INLINE_READS = True
 
     def __init__(self, root: str, repo_uuid: str) -> None:
         self.root = root
