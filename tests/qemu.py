@@ -91,3 +91,20 @@ def leak_a_cluster(path: str) -> None:
         assert f.read(2) == b"\0\0"
         f.seek(block_offset + 2 * index)
         f.write(struct.pack(">H", 1))
+
+
+def lean_on(top_path: str, foreign_path: str, foreign_image_id: str) -> None:
+    """Make a volume lean on a backing volume in another repository, as an older agent or a
+    hand-made chain could leave it: the qcow2 names the other file by its absolute path, and
+    the volume record names the other volume. (Strata itself never makes such chains.)"""
+    import os
+
+    from agent import fileio
+
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", foreign_path, "-F",
+                    "qcow2", top_path], check=True)
+    record_path = top_path.rsplit(".", 1)[0] + ".json"
+    record = fileio.read_json(record_path)
+    record["parent_volume_id"] = os.path.basename(foreign_path).split(".")[0]
+    record["parent_image_id"] = foreign_image_id
+    fileio.write_json(record_path, record)

@@ -201,6 +201,15 @@ def repair(s: Scene) -> None:
     s.fix("optimize", deep=True)
 
 
+def localize(s: Scene) -> None:
+    d2 = s.disk((0x21, 0, 2 * MiB), repo="r2")
+    s2 = s.snapshot(d2, repo="r2")
+    d = s.disk((0x31, MiB, MiB))
+    qemu.lean_on(s.path(d), s.path(s2, "r2"), s2)
+    s.expect[d] = _overlay(s.expect[s2], [(0x31, MiB, MiB)])
+    s.fix("optimize")
+
+
 def clean(s: Scene) -> None:
     keep = s.disk((0x11, 0, MiB))
     snap = s.snapshot(keep)
@@ -221,6 +230,7 @@ SCENARIOS: dict[str, list[Callable[[Scene], None]]] = {
     "mergeRebase": [merge_rebase],
     "optimizeChain": [flatten],
     "repairLeaks": [repair],
+    "optimizeBacking": [localize],
     "clean": [clean],
 }
 

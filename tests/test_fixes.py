@@ -242,3 +242,41 @@ def test_a_copy_whose_source_is_gone_waits_and_completes_when_it_is_back(engine:
     converge(engine)
     assert engine.settle("r1", c)["status"] == "optimized"
     assert qemu.reads(engine.path("r1", c), 0x5C, 0, 2 * MiB)
+
+
+def test_a_backing_volume_in_another_repository_is_brought_home(engine: Engine) -> None:
+    d2 = disk(engine, repo="r2")
+    qemu.write(engine.path("r2", d2), 0x21, 0, 4 * MiB)
+    s2 = snapshot(engine, d2, repo="r2")
+    d = disk(engine)  # in r1, blank, then made to lean on s2's volume in r2
+    top = engine.path("r1", d)
+    qemu.write(top, 0x31, MiB, MiB)
+    qemu.lean_on(top, engine.path("r2", s2), s2)
+
+    st = engine.call("getImageStatus", "r1", d)
+    assert st["status"] == "degraded", st
+    prep = engine.call("prepareImage", "r1", d)
+    engine.call("teardownImage", "r1", d)
+    assert prep["chain"][1]["path"].startswith(engine.roots["r2"])
+    # r2 must keep what r1 leans on, even once the snapshot there is removed.
+    engine.call("removeImage", "r2", s2)
+    assert fixes(engine, "r2") == [] or all(f["type"] != "merge" for f in fixes(engine, "r2"))
+    for f in fixes(engine, "r2", types=["clean"]):
+        engine.call("fixStorageRepository", "r2", f)
+    assert os.path.exists(engine.path("r1", d))
+    assert qemu.reads(top, 0x21, 0, MiB) and qemu.reads(top, 0x31, MiB, MiB)
+
+    [home] = [f for f in fixes(engine) if f["type"] == "optimize"]
+    assert "another repository" in home["description"]
+    engine.call("fixStorageRepository", "r1", home)
+    assert engine.settle("r1", d)["status"] == "optimized"
+    chain = engine.call("prepareImage", "r1", d)["chain"]
+    engine.call("teardownImage", "r1", d)
+    assert all(link["path"].startswith(engine.roots["r1"]) for link in chain)
+    assert qemu.reads(top, 0x21, 0, MiB) and qemu.reads(top, 0x31, MiB, MiB)
+    assert qemu.reads(top, 0x21, 2 * MiB, 2 * MiB) and qemu.check_clean(top)
+    assert fixes(engine) == []
+    # Now nothing leans on r2: its clean reclaims the removed snapshot's bytes.
+    converge(engine, "r2")
+    assert len([f for f in os.listdir(os.path.join(engine.roots["r2"], "volumes"))
+                if f.endswith(".qcow2")]) == 1  # d2's own top

@@ -33,12 +33,16 @@ class Checker:
     def check(self, types: set[fixes.FixType] | None = None, deep: bool = False) -> list[fixes.Fix]:
         wanted = types or set(fixes.FixType)
         active = {op_id for op_id in self._op_ids() if self.runner.is_active(op_id)}
-        inv = inventory.Inventory(self.repo, active)
+        inv = inventory.Inventory(
+            self.repo, active, self.host.find_volume,
+            lambda: [c.repo for c in self.host.connections() if c.repo is not self.repo],
+        )
         out: list[fixes.Fix] = []
         if fixes.FixType.MEND in wanted:
             out += self._mends(inv)
             out += self._faults(inv)
         if fixes.FixType.OPTIMIZE in wanted:
+            out += self._localize(inv)
             out += self._flattens(inv)
             if deep:
                 out += self._leaks(inv)
@@ -93,7 +97,10 @@ class Checker:
                 out.append(_manual(img, fault))
                 continue
             found = None
+            elsewhere = inv.foreign.get(img.id, {})
             for vol in vols:
+                if vol.id in elsewhere:
+                    break  # that repository's own checker looks after its volumes
                 if vol.id not in header_cache:
                     header_cache[vol.id] = inv.header_fault(img, [vol])
                 if header_cache[vol.id] is not None:
@@ -127,8 +134,8 @@ class Checker:
             if img.removed:
                 continue
             vols, fault = inv.chains[img.id]
-            if fault is not None or len(vols) <= self.max_depth:
-                continue
+            if fault is not None or len(vols) <= self.max_depth or img.id in inv.foreign:
+                continue  # (a chain leaning on another repository is brought home first)
             top, bottom = vols[0], vols[-1]
             if not self._quiet(inv, img, top.id):
                 continue
@@ -142,6 +149,39 @@ class Checker:
                 + _last_error(img),
                 {"flatten": top.id, "generation": img.generation, "depth": len(vols)},
                 self._starter(model.OpKind.FLATTEN, img.id, params),
+            ))
+        return out
+
+    def _localize(self, inv: inventory.Inventory) -> list[fixes.Fix]:
+        """Chains that lean on a backing volume in another repository: copy it here (with all
+        below it, as one volume) and rebase the layer above onto the copy."""
+        out = []
+        seen: set[str] = set()
+        for img in inv.images.values():
+            elsewhere = inv.foreign.get(img.id)
+            if img.removed or not elsewhere or inv.chains[img.id][1] is not None:
+                continue
+            vols = inv.chains[img.id][0]
+            k = next(i for i, v in enumerate(vols) if v.id in elsewhere)
+            if k == 0:
+                continue  # the image's own volume is elsewhere: not this repository's image
+            upper, foreign = vols[k - 1], vols[k]
+            if upper.id in seen or not self._quiet(inv, img, upper.id):
+                continue
+            seen.add(upper.id)
+            params = model.OpParams(size=foreign.size, rewrites=upper.id,
+                                    new_parent_volume_id=str(uuid.uuid4()),
+                                    new_parent_image_id=upper.parent_image_id,
+                                    foreign_volume_id=foreign.id)
+            where = elsewhere[foreign.id].root
+            out.append(fixes.Fix(
+                fixes.FixType.OPTIMIZE,
+                [img.id],
+                f"{img.kind.value} {img.id} is backed by volume {foreign.id} in another "
+                f"repository ({where}): copy it here and re-point the chain"
+                + _last_error(img),
+                {"localize": upper.id, "foreign": foreign.id, "generation": img.generation},
+                self._starter(model.OpKind.LOCALIZE, img.id, params),
             ))
         return out
 
@@ -178,6 +218,8 @@ class Checker:
             lower_id = removed.volume_id
             if not removed.removed or lower_id not in inv.needed:
                 continue
+            if lower_id in inv.needed_elsewhere:
+                continue  # a chain in another repository reads it: it must stay as it is
             if any(not i.removed for i in inv.tops.get(lower_id, [])):
                 continue  # another image still has this volume as its own
             deps = inv.dependants.get(lower_id, [])

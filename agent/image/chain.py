@@ -46,6 +46,28 @@ def walk(
     return out, None
 
 
+class Lookup:
+    """Volume records: this repository's first, then, when ``elsewhere`` is given, any other
+    connected repository's (a chain may lean on a backing volume that lives elsewhere). It
+    remembers which volumes came from elsewhere, and from where."""
+
+    def __init__(self, local: GetVolume,
+                 elsewhere: Callable[[str], tuple[localfs.LocalRepository, model.Volume] | None]
+                 | None = None) -> None:
+        self._local = local
+        self._elsewhere = elsewhere
+        self.foreign: dict[str, localfs.LocalRepository] = {}
+
+    def __call__(self, vol_id: str) -> model.Volume | None:
+        vol = self._local(vol_id)
+        if vol is None and self._elsewhere is not None:
+            found = self._elsewhere(vol_id)
+            if found is not None:
+                self.foreign[vol_id] = found[0]
+                return found[1]
+        return vol
+
+
 def volumes(repo: localfs.LocalRepository, top_id: str) -> list[model.Volume]:
     vols, fault = walk(top_id, repo.get_volume)
     if fault is not None:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 
 from agent import fileio, qcow2
 from agent.image import chain, model
 from agent.repo import localfs
+
+# Finds a volume in another connected repository: (that repository, the volume record).
+Elsewhere = Callable[[str], "tuple[localfs.LocalRepository, model.Volume] | None"]
 
 
 @dataclasses.dataclass
@@ -28,12 +32,17 @@ class Fault:
 
 
 class Inventory:
-    def __init__(self, repo: localfs.LocalRepository, active: set[str]) -> None:
+    def __init__(self, repo: localfs.LocalRepository, active: set[str],
+                 elsewhere: Elsewhere | None = None,
+                 others: Callable[[], list[localfs.LocalRepository]] | None = None) -> None:
         self.repo = repo
         self.images = {i.id: i for i in repo.images()}
         self.volumes = {v.id: v for v in repo.volumes()}
         self.ops = {op.id: op for op in repo.operations()}
         self.active = active
+        self._elsewhere = elsewhere
+        self._others = others  # the other connected repositories, for needed_elsewhere
+        self._foreign: dict[str, dict[str, localfs.LocalRepository]] = {}
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -59,7 +68,17 @@ class Inventory:
     # -- chains --------------------------------------------------------------------------------
 
     def chain(self, image: model.Image) -> tuple[list[model.Volume], str | None]:
-        return chain.walk(image.volume_id, self.volumes.get, self.images.get)
+        lookup = chain.Lookup(self.volumes.get, self._elsewhere)
+        walked = chain.walk(image.volume_id, lookup, self.images.get)
+        if lookup.foreign:
+            self._foreign[image.id] = lookup.foreign
+        return walked
+
+    @property
+    def foreign(self) -> dict[str, dict[str, localfs.LocalRepository]]:
+        """Image id -> the volumes of its chain that live in other repositories, and where."""
+        self.chains  # noqa: B018 - walking every chain is what fills it
+        return self._foreign
 
     @functools.cached_property
     def chains(self) -> dict[str, tuple[list[model.Volume], str | None]]:
@@ -80,10 +99,20 @@ class Inventory:
             # A prepared image's chain is needed even if it were removed: a consumer reads it.
             if not img.removed or img.prepared_by:
                 walk(img.volume_id)
+        for vol_id in self.needed_elsewhere:
+            walk(vol_id)
         for op in self.live_ops:
             for vol_id in op.params.volumes():
                 walk(vol_id)
         return needed
+
+    @functools.cached_property
+    def needed_elsewhere(self) -> set[str]:
+        """Volumes of this repository that a chain in another connected repository leans on."""
+        if self._others is None:
+            return set()
+        return {v.parent_volume_id for other in self._others() for v in other.volumes()
+                if v.parent_volume_id in self.volumes}
 
     @functools.cached_property
     def dependants(self) -> dict[str, list[str]]:
@@ -131,6 +160,10 @@ class Inventory:
             parent = self.volumes.get(vol.parent_volume_id) if vol.parent_volume_id else None
             expected = (self.repo.backing_reference(parent.id, parent.format)
                         if parent is not None else None)
+            if parent is None and vol.parent_volume_id and self._elsewhere is not None:
+                found = self._elsewhere(vol.parent_volume_id)
+                if found is not None:  # a backing volume in another repository, by its path
+                    expected = found[0].volume_path(found[1].id, found[1].format)
             if header.backing == expected:
                 continue
             if (expected is not None and header.backing is not None

@@ -42,10 +42,12 @@ class OpKind(enum.StrEnum):
     MERGE_REBASE = "mergeRebase"  # fold a removed snapshot's layer up into its one dependant
     FLATTEN = "optimizeChain"  # fold a deep chain's intermediate layers into the top volume
     REPAIR = "repairLeaks"  # qemu-img check -r leaks
+    LOCALIZE = "optimizeBacking"  # copy a backing volume from another repository into this one
 
     @property
     def is_fix(self) -> bool:
-        return self in (OpKind.MERGE_COMMIT, OpKind.MERGE_REBASE, OpKind.FLATTEN, OpKind.REPAIR)
+        return self in (OpKind.MERGE_COMMIT, OpKind.MERGE_REBASE, OpKind.FLATTEN, OpKind.REPAIR,
+                        OpKind.LOCALIZE)
 
 
 class OpState(enum.StrEnum):
@@ -140,6 +142,7 @@ class OpParams:
     new_parent_volume_id: str | None = None  # rebase/flatten: the new backing (None: none)
     new_parent_image_id: str | None = None
     absorbed_image_id: str | None = None  # merge by commit: the record forgotten at the end
+    foreign_volume_id: str | None = None  # optimizeBacking: the volume in another repository
 
     def volumes(self) -> list[str]:
         """Every volume this operation names: what clean must keep while it is unfinished."""

@@ -265,6 +265,28 @@ def relink(ctx: Context) -> None:
             ctx.repo.put_volume(vol)
 
 
+def copy_backing(ctx: Context) -> None:
+    """optimizeBacking: a local, standalone copy of a backing volume that lives in another
+    repository (with everything below it), which the layer above is then rebased onto."""
+    p = ctx.op.params
+    foreign_id = model.need(p.foreign_volume_id, "foreign volume")
+    vol = model.Volume(id=model.need(p.new_parent_volume_id, "new volume"),
+                       format=model.VolumeFormat.QCOW2, size=p.size)
+
+    def produce(partial: str) -> None:
+        found = ctx.host.find_volume(foreign_id)
+        if found is None or found[0] is ctx.repo:
+            raise errors.ImageBroken(
+                f"backing volume {foreign_id} is not in any other connected repository; "
+                "connect the repository that holds it"
+            )
+        other, foreign = found
+        qemuimg.convert(other.volume_path(foreign.id, foreign.format), partial, "qcow2",
+                        progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
+
+    materialize(ctx.repo, vol, produce)
+
+
 def repair_leaks(ctx: Context) -> None:
     p = ctx.op.params
     vol = _volume(ctx.repo, model.need(p.rewrites, "volume to rewrite"))
@@ -397,4 +419,10 @@ STEPS: dict[model.OpKind, list[tuple[str, Step]]] = {
         ("seal", seal_fix),
     ],
     model.OpKind.REPAIR: [("repair", repair_leaks), ("seal", seal_fix)],
+    model.OpKind.LOCALIZE: [
+        ("copy-backing", copy_backing),
+        ("rebase", rebase_in_place),
+        ("relink", relink),
+        ("seal", seal_fix),
+    ],
 }

@@ -389,9 +389,18 @@ class ImageService:
             return journal.get(op_id)
         return repo.get_operation(op_id)
 
+    def _walk(self, repo: localfs.LocalRepository, img: model.Image
+              ) -> tuple[list[model.Volume], str | None, dict[str, localfs.LocalRepository]]:
+        """The image's chain, following backing volumes into other connected repositories;
+        which volumes live elsewhere, and where."""
+        lookup = chain.Lookup(repo.get_volume, self.host.find_volume)
+        vols, fault = chain.walk(img.volume_id, lookup, repo.get_image)
+        return vols, fault, lookup.foreign
+
     def _facts(self, repo: localfs.LocalRepository, img: model.Image,
                vols: list[model.Volume], fault: str | None,
-               journal: dict[str, model.Operation] | None = None) -> status.Facts:
+               journal: dict[str, model.Operation] | None = None,
+               foreign: bool = False) -> status.Facts:
         op = self._op(repo, img.operation_id, journal)
         fix = self._op(repo, img.fix_id, journal)
         if (img.operation_id is not None and op is None) or (img.fix_id is not None
@@ -401,23 +410,24 @@ class ImageService:
             fresh = repo.get_image(img.id)
             if fresh is not None and (fresh.operation_id, fresh.fix_id) != (img.operation_id,
                                                                            img.fix_id):
-                vols, fault = chain.walk(fresh.volume_id, repo.get_volume, repo.get_image)
-                return self._facts(repo, fresh, vols, fault)
+                vols, fault, elsewhere = self._walk(repo, fresh)
+                return self._facts(repo, fresh, vols, fault, foreign=bool(elsewhere))
         running = any(o is not None and self.runner.is_active(o.id) for o in (op, fix))
         if img.operation_id is not None:
             fault = None  # an image being made has no chain yet: its operation says it all
-        return status.Facts(img, op, fix, running, fault, len(vols), self.max_depth)
+        return status.Facts(img, op, fix, running, fault, len(vols), self.max_depth, foreign)
 
     def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
         img = self._image(repo, image_id, repo_id)
-        vols, fault = chain.walk(img.volume_id, repo.get_volume, repo.get_image)
-        return status.describe(self._facts(repo, img, vols, fault))
+        vols, fault, elsewhere = self._walk(repo, img)
+        return status.describe(self._facts(repo, img, vols, fault, foreign=bool(elsewhere)))
 
     def _summary(self, repo: localfs.LocalRepository, img: model.Image,
                  vols: list[model.Volume], fault: str | None,
-                 journal: dict[str, model.Operation] | None = None) -> dict[str, Any]:
-        st = status.describe(self._facts(repo, img, vols, fault, journal))
+                 journal: dict[str, model.Operation] | None = None,
+                 foreign: bool = False) -> dict[str, Any]:
+        st = status.describe(self._facts(repo, img, vols, fault, journal, foreign))
         return {
             "imageId": img.id,
             "kind": img.kind.value,
@@ -431,7 +441,7 @@ class ImageService:
 
     def list_images(self, repo_id: str, options: dict[str, Any]) -> list[dict[str, Any]]:
         repo = self._repo(repo_id)
-        inv = inventory.Inventory(repo, set())
+        inv = inventory.Inventory(repo, set(), self.host.find_volume)
         kind = options.get("kind")
         include_weak = bool(options.get("includeIncomplete", False))
         out = []
@@ -441,15 +451,15 @@ class ImageService:
             if kind and img.kind.value != kind:
                 continue
             vols, fault = inv.chains[img.id]
-            out.append(self._summary(repo, img, vols, fault, inv.ops))
+            out.append(self._summary(repo, img, vols, fault, inv.ops, img.id in inv.foreign))
         out.sort(key=lambda d: (d["created"], d["imageId"]))
         return out
 
     def image_info(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
         img = self._image(repo, image_id, repo_id)
-        vols, fault = chain.walk(img.volume_id, repo.get_volume, repo.get_image)
-        info = self._summary(repo, img, vols, fault)
+        vols, fault, elsewhere = self._walk(repo, img)
+        info = self._summary(repo, img, vols, fault, foreign=bool(elsewhere))
         info["chain"] = chain.image_ids(vols, img.id) if vols else [img.id]
         info["depth"] = len(vols)
         # The bytes this image holds itself: its top volume (lower layers are shared).
@@ -479,14 +489,19 @@ class ImageService:
             self._not_being_snapshotted(repo, image_id)
             if img.kind == model.Kind.DISK:
                 self._not_being_copied(image_id)
-            vols = chain.volumes(repo, img.volume_id)
+            vols, fault, elsewhere = self._walk(repo, img)
+            if fault is not None:
+                raise errors.ImageBroken(f"image {image_id} cannot be used: {fault}",
+                                         imageId=image_id)
             self._give_way(repo, img, vols)
             img = self._image(repo, image_id, repo_id)  # _give_way may have written it
             if self.host.host_id not in img.prepared_by:
                 img.prepared_by.append(self.host.host_id)
                 repo.put_image(img)
         links = [
-            {"path": repo.volume_path(v.id, v.format), "format": v.format.value} for v in vols
+            {"path": elsewhere.get(v.id, repo).volume_path(v.id, v.format),
+             "format": v.format.value}
+            for v in vols
         ]
         return {
             "imageId": img.id,

@@ -19,6 +19,7 @@ class Facts:
     fault: str | None = None  # a chain fault: broken
     depth: int = 1
     max_depth: int = 10
+    foreign: bool = False  # a backing volume lives in another repository
 
 
 def describe(f: Facts) -> dict[str, Any]:
@@ -34,7 +35,8 @@ def describe(f: Facts) -> dict[str, Any]:
             img.progress.host_id, img.progress.stage, -1, f.fault), None, False)
     if f.fix is not None:
         return _out(img, model.Status.DEGRADED, f.fix.progress, f.fix.kind.value, f.running)
-    status = model.Status.DEGRADED if f.depth > f.max_depth else model.Status.OPTIMIZED
+    degraded = f.depth > f.max_depth or f.foreign
+    status = model.Status.DEGRADED if degraded else model.Status.OPTIMIZED
     return _out(img, status, img.progress, None, False)
 
 
