@@ -33,7 +33,7 @@ def create(
     argv.append(path)
     if size is not None:
         argv.append(str(size))
-    command.run(argv)
+    command.run(argv, die_with_agent=False)  # a new file, written in milliseconds
 
 
 def resize(path: str, size: int, fmt: str = "qcow2") -> None:
