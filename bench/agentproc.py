@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,20 +43,11 @@ class Agent:
                 [sys.executable, "-m", "rpc.main", "--dev", self.dir],
                 stdout=log, stderr=log, env=env, cwd=context.ROOT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise context.BenchError(
-                    f"strata-agent exited with {self.proc.returncode}: {self.tail()}")
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(self.socket)
-                return
-            except OSError:
-                time.sleep(0.05)
-            finally:
-                s.close()
-        raise context.BenchError(f"strata-agent did not listen within {timeout} s: {self.tail()}")
+        proc = self.proc
+        if not transport.wait_for_socket(self.socket, timeout, lambda: proc.poll() is None):
+            raise context.BenchError(
+                f"strata-agent did not listen within {timeout} s (exit {proc.poll()}): "
+                f"{self.tail()}")
 
     def stop(self) -> None:
         """SIGTERM (calls finish, operations stay resumable), SIGKILL if it hangs."""

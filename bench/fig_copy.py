@@ -11,6 +11,7 @@ import itertools
 import os
 import statistics
 
+from agent import fileio
 from bench import agentproc, context, stats, tools
 from bench.tools import MiB
 
@@ -100,7 +101,7 @@ def diff(b: context.Bench) -> None:
             bare = b.path("bare", f"ideal-{i}.qcow2")
             tools.create(bare, chain.size)
             tools.write(bare, chunks)
-            ideal.append(float(tools.allocated(bare)))
+            ideal.append(float(fileio.allocated_bytes(bare)))
             tools.remove(bare)
             base = snap
     finally:

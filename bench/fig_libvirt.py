@@ -33,6 +33,7 @@ from typing import Any
 
 from lxml import etree
 
+from agent import fileio
 from bench import agentproc, context, stats, tools
 from bench.tools import GiB
 
@@ -229,7 +230,7 @@ def _measure(b: context.Bench, pool: Any) -> None:
     def libvirt_copy() -> float:
         t0 = time.perf_counter()
         clone = pool.createXMLFrom(_volume_xml(f"clone-{next(serial)}.qcow2", GiB), data, 0)
-        tools.fsync(clone.path())
+        fileio.fsync_file(clone.path())
         took = time.perf_counter() - t0
         clone.delete(0)
         return took

@@ -67,18 +67,6 @@ def write(path: str, chunks: Sequence[Chunk], fmt: str = "qcow2") -> float:
     return run([*argv, path])
 
 
-def allocated(path: str) -> int:
-    return os.stat(path).st_blocks * 512
-
-
-def fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -7,9 +7,29 @@ import itertools
 import json
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from typing import Any
 
 PATH = "/jsonrpc"
+
+
+def wait_for_socket(path: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Wait until something accepts connections on a Unix socket (an agent starting up);
+    False when ``alive`` says it died first, or the time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            s.close()
+    return False
 
 
 class RemoteError(Exception):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -90,19 +89,9 @@ class Daemon:
                 [sys.executable, "-m", "rpc.main", "--dev", self.dir],
                 stdout=log, stderr=log, env=env,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: {self.read_log()}")
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(self.socket)
-                return
-            except OSError:
-                time.sleep(0.05)
-            finally:
-                s.close()
-        raise AssertionError(f"agent did not listen: {self.read_log()}")
+        proc = self.proc
+        if not transport.wait_for_socket(self.socket, timeout, lambda: proc.poll() is None):
+            raise AssertionError(f"agent did not listen (exit {proc.poll()}): {self.read_log()}")
 
     def read_log(self) -> str:
         with open(self.log, errors="replace") as f:
