@@ -107,6 +107,12 @@ class Daemon:
         finally:
             c.close()
 
+    def path(self, repo: str, image_id: str) -> str:
+        """The image's top volume path (prepared and torn down again at once)."""
+        p: str = self.call("prepareImage", repo, image_id)["path"]
+        self.call("teardownImage", repo, image_id)
+        return p
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()

@@ -20,12 +20,6 @@ GiB = qemu.GiB
 DATA_GIB = 1.5
 
 
-def prepared_path(d: Daemon, repo: str, image_id: str) -> str:
-    path: str = d.call("prepareImage", repo, image_id)["path"]
-    d.call("teardownImage", repo, image_id)
-    return path
-
-
 def source_snapshot(d: Daemon, tmp_path: Any) -> tuple[str, qemu.Layout]:
     """A snapshot holding DATA_GIB of patterned data in 'default', and a second repo 'r2'."""
     params = {"path": str(tmp_path / "r2")}
@@ -33,7 +27,7 @@ def source_snapshot(d: Daemon, tmp_path: Any) -> tuple[str, qemu.Layout]:
     d.call("connectStorageRepository", "r2", "localfs-1.0", params)
     disk = d.call("createVirtualDisk", "default", 2 * GiB)
     settle(d.call, "default", disk)
-    layout = qemu.fill(prepared_path(d, "default", disk), DATA_GIB)
+    layout = qemu.fill(d.path("default", disk), DATA_GIB)
     snap = d.call("createSnapshot", "default", disk)
     assert settle(d.call, "default", snap)["status"] == "optimized"
     return snap, layout
@@ -60,8 +54,8 @@ def mend_all(d: Daemon, repo: str) -> list[dict[str, Any]]:
 def assert_complete_copy(d: Daemon, snap: str, layout: qemu.Layout) -> None:
     s = settle(d.call, "r2", snap)
     assert s["status"] == "optimized", s
-    copy = prepared_path(d, "r2", snap)
-    assert qemu.same_content(copy, prepared_path(d, "default", snap))
+    copy = d.path("r2", snap)
+    assert qemu.same_content(copy, d.path("default", snap))
     assert qemu.reads_layout(copy, layout)
     assert qemu.check_clean(copy)
     volumes = os.listdir(os.path.dirname(copy))
@@ -104,7 +98,7 @@ def test_snapshot_crash_before_switch_and_seal(tmp_path: Any) -> None:
         d.start()
         disk = d.call("createVirtualDisk", "default", 64 << 20)
         settle(d.call, "default", disk)
-        qemu.write(prepared_path(d, "default", disk), 0x5A, 0, 8 << 20)
+        qemu.write(d.path("default", disk), 0x5A, 0, 8 << 20)
         snap = d.call("createSnapshot", "default", disk)
         assert d.proc is not None and d.proc.wait(60) == 75
         d.env = {}
@@ -112,8 +106,8 @@ def test_snapshot_crash_before_switch_and_seal(tmp_path: Any) -> None:
         assert [f["type"] for f in mend_all(d, "default")] == ["mend"]
         assert settle(d.call, "default", snap)["status"] == "optimized"
         assert d.call("getImageInfo", "default", disk)["chain"] == [disk, snap]
-        assert qemu.reads(prepared_path(d, "default", disk), 0x5A, 0, 8 << 20)
-        assert qemu.reads(prepared_path(d, "default", snap), 0x5A, 0, 8 << 20)
+        assert qemu.reads(d.path("default", disk), 0x5A, 0, 8 << 20)
+        assert qemu.reads(d.path("default", snap), 0x5A, 0, 8 << 20)
         assert d.call("checkStorageRepository", "default") == []
         assert d.stop() == 0
 

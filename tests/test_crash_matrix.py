@@ -78,9 +78,7 @@ class Scene:
         self.expect[new.pop()] = self.unnamed
 
     def path(self, image: str, repo: str = "default") -> str:
-        p: str = self.d.call("prepareImage", repo, image)["path"]
-        self.d.call("teardownImage", repo, image)
-        return p
+        return self.d.path(repo, image)
 
     def disk(self, *writes: tuple[int, int, int], repo: str = "default",
              size: int = 32 * MiB) -> str:

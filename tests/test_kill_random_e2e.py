@@ -22,12 +22,6 @@ GiB = qemu.GiB
 DATA_GIB = 1.0
 
 
-def prepared(d: Daemon, repo: str, image: str) -> str:
-    p: str = d.call("prepareImage", repo, image)["path"]
-    d.call("teardownImage", repo, image)
-    return p
-
-
 def kill_within(d: Daemon, seconds: float) -> None:
     time.sleep(seconds)
     d.kill()
@@ -43,7 +37,7 @@ def test_kill_9_at_random_during_copy(tmp_path: Any, seed: int) -> None:
     d.call("connectStorageRepository", "r2", "localfs-1.0", r2)
     disk = d.call("createVirtualDisk", "default", 2 * GiB)
     settle(d.call, "default", disk)
-    layout = qemu.fill(prepared(d, "default", disk), DATA_GIB)
+    layout = qemu.fill(d.path("default", disk), DATA_GIB)
     snap = d.call("createSnapshot", "default", disk)
     settle(d.call, "default", snap)
 
@@ -60,9 +54,9 @@ def test_kill_9_at_random_during_copy(tmp_path: Any, seed: int) -> None:
     converge(d, "r2")
     s = d.call("getImageStatus", "r2", snap)
     assert s["status"] == "optimized", s
-    copy = prepared(d, "r2", snap)
+    copy = d.path("r2", snap)
     assert qemu.reads_layout(copy, layout)
-    assert qemu.same_content(copy, prepared(d, "default", snap))
+    assert qemu.same_content(copy, d.path("default", snap))
     assert qemu.check_clean(copy)
     assert d.call("checkStorageRepository", "r2", {"deep": True}) == []
     assert d.stop() == 0
@@ -75,12 +69,12 @@ def test_kill_9_at_random_during_merge(tmp_path: Any, seed: int) -> None:
     d.start()
     disk = d.call("createVirtualDisk", "default", 2 * GiB)
     settle(d.call, "default", disk)
-    base = qemu.fill(prepared(d, "default", disk), DATA_GIB / 4, chunk=64 << 20)
+    base = qemu.fill(d.path("default", disk), DATA_GIB / 4, chunk=64 << 20)
     snap = d.call("createSnapshot", "default", disk)
     settle(d.call, "default", snap)
     # The top holds more than the snapshot and covers half of it: whichever way the merge goes,
     # it moves data, and both layers' bytes must survive it.
-    top = qemu.fill(prepared(d, "default", disk), DATA_GIB / 2, chunk=64 << 20,
+    top = qemu.fill(d.path("default", disk), DATA_GIB / 2, chunk=64 << 20,
                     offset=128 << 20)
     d.call("removeImage", "default", snap)
     [merge] = d.call("checkStorageRepository", "default", {"types": ["merge"]})
@@ -89,7 +83,7 @@ def test_kill_9_at_random_during_merge(tmp_path: Any, seed: int) -> None:
     d.start()
     converge(d, "default")
     assert d.call("getImageInfo", "default", disk)["chain"] == [disk]
-    p = prepared(d, "default", disk)
+    p = d.path("default", disk)
     assert qemu.reads_layout(p, top)
     below = [chunk for chunk in base if chunk[1] < 128 << 20]
     assert len(below) == 2 and qemu.reads_layout(p, below)

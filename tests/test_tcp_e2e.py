@@ -63,6 +63,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     assert proc.wait(30) == 0
 
 
+# openssl makes the test CA and certificates; Debian installs it by default, and a machine
+# without it cannot run this test, only skip it.
 @pytest.mark.skipif(not os.path.exists("/usr/bin/openssl"), reason="openssl is not installed")
 def test_tls_requires_a_client_certificate(tmp_path: Any) -> None:
     certs = make_certs(str(tmp_path))
