@@ -280,3 +280,80 @@ def test_a_backing_volume_in_another_repository_is_brought_home(engine: Engine) 
     converge(engine, "r2")
     assert len([f for f in os.listdir(os.path.join(engine.roots["r2"], "volumes"))
                 if f.endswith(".qcow2")]) == 1  # d2's own top
+
+
+def test_no_merge_into_a_volume_an_unfinished_create_stands_on(engine: Engine) -> None:
+    d = disk(engine)
+    qemu.write(engine.path("r1", d), 0x11, 0, 8 * MiB)
+    s = snapshot(engine, d)
+    qemu.write(engine.path("r1", d), 0x22, 0, MiB)
+    x = engine.call("createVirtualDisk", "r1", 64 * MiB, s, {}, {"AutoFix": False})
+    engine.call("removeImage", "r1", s)
+    assert not [f for f in fixes(engine) if f["type"] == "merge"]
+    converge(engine)
+    assert qemu.reads(engine.path("r1", x), 0x11, 0, 8 * MiB)
+    assert qemu.reads(engine.path("r1", d), 0x22, 0, MiB)
+
+
+def test_a_snapshot_a_commit_has_written_into_is_never_revived(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = disk(engine, repo="r2")
+    qemu.write(engine.path("r2", d), 0x11, 0, 8 * MiB)
+    s = snapshot(engine, d, repo="r2")
+    engine.call("copyImage", "r1", s)
+    engine.settle("r1", s)
+    d1 = engine.call("createVirtualDisk", "r1", 64 * MiB, s)
+    engine.settle("r1", d1)
+    qemu.write(engine.path("r1", d1), 0x22, 0, MiB)
+    engine.call("removeImage", "r1", s)
+    [merge] = fixes(engine)
+    assert "commit" in merge["description"]
+    # The commit is committed but never runs here (as if the host died in its first step).
+    monkeypatch.setattr(engine.api.runner, "submit", lambda repo, op_id: None)
+    engine.call("fixStorageRepository", "r1", merge)
+    monkeypatch.undo()
+    engine.call("prepareImage", "r1", d1)  # a consumer makes the idle fix give way
+    engine.call("teardownImage", "r1", d1)
+    with pytest.raises(errors.ImageBusy):
+        engine.call("copyImage", "r1", s, None, {}, {"imageHints": {s: "r2"}})
+
+
+def test_a_fix_with_only_metadata_left_finishes_before_its_image_goes(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = disk(engine)
+    s = snapshot(engine, d)
+    engine.call("removeImage", "r1", s)
+    [merge] = fixes(engine)
+    monkeypatch.setattr(engine.api.runner, "submit", lambda repo, op_id: None)
+    engine.call("fixStorageRepository", "r1", merge)
+    monkeypatch.undo()
+    repo = engine.api.host.connection("r1").repo
+    op = repo.get_operation(repo.get_image(d).fix_id)
+    op.step = 1  # as if the host died after the data step
+    repo.put_operation(op)
+    with pytest.raises(errors.ImageBusy):
+        engine.call("removeImage", "r1", d)
+    converge(engine)
+    engine.call("removeImage", "r1", d)
+
+
+def test_a_fix_never_starts_on_an_image_prepared_while_it_was_checked(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.fix import check
+
+    d = disk(engine)
+    s = snapshot(engine, d)
+    engine.call("removeImage", "r1", s)
+    [merge] = fixes(engine)
+    real = check.Checker.check
+
+    def check_then_prepare(self: check.Checker, *a: Any, **k: Any) -> Any:
+        found = real(self, *a, **k)
+        engine.api.images.prepare("r1", d)  # a consumer lands between check and start
+        return found
+
+    monkeypatch.setattr(check.Checker, "check", check_then_prepare)
+    with pytest.raises(errors.StaleFix):
+        engine.call("fixStorageRepository", "r1", merge)
+    monkeypatch.undo()
+    assert engine.call("getImageInfo", "r1", d)["chain"] == [d, s]

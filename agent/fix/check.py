@@ -218,8 +218,8 @@ class Checker:
             lower_id = removed.volume_id
             if not removed.removed or lower_id not in inv.needed:
                 continue
-            if lower_id in inv.needed_elsewhere:
-                continue  # a chain in another repository reads it: it must stay as it is
+            if lower_id in inv.needed_elsewhere or lower_id in inv.pending_volumes:
+                continue  # another repository's chain, or an unfinished operation, reads it
             if any(not i.removed for i in inv.tops.get(lower_id, [])):
                 continue  # another image still has this volume as its own
             deps = inv.dependants.get(lower_id, [])
@@ -283,10 +283,23 @@ class Checker:
                 img = self.repo.get_image(image_id)
                 if img is None or img.fix_id is not None or img.operation_id is not None:
                     raise errors.StaleFix(f"image {image_id} changed meanwhile")
+                # The check ran without the lock: under it, make sure no consumer prepared,
+                # and no operation started to use, what this fix rewrites since then.
+                inv = inventory.Inventory(self.repo, set(), self.host.find_volume)
+                touched = set(params.volumes())
+                busy = touched & (inv.in_use | inv.rewritten | inv.pending_volumes)
+                if busy or img.prepared_by:
+                    raise errors.StaleFix(
+                        f"image {image_id} or its layers came into use meanwhile; check again")
                 op = model.Operation(str(uuid.uuid4()), kind, image_id, params)
                 self.repo.put_operation(op)
                 img.fix_id = op.id
                 self.repo.put_image(img)
+                if params.absorbed_image_id is not None:
+                    absorbed = self.repo.get_image(params.absorbed_image_id)
+                    if absorbed is not None:
+                        absorbed.absorbing = True  # from now on its volume is not its own
+                        self.repo.put_image(absorbed)
             log.info("event=fix_started kind=%s image=%s op=%s", kind.value, image_id, op.id)
             self.runner.submit(self.repo, op.id)
 

@@ -61,6 +61,11 @@ class Inventory:
         return out
 
     @functools.cached_property
+    def pending_volumes(self) -> set[str]:
+        """Volumes that unfinished operations name: made, stood on, or rewritten."""
+        return {v for op in self.live_ops for v in op.params.volumes()}
+
+    @functools.cached_property
     def rewritten(self) -> set[str]:
         """Volumes an unfinished fix rewrites in place: images on them cannot be prepared."""
         return {op.params.rewrites for op in self.live_ops if op.params.rewrites is not None}

@@ -87,6 +87,9 @@ class Image:
     operation_id: str | None = None
     # The fix operation improving this image (merge, optimize), if any.
     fix_id: str | None = None
+    # A removed snapshot whose volume a merge by commit has started to write into: its bytes
+    # are no longer its own, so it can never be revived (copied back) under its id.
+    absorbing: bool = False
     user_data: dict[str, Any] = dataclasses.field(default_factory=dict)
     prepared_by: list[int] = dataclasses.field(default_factory=list)
     created: float = dataclasses.field(default_factory=time.time)

@@ -293,6 +293,7 @@ class ImageService:
         touched = {v for op in repo.operations() if op.kind.is_fix
                    for v in (op.params.rewrites, op.params.lower_volume_id)}
         whole = fault is None and snap.operation_id is None and snap.volume_id not in touched \
+            and not snap.absorbing \
             and all(os.path.exists(repo.volume_path(v.id, v.format)) for v in vols)
         if not whole:
             raise errors.ImageBusy(
@@ -337,6 +338,15 @@ class ImageService:
         if img.prepared_by:
             raise errors.ImageBusy(
                 f"image {img.id} is prepared on host(s) {img.prepared_by}; tear it down first",
+                imageId=img.id,
+            )
+        fix = repo.get_operation(img.fix_id) if img.fix_id else None
+        if fix is not None and fix.step > 0:
+            # Past its data step a fix has rewritten a layer's backing reference: only its
+            # remaining metadata steps make the records agree again, so it finishes first.
+            raise errors.ImageBusy(
+                f"image {img.id} has a fix ({fix.kind.value}) with only metadata left; wait "
+                "for it, or run its mend fix, then remove the image",
                 imageId=img.id,
             )
         self._not_being_snapshotted(repo, img.id, "; wait for it, or remove the snapshot first")
