@@ -15,6 +15,7 @@ import pytest
 
 from agent import api as agent_api
 from rpc import transport
+from tests import qemu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,6 +125,20 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(60)
         return self.proc.returncode
+
+
+def source_snapshot(d: Daemon, tmp_path: Any, gib: float) -> tuple[str, qemu.Layout]:
+    """A snapshot holding ``gib`` GiB of patterned data in 'default', and a second repository
+    'r2' to copy it to: the starting point of the copy crash tests."""
+    params = {"path": str(tmp_path / "r2")}
+    d.call("formatStorageRepository", "localfs-1.0", params)
+    d.call("connectStorageRepository", "r2", "localfs-1.0", params)
+    disk = d.call("createVirtualDisk", "default", 2 * qemu.GiB)
+    settle(d.call, "default", disk)
+    layout = qemu.fill(d.path("default", disk), gib)
+    snap: str = d.call("createSnapshot", "default", disk)
+    assert settle(d.call, "default", snap)["status"] == "optimized"
+    return snap, layout
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests import qemu
+from tests import conftest, qemu
 from tests.conftest import Daemon, settle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -21,16 +21,7 @@ DATA_GIB = 1.5
 
 
 def source_snapshot(d: Daemon, tmp_path: Any) -> tuple[str, qemu.Layout]:
-    """A snapshot holding DATA_GIB of patterned data in 'default', and a second repo 'r2'."""
-    params = {"path": str(tmp_path / "r2")}
-    d.call("formatStorageRepository", "localfs-1.0", params)
-    d.call("connectStorageRepository", "r2", "localfs-1.0", params)
-    disk = d.call("createVirtualDisk", "default", 2 * GiB)
-    settle(d.call, "default", disk)
-    layout = qemu.fill(d.path("default", disk), DATA_GIB)
-    snap = d.call("createSnapshot", "default", disk)
-    assert settle(d.call, "default", snap)["status"] == "optimized"
-    return snap, layout
+    return conftest.source_snapshot(d, tmp_path, DATA_GIB)
 
 
 def wait_progress(d: Daemon, repo: str, image_id: str, at_least: int = 1) -> None:

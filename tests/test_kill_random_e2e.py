@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests import qemu
-from tests.conftest import Daemon, settle
+from tests.conftest import Daemon, settle, source_snapshot
 from tests.test_crash_matrix import converge
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -32,14 +32,7 @@ def test_kill_9_at_random_during_copy(tmp_path: Any, seed: int) -> None:
     rng = random.Random(seed)
     d = Daemon(str(tmp_path / "dev"))
     d.start()
-    r2 = {"path": str(tmp_path / "r2")}
-    d.call("formatStorageRepository", "localfs-1.0", r2)
-    d.call("connectStorageRepository", "r2", "localfs-1.0", r2)
-    disk = d.call("createVirtualDisk", "default", 2 * GiB)
-    settle(d.call, "default", disk)
-    layout = qemu.fill(d.path("default", disk), DATA_GIB)
-    snap = d.call("createSnapshot", "default", disk)
-    settle(d.call, "default", snap)
+    snap, layout = source_snapshot(d, tmp_path, DATA_GIB)
 
     started = time.monotonic()
     d.call("copyImage", "r2", snap)
