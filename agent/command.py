@@ -4,8 +4,8 @@ Processes are started with ``subprocess`` from whatever real thread calls us, ne
 gevent hub (the daemon does not monkey-patch): callers on the hub hand this work to a thread
 pool. The design first named ``sh`` for this; measured on sh 2.4 it costs 3-4 ms per child, and
 ~100 ms more unless stdin is given explicitly, which alone made every short operation miss its
-target (a thin create must be within 1.5x of a bare ``qemu-img create`` of ~5-8 ms). subprocess
-with a selector over the pipes costs 0.5 ms and keeps progress parsing and cancellation.
+target. subprocess with a selector over the pipes costs 0.5 ms and keeps progress parsing and
+cancellation.
 """
 
 from __future__ import annotations
@@ -93,20 +93,17 @@ def run(
     cancel: Cancel | None = None,
     cwd: str | None = None,
     ok_codes: Sequence[int] = (0,),
-    die_with_agent: bool = True,
 ) -> str:
     """Run argv, return its stdout; raise NoSpace, OperationStopped or CommandFailed.
 
     ``ok_codes``: exit codes that are answers, not failures (qemu-img check's 2 and 3).
-    ``die_with_agent=False`` saves the setpriv exec (~0.8 ms) for a command that only writes a
-    new file of its own for milliseconds: an orphan of it could not harm anything.
     """
     if cancel is not None:
         cancel.check()
     log.debug("event=exec argv=%r", list(argv))
     try:
         proc = subprocess.Popen(
-            [*(_DIE_WITH_PARENT if die_with_agent else []), *argv],
+            [*_DIE_WITH_PARENT, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

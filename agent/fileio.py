@@ -8,6 +8,7 @@ fsync the directory. A crash leaves either the old or the new content, plus at m
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ from typing import Any
 from agent import errors
 
 TMP_MARK = ".tmp-"
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def fsync_dir(path: str) -> None:
@@ -52,9 +54,14 @@ def write_bytes(path: str, data: bytes, sync_dir: bool = True) -> None:
         if sync_dir:
             fsync_dir(directory)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise errors.NoSpace(f"no space to write {path}: {e.strerror}") from e
+        raise_no_space(path, e)
         raise
+
+
+def raise_no_space(path: str, e: OSError) -> None:
+    """Out of space or quota writing ``path`` is the NoSpace a client can act on."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise errors.NoSpace(f"no space to write {path}: {e.strerror}") from e
 
 
 def read_json(path: str) -> Any:
@@ -91,3 +98,11 @@ def allocated_bytes(path: str) -> int:
         return os.stat(path).st_blocks * 512
     except FileNotFoundError:
         return 0
+
+
+def clone(src: str, dst: str) -> None:
+    """Make ``dst`` (created or truncated) share ``src``'s blocks: a reflink (XFS with reflink,
+    btrfs), metadata only, in one ioctl. OSError where the file system cannot (EOPNOTSUPP,
+    EXDEV, EINVAL); the caller copies instead."""
+    with open(src, "rb") as a, open(dst, "wb") as b:
+        fcntl.ioctl(b.fileno(), _FICLONE, a.fileno())

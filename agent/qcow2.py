@@ -1,18 +1,58 @@
-"""Reading a qcow2 header in Python: format and backing reference, without a process per file.
+"""qcow2 headers in Python: reading one, and writing an empty image, without a process per file.
 
 The checker looks at every volume of a repository; spawning qemu-img for 10,000 volumes would take
 a minute, reading 4 KiB of each takes a fraction of a second. Only qcow2 headers are parsed: a raw
 volume's content is guest data and is never probed.
+
+Thin creates and snapshots make an *empty* qcow2 file, with or without a backing file. Half of a
+``qemu-img create`` (6-8 ms here) is starting the qemu-img process, which alone put every thin
+create past its target of 1.5x a bare ``qemu-img create``. An empty image is four fixed
+structures, so Strata writes the very bytes qemu-img 7.2 writes for ``-f qcow2 -o
+compat=1.1,lazy_refcounts=off`` (64 KiB clusters, 16-bit refcounts; the layout of
+docs/interop/qcow2.txt): header, refcount table, one refcount block, an all-zero L1 table.
+``tests/test_qcow2.py`` compares them byte for byte with the installed qemu-img's. Everything
+that moves data stays with qemu-img.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import struct
+
+from agent import errors, fileio
 
 MAGIC = b"QFI\xfb"
 _BACKING_FORMAT_EXT = 0xE2792ACA
+_FEATURE_NAMES_EXT = 0x6803F857
 _HEADER_READ = 4096
+
+CLUSTER_BITS = 16
+CLUSTER = 1 << CLUSTER_BITS
+_REFCOUNT_ORDER = 4  # 16-bit refcounts
+_V3_HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # up to header_length, then 8 bytes below
+_V3_HEADER_LENGTH = 112  # 104 + compression type (1 byte) + padding to 8
+# Where qemu-img puts the structures of a new image: cluster 0 header, 1 refcount table, 2 the
+# one refcount block, 3 onwards the L1 table.
+_REFCOUNT_TABLE = 1 * CLUSTER
+_REFCOUNT_BLOCK = 2 * CLUSTER
+_L1_TABLE = 3 * CLUSTER
+_L2_COVERS = (CLUSTER // 8) * CLUSTER  # one L2 table maps 8,192 clusters: 512 MiB
+_MAX_L1_BYTES = 32 << 20  # qemu's limit on the L1 table: 2 PiB of virtual size
+_MAX_BACKING_NAME = 1023  # qemu refuses longer backing file names
+# The feature-name table qemu writes so that tools can name a feature bit they do not know:
+# (type: 0 incompatible, 1 compatible, 2 autoclear; bit; name).
+_FEATURE_NAMES = (
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +97,67 @@ def _backing_format(head: bytes, version: int) -> str | None:
             return head[offset + 8 : offset + 8 + ext_len].decode("ascii", errors="replace")
         offset += 8 + ((ext_len + 7) & ~7)
     return None
+
+
+def _extension(ext_type: int, payload: bytes) -> bytes:
+    pad = -len(payload) % 8
+    return struct.pack(">II", ext_type, len(payload)) + payload + b"\0" * pad
+
+
+def _feature_names() -> bytes:
+    return b"".join(struct.pack(">BB46s", kind, bit, name.encode())
+                    for kind, bit, name in _FEATURE_NAMES)
+
+
+def create(path: str, size: int, backing: str | None = None,
+           backing_format: str | None = None) -> None:
+    """Write an empty qcow2 image of virtual ``size`` bytes at ``path`` (created or truncated),
+    backed by ``backing`` (a reference as qemu resolves it: relative to the image's directory)
+    in ``backing_format``. The caller fsyncs it."""
+    if size <= 0 or size % 512:
+        raise errors.InvalidArgument(f"qcow2 size must be a positive multiple of 512, got {size}")
+    l1_entries = -(-size // _L2_COVERS)
+    if l1_entries * 8 > _MAX_L1_BYTES:
+        raise errors.InvalidArgument(f"qcow2 size {size} is larger than 64 KiB clusters allow")
+    # At most 3 + 512 clusters, all counted by the one refcount block (it counts 32,768).
+    used_clusters = 3 + -(-(l1_entries * 8) // CLUSTER)
+
+    extensions = b""
+    name = b""
+    if backing is not None:
+        name = backing.encode()
+        if not name or len(name) > _MAX_BACKING_NAME:
+            raise errors.InvalidArgument(f"backing reference {backing!r} must be 1-1023 bytes")
+        extensions += _extension(_BACKING_FORMAT_EXT, (backing_format or "qcow2").encode())
+    extensions += _extension(_FEATURE_NAMES_EXT, _feature_names()) + b"\0" * 8  # end mark
+    name_offset = _V3_HEADER_LENGTH + len(extensions)
+    header = _V3_HEADER.pack(
+        MAGIC, 3,
+        name_offset if name else 0, len(name),
+        CLUSTER_BITS, size,
+        0,  # no encryption
+        l1_entries, _L1_TABLE,
+        _REFCOUNT_TABLE, 1,  # refcount table clusters
+        0, 0,  # no internal snapshots
+        0, 0, 0,  # incompatible, compatible, autoclear features: none
+        _REFCOUNT_ORDER, _V3_HEADER_LENGTH,
+    ) + b"\0" * 8  # compression type zlib, padding
+    cluster0 = header + extensions + name
+    refcounts = struct.pack(f">{used_clusters}H", *([1] * used_clusters))
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for offset, data in ((0, cluster0),
+                                 (_REFCOUNT_TABLE, struct.pack(">Q", _REFCOUNT_BLOCK)),
+                                 (_REFCOUNT_BLOCK, refcounts)):
+                if os.pwrite(fd, data, offset) != len(data):
+                    # A regular file writes short only when the space ran out.
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            # The L1 table is all zeros: the file ends where the table ends, a hole before.
+            os.ftruncate(fd, _L1_TABLE + l1_entries * 8)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        fileio.raise_no_space(path, e)
+        raise

@@ -1,4 +1,4 @@
-"""qemu-img, the only tool that touches image data.
+"""qemu-img, the only tool that moves image data (empty images: ``qcow2.create``).
 
 Backing references are always passed relative to the image's directory so a repository can be
 mounted anywhere. All calls block; run them on a real thread.
@@ -12,28 +12,6 @@ from typing import Any
 from agent import command
 
 QEMU_IMG = "/usr/bin/qemu-img"
-
-
-def create(
-    path: str,
-    fmt: str,
-    size: int | None = None,
-    backing: str | None = None,
-    backing_fmt: str | None = None,
-    preallocation: str | None = None,
-) -> None:
-    argv = [QEMU_IMG, "create", "-q", "-f", fmt]
-    if backing is not None:
-        argv += ["-b", backing, "-F", backing_fmt or "qcow2"]
-    if fmt == "qcow2":
-        opts = "compat=1.1,lazy_refcounts=off"
-        if preallocation:
-            opts += f",preallocation={preallocation}"
-        argv += ["-o", opts]
-    argv.append(path)
-    if size is not None:
-        argv.append(str(size))
-    command.run(argv, die_with_agent=False)  # a new file, written in milliseconds
 
 
 def resize(path: str, size: int, fmt: str = "qcow2") -> None:

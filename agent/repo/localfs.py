@@ -35,7 +35,6 @@ PARTIAL = ".partial"
 
 R = TypeVar("R")
 
-_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 class LocalRepository:
@@ -131,8 +130,7 @@ class LocalRepository:
         try:
             with open(src, "wb") as a:
                 a.write(b"\0" * 4096)
-            with open(src, "rb") as a, open(dst, "wb") as b:
-                fcntl.ioctl(b.fileno(), _FICLONE, a.fileno())
+            fileio.clone(src, dst)
             return True
         except OSError:
             return False

@@ -1,0 +1,77 @@
+"""The empty qcow2 images Strata writes itself are the very bytes the installed qemu-img writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+import pytest
+
+from agent import errors, qcow2
+
+GiB = 1 << 30
+TiB = 1 << 40
+
+SIZES = [512, 1 << 20, 5 * GiB + 512, GiB, TiB, 64 * TiB, 2048 * TiB]
+BACKINGS = [(None, None), ("../base-volume.qcow2", "qcow2"), ("base.raw", "raw"),
+            ("/" + "b" * 1022, "qcow2")]
+
+
+def _qemu_img_create(path: str, size: int, backing: str | None, fmt: str | None) -> None:
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=off"]
+    if backing is not None:
+        argv += ["-u", "-b", backing, "-F", fmt or "qcow2"]
+    subprocess.run([*argv, path, str(size)], check=True)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(("backing", "fmt"), BACKINGS)
+def test_bytes_equal_qemu_img(tmp_path: Any, size: int, backing: str | None,
+                              fmt: str | None) -> None:
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    qcow2.create(ours, size, backing, fmt)
+    _qemu_img_create(theirs, size, backing, fmt)
+    assert os.path.getsize(ours) == os.path.getsize(theirs)
+    assert _read(ours) == _read(theirs)
+
+
+def test_an_image_qemu_uses(tmp_path: Any) -> None:
+    """qemu opens, checks, writes and reads through an overlay Strata wrote, and the header
+    reader reads it back."""
+    base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(GiB)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", base], check=True,
+                   stdout=subprocess.DEVNULL)
+    qcow2.create(top, 2 * GiB, "base.qcow2", "qcow2")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xa5 1M 1M", top], check=True,
+                   stdout=subprocess.DEVNULL)
+    for offset, pattern in ((0, 0x5A), (1 << 20, 0xA5), (GiB + (1 << 20), 0)):
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -P {pattern} {offset} 1M", top],
+                       check=True, stdout=subprocess.DEVNULL)
+    check = subprocess.run(["qemu-img", "check", "--output=json", top], capture_output=True,
+                           check=True)
+    report = json.loads(check.stdout)
+    assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", top],
+                                     capture_output=True, check=True).stdout)
+    assert info["virtual-size"] == 2 * GiB
+    assert info["backing-filename-format"] == "qcow2"
+    header = qcow2.read_header(top)
+    assert header == qcow2.Header(3, 2 * GiB, "base.qcow2", "qcow2")
+
+
+@pytest.mark.parametrize(("size", "backing"), [
+    (0, None), (1000, None), (-512, None), (2048 * TiB + 512, None), (GiB, ""), (GiB, "x" * 1024),
+])
+def test_bad_input_writes_nothing(tmp_path: Any, size: int, backing: str | None) -> None:
+    path = tmp_path / "bad.qcow2"
+    with pytest.raises(errors.InvalidArgument):
+        qcow2.create(str(path), size, backing, "qcow2")
+    assert not path.exists()
