@@ -118,11 +118,11 @@ class Runner:
                 if time.monotonic() - last_write[0] >= PROGRESS_INTERVAL:
                     persist()
 
-        # A fresh thin create or snapshot is over in milliseconds: its first persist would only
-        # slow it down. Anything that moves data says at once that it runs, and where.
-        quick = op.kind == model.OpKind.CREATE_SNAPSHOT or (
-            op.kind == model.OpKind.CREATE_DISK and op.params.strategy == model.Strategy.SPACE)
-        fresh = quick and op.step == 0 and op.state == model.OpState.PENDING
+        # A fresh quick operation (an empty qcow2, a reflink) is over in milliseconds: writing
+        # "running" first would be a third of its time. Anything that moves data says at once
+        # that it runs, and where, so a crash shows it interrupted on this host.
+        fresh = (op.step == 0 and op.state == model.OpState.PENDING
+                 and operations.quick(repo, op))
         op.state = model.OpState.RUNNING
         op.progress.host_id = self.host.host_id
         op.progress.last_error = None
@@ -134,7 +134,7 @@ class Runner:
                 op.progress.stage = f"{op.step + 1}/{len(steps)}"
                 op.progress.percent = 0
                 # The journal records each step done, so a resume skips it. Not before the
-                # first step of a fresh quick operation, nor before the last (seal is cheap
+                # first step of a fresh quick operation (above), nor before the last (seal is cheap
                 # and idempotent, and deletes the journal): every step is safe to run again.
                 if not (fresh and op.step == 0) and op.step < len(steps) - 1:
                     persist()
