@@ -69,7 +69,7 @@ def thin(b: context.Bench) -> None:
             bare[label].append(b.images.bare_overlay(bases[label], sizes[label]))
         return job
 
-    n = b.reps(15)
+    n = b.reps(25)  # the 10% check compares two fsync-bound times: more pairs, less jitter
     b.say(f"1: thin createVirtualDisk, {n} rounds")
     jobs = [f(label) for label in sizes for f in (strata, reference)]
     _rounds(n, jobs)

@@ -118,9 +118,11 @@ class Runner:
                 if time.monotonic() - last_write[0] >= PROGRESS_INTERVAL:
                     persist()
 
-        # A fresh quick operation (an empty qcow2, a reflink) is over in milliseconds: writing
-        # "running" first would be a third of its time. Anything that moves data says at once
-        # that it runs, and where, so a crash shows it interrupted on this host.
+        # A fresh quick operation (an empty qcow2, a reflink) is over in milliseconds: its
+        # journal is not written again until it ends, as each write would be a fifth of its
+        # time; a crash resumes it from its first step, which every step allows. Anything that
+        # moves data says at once that it runs, and where, so a crash shows it interrupted on
+        # this host, and records each step done.
         fresh = (op.step == 0 and op.state == model.OpState.PENDING
                  and operations.quick(repo, op))
         op.state = model.OpState.RUNNING
@@ -133,10 +135,10 @@ class Runner:
                 name, fn = steps[op.step]
                 op.progress.stage = f"{op.step + 1}/{len(steps)}"
                 op.progress.percent = 0
-                # The journal records each step done, so a resume skips it. Not before the
-                # first step of a fresh quick operation (above), nor before the last (seal is cheap
-                # and idempotent, and deletes the journal): every step is safe to run again.
-                if not (fresh and op.step == 0) and op.step < len(steps) - 1:
+                # The journal records each step done, so a resume skips it. Not for a fresh
+                # quick operation (above), nor before the last step (seal is cheap and
+                # idempotent, and deletes the journal): every step is safe to run again.
+                if not fresh and op.step < len(steps) - 1:
                     persist()
                 cancel.check()
                 crashpoint.hit(op.kind.value, name)
