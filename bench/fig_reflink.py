@@ -2,7 +2,10 @@
 against a bare ``cp --reflink=always`` of the same volume on the same file system; and, as a
 second row, the floor of any create that journals its intent, measured on the same file system
 without the agent: one durable record write before the clone, the clone and its fsync, one
-durable record write after (what the README compares to 2x cp).
+durable record write after; and, as a third row, the service alone: a thin create in a
+repository on tmpfs, where an fsync costs nothing, from the call until getImageStatus says
+optimized (the JSON-RPC calls, the worker thread and the polling; what the README adds to the
+floor and compares to 2x cp).
 
 XFS with reflink lives in a loop-mounted file under the benchmark's directory; the figure is
 skipped, with the reason, where the machine cannot mount one (not root, no loop devices, ...).
@@ -14,9 +17,10 @@ import itertools
 import os
 import subprocess
 import time
+from collections.abc import Callable
 
 from agent import fileio
-from bench import context, stats, tools
+from bench import context, machine, stats, tools
 from bench.tools import GiB
 
 REPO = "xfs"
@@ -26,7 +30,10 @@ RATIO = 2.0
 FIGURE = "5 createVirtualDisk strategy=performance, 1 GiB on XFS: time to optimized"
 FLOOR = ("5 the floor of a journaled clone on the same XFS: intent record, clone + fsync, "
          "seal record (no agent)")
+SERVICE = ("5 the service alone: thin create on tmpfs (no fsync cost), call to optimized "
+           "over the socket")
 RECORD = b"{}" * 256  # about the size of Strata's records
+SHM = "/dev/shm"
 TARGET = "≤ 50 ms and ≤ 2× cp"
 
 
@@ -116,3 +123,29 @@ def _measure(b: context.Bench, mnt: str) -> None:
     b.compare(FLOOR, stats.Samples(f, stats.SECONDS), stats.Samples(r, stats.SECONDS),
               "bare cp --reflink=always", stats.pair_ratio(f, r), "— (shows what 2× cp leaves)",
               None)
+    _service(b, n, reference)
+
+
+def _service(b: context.Bench, n: int, reference: Callable[[], float]) -> None:
+    """Row three: what a call costs through the agent when the storage costs nothing."""
+    if not os.path.isdir(SHM) or machine.mount_of(SHM)[1] != "tmpfs":
+        b.skip(SERVICE, "—", f"{SHM} is not a tmpfs here")
+        return
+    agent = b.agent
+    path = os.path.join(SHM, f"strata-bench-{context.new_id()}")
+    agent.add_repo("shm", path)
+    try:
+        disk = agent.settled("shm", "createVirtualDisk", targetRepoId="shm", size=GiB)
+        snap = agent.settled("shm", "createSnapshot", targetRepoId="shm", baseVirtualDiskId=disk)
+
+        def thin() -> float:
+            _, _, took = agent.timed("shm", "createVirtualDisk", targetRepoId="shm", size=GiB,
+                                     baseSnapshotId=snap)
+            return took
+
+        s, r = stats.alternate(n, thin, reference)
+        b.compare(SERVICE, stats.Samples(s, stats.SECONDS), stats.Samples(r, stats.SECONDS),
+                  "bare cp --reflink=always", stats.pair_ratio(s, r),
+                  "— (added to the floor, compare to 2× cp)", None)
+    finally:
+        agent.drop_repo("shm", path)

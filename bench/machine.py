@@ -20,8 +20,8 @@ def _cpu_model() -> str:
     return "unknown"
 
 
-def _file_system(path: str) -> str:
-    """The file system type and device that hold path (the longest matching mount point)."""
+def mount_of(path: str) -> tuple[str, str, str]:
+    """The mount point, file system type and device that hold path (the longest match)."""
     best = ("", "unknown", "unknown")
     path = os.path.realpath(path)
     try:
@@ -34,7 +34,12 @@ def _file_system(path: str) -> str:
                     best = (mnt, fstype, dev)
     except OSError:
         pass
-    return f"{best[1]} ({best[2]} on {best[0]})"
+    return best
+
+
+def _file_system(path: str) -> str:
+    mnt, fstype, dev = mount_of(path)
+    return f"{fstype} ({dev} on {mnt})"
 
 
 def _output(argv: list[str]) -> str:
