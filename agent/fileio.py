@@ -104,5 +104,9 @@ def clone(src: str, dst: str) -> None:
     """Make ``dst`` (created or truncated) share ``src``'s blocks: a reflink (XFS with reflink,
     btrfs), metadata only, in one ioctl. OSError where the file system cannot (EOPNOTSUPP,
     EXDEV, EINVAL); the caller copies instead."""
-    with open(src, "rb") as a, open(dst, "wb") as b:
-        fcntl.ioctl(b.fileno(), _FICLONE, a.fileno())
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # as qemu-img makes files
+    try:
+        with open(src, "rb") as a:
+            fcntl.ioctl(fd, _FICLONE, a.fileno())
+    finally:
+        os.close(fd)

@@ -17,7 +17,6 @@ that moves data stays with qemu-img.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import struct
 
@@ -109,11 +108,23 @@ def _feature_names() -> bytes:
                     for kind, bit, name in _FEATURE_NAMES)
 
 
+def _check_backing(path: str, fmt: str) -> None:
+    """Refuse to write an overlay on a backing file that cannot be read, as qemu-img create
+    does: an image on a missing or foreign base would read wrong, and look fine."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(MAGIC))
+    except OSError as e:
+        raise errors.ImageBroken(f"cannot open backing file {path}: {e.strerror}") from e
+    if fmt == "qcow2" and magic != MAGIC:
+        raise errors.ImageBroken(f"backing file {path} is not a qcow2 image")
+
+
 def create(path: str, size: int, backing: str | None = None,
            backing_format: str | None = None) -> None:
     """Write an empty qcow2 image of virtual ``size`` bytes at ``path`` (created or truncated),
     backed by ``backing`` (a reference as qemu resolves it: relative to the image's directory)
-    in ``backing_format``. The caller fsyncs it."""
+    in ``backing_format``, which must be there and readable. The caller fsyncs it."""
     if size <= 0 or size % 512:
         raise errors.InvalidArgument(f"qcow2 size must be a positive multiple of 512, got {size}")
     l1_entries = -(-size // _L2_COVERS)
@@ -128,6 +139,7 @@ def create(path: str, size: int, backing: str | None = None,
         name = backing.encode()
         if not name or len(name) > _MAX_BACKING_NAME:
             raise errors.InvalidArgument(f"backing reference {backing!r} must be 1-1023 bytes")
+        _check_backing(os.path.join(os.path.dirname(path), backing), backing_format or "qcow2")
         extensions += _extension(_BACKING_FORMAT_EXT, (backing_format or "qcow2").encode())
     extensions += _extension(_FEATURE_NAMES_EXT, _feature_names()) + b"\0" * 8  # end mark
     name_offset = _V3_HEADER_LENGTH + len(extensions)
@@ -144,18 +156,19 @@ def create(path: str, size: int, backing: str | None = None,
     ) + b"\0" * 8  # compression type zlib, padding
     cluster0 = header + extensions + name
     refcounts = struct.pack(f">{used_clusters}H", *([1] * used_clusters))
-
+    # One buffer, written whole, as qemu-img writes it: full header, refcount table and
+    # refcount block clusters, then the zero L1 table, so the same blocks are allocated now
+    # and none is left for a guest's first write to find on a full file system.
+    image = bytearray(_L1_TABLE + l1_entries * 8)
+    image[0:len(cluster0)] = cluster0
+    image[_REFCOUNT_TABLE:_REFCOUNT_TABLE + 8] = struct.pack(">Q", _REFCOUNT_BLOCK)
+    image[_REFCOUNT_BLOCK:_REFCOUNT_BLOCK + len(refcounts)] = refcounts
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for offset, data in ((0, cluster0),
-                                 (_REFCOUNT_TABLE, struct.pack(">Q", _REFCOUNT_BLOCK)),
-                                 (_REFCOUNT_BLOCK, refcounts)):
-                if os.pwrite(fd, data, offset) != len(data):
-                    # A regular file writes short only when the space ran out.
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            # The L1 table is all zeros: the file ends where the table ends, a hole before.
-            os.ftruncate(fd, _L1_TABLE + l1_entries * 8)
+            view = memoryview(image)
+            while view:
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
     except OSError as e:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
@@ -19,6 +21,14 @@ def disk_with_data(e: Engine, repo: str = "r1", size: int = 64 * MiB) -> str:
     assert e.settle(repo, d)["status"] == "optimized"
     qemu.write(e.path(repo, d), 0x11, 0, 4 * MiB)
     return str(d)
+
+
+def mend_the_one(e: Engine, repo: str, image_id: str) -> None:
+    """Run the one mend fix the checker proposes, for image_id; it ends optimized."""
+    mends = [f for f in e.call("checkStorageRepository", repo) if f["type"] == "mend"]
+    assert [f["imageIds"] for f in mends] == [[image_id]]
+    e.call("fixStorageRepository", repo, mends[0])
+    assert e.settle(repo, image_id)["status"] == "optimized"
 
 
 def test_blank_disk_is_thin_and_reads_zero(engine: Engine) -> None:
@@ -351,3 +361,54 @@ def test_an_interrupted_format_can_be_finished(tmp_path: Any) -> None:
     with pytest.raises(errors.RepositoryNotEmpty):
         a.formatStorageRepository("localfs-1.0", {"path": str(tmp_path / "full")}, {})
     a.close()
+
+
+def test_a_snapshot_whose_disk_lost_its_file_fails_and_changes_nothing(engine: Engine) -> None:
+    """The overlay is refused when its backing file cannot be opened, as qemu-img create
+    refuses it: the disk keeps its volume, and the snapshot resumes once the file is back."""
+    d = disk_with_data(engine)
+    path = engine.path("r1", d)
+    os.rename(path, path + ".away")
+    s = engine.call("createSnapshot", "r1", d)
+    st = engine.settle("r1", s)
+    assert st["status"] == "broken" and "cannot open backing file" in st["last_error"]
+    assert engine.call("getImageInfo", "r1", d)["chain"] == [d]  # not switched
+
+    os.rename(path + ".away", path)
+    mend_the_one(engine, "r1", s)
+    assert qemu.reads(engine.path("r1", s), 0x11, 0, 4 * MiB)
+    assert qemu.reads(engine.path("r1", d), 0x11, 0, 4 * MiB)
+    assert engine.call("checkStorageRepository", "r1") == []
+
+
+def test_a_failure_the_full_repository_cannot_record_is_still_told(engine: Engine) -> None:
+    """An operation that fails, and cannot write its failure into the journal (there, the
+    journal directory is made immutable: what a full file system does to a write), still shows
+    its error; the journal keeps what to resume."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is not installed")
+    d = disk_with_data(engine)
+    path = engine.path("r1", d)
+    journal = os.path.join(engine.roots["r1"], "journal")
+    # The disk's volume becomes a FIFO: the snapshot's step blocks opening it until the test
+    # has made the journal immutable, then reads bytes that are not qcow2 and fails.
+    os.rename(path, path + ".away")
+    os.mkfifo(path)
+    try:
+        s = engine.call("createSnapshot", "r1", d)
+        if subprocess.run(["chattr", "+i", journal], capture_output=True).returncode != 0:
+            with open(path, "wb") as fifo:  # let the step go before skipping
+                fifo.write(b"x")
+            pytest.skip("this file system has no immutable attribute")
+        with open(path, "wb") as fifo:
+            fifo.write(b"not a qcow2 image")
+        st = engine.settle("r1", s)
+        assert st["status"] == "broken" and not st["running"]
+        assert "is not a qcow2 image" in st["last_error"]
+        assert "not recorded in the repository" in st["last_error"]
+    finally:
+        subprocess.run(["chattr", "-i", journal], check=True)
+        os.unlink(path)
+        os.rename(path + ".away", path)
+    mend_the_one(engine, "r1", s)
+    assert qemu.reads(engine.path("r1", s), 0x11, 0, 4 * MiB)

@@ -15,14 +15,36 @@ GiB = 1 << 30
 TiB = 1 << 40
 
 SIZES = [512, 1 << 20, 5 * GiB + 512, GiB, TiB, 64 * TiB, 2048 * TiB]
-BACKINGS = [(None, None), ("../base-volume.qcow2", "qcow2"), ("base.raw", "raw"),
-            ("/" + "b" * 1022, "qcow2")]
+BACKINGS = ["none", "relative qcow2", "raw", "1023-byte absolute path"]
+
+
+def _backing(images: Any, kind: str) -> tuple[str | None, str | None]:
+    """A backing reference of the given kind, relative to directory ``images``, with a real
+    file behind it (both writers refuse a backing file they cannot open)."""
+    if kind == "none":
+        return None, None
+    if kind == "relative qcow2":
+        base = str(images.parent / "base.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(GiB)], check=True)
+        return "../base.qcow2", "qcow2"
+    if kind == "raw":
+        (images / "base.raw").write_bytes(b"\0" * 4096)
+        return "base.raw", "raw"
+    # The longest name qemu takes, through directories (a file name is at most 255 bytes).
+    path = str(images.parent / "long")
+    while len(path) < 1023 - 201:
+        path += "/" + "d" * 200
+    os.makedirs(path)
+    path += "/" + "f" * (1023 - len(path) - 1)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(GiB)], check=True)
+    assert len(path.encode()) == 1023
+    return path, "qcow2"
 
 
 def _qemu_img_create(path: str, size: int, backing: str | None, fmt: str | None) -> None:
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=off"]
     if backing is not None:
-        argv += ["-u", "-b", backing, "-F", fmt or "qcow2"]
+        argv += ["-b", backing, "-F", fmt or "qcow2"]
     subprocess.run([*argv, path, str(size)], check=True)
 
 
@@ -32,14 +54,31 @@ def _read(path: str) -> bytes:
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize(("backing", "fmt"), BACKINGS)
-def test_bytes_equal_qemu_img(tmp_path: Any, size: int, backing: str | None,
-                              fmt: str | None) -> None:
-    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+@pytest.mark.parametrize("kind", BACKINGS)
+def test_bytes_equal_qemu_img(tmp_path: Any, size: int, kind: str) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    backing, fmt = _backing(images, kind)
+    ours, theirs = str(images / "ours.qcow2"), str(images / "theirs.qcow2")
     qcow2.create(ours, size, backing, fmt)
     _qemu_img_create(theirs, size, backing, fmt)
-    assert os.path.getsize(ours) == os.path.getsize(theirs)
     assert _read(ours) == _read(theirs)
+    # The same blocks are allocated, too: the L1 table is written, not left a hole.
+    assert os.stat(ours).st_blocks == os.stat(theirs).st_blocks
+
+
+@pytest.mark.parametrize(("backing", "content", "error"), [
+    ("missing.qcow2", None, "cannot open backing file"),
+    ("raw-data.bin", b"guest data, not qcow2", "is not a qcow2 image"),
+])
+def test_refuses_a_backing_file_it_cannot_use(tmp_path: Any, backing: str,
+                                               content: bytes | None, error: str) -> None:
+    if content is not None:
+        (tmp_path / backing).write_bytes(content)
+    path = tmp_path / "top.qcow2"
+    with pytest.raises(errors.ImageBroken, match=error):
+        qcow2.create(str(path), GiB, backing, "qcow2")
+    assert not path.exists()
 
 
 def test_an_image_qemu_uses(tmp_path: Any) -> None:

@@ -27,6 +27,7 @@ class Context:
     op: model.Operation
     cancel: command.Cancel
     report: command.ProgressCallback  # percent of the running step
+    persist: Callable[[], None]  # write the journal now: a quick step found it has data to move
 
     @property
     def direct(self) -> bool:
@@ -45,17 +46,17 @@ def materialize(
     if not os.path.exists(final):
         partial = repo.volume_partial_path(vol.id, vol.format)
         fileio.remove(partial)  # an earlier attempt's leftovers: start the data over
-        try:
-            produce(partial)
-            fileio.fsync_file(partial)
-        except BaseException:
-            # Out of space or stopped: give the space back, nothing else was touched.
-            fileio.remove(partial)
-            raise
         # Record and data are renamed into place in one directory, made durable by one fsync
         # of it. A crash may keep either rename alone: a record without data makes the data
         # again (the final name is missing), data without a record gets its record below.
-        repo.put_volume(vol, sync_dir=False)
+        try:
+            produce(partial)
+            fileio.fsync_file(partial)
+            repo.put_volume(vol, sync_dir=False)
+        except BaseException:
+            # Out of space or stopped: give the space back; the data is made again next time.
+            fileio.remove(partial)
+            raise
         os.rename(partial, final)
         fileio.fsync_dir(os.path.dirname(final))
     elif repo.get_volume(vol.id) != vol:
@@ -70,9 +71,11 @@ def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> Non
             log.info("event=reflink dst=%s", dst)
             return  # no progress to report: a report would cost a journal write
         except OSError as e:
-            # The source is on another file system (EXDEV), or this one cannot: copy.
+            # The source is on another file system (EXDEV), or this one cannot (EINVAL on a
+            # btrfs NOCOW file): copy, and say in the journal first that data is moving.
             log.info("event=reflink_refused dst=%s error=%r", dst, e.strerror)
             fileio.remove(dst)
+            ctx.persist()
     qemuimg.convert(src, dst, src_fmt.value, progress=ctx.report, cancel=ctx.cancel,
                     direct=ctx.direct)
 

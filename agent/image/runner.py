@@ -32,6 +32,9 @@ class Runner:
         # The live record of each running operation: fresher than the journal, whose progress
         # is written at most every PROGRESS_INTERVAL.
         self._live: dict[str, model.Operation] = {}
+        # Operations that failed and could not write so (the repository is full): their
+        # error is told from here until a mend starts them again.
+        self._unrecorded: dict[str, model.Operation] = {}
         self._closing = False
 
     def is_active(self, op_id: str) -> bool:
@@ -41,7 +44,7 @@ class Runner:
     def live(self, op_id: str) -> model.Operation | None:
         """The in-memory state of an operation this process is running, if it is."""
         with self._lock:
-            return self._live.get(op_id)
+            return self._live.get(op_id) or self._unrecorded.get(op_id)
 
     def submit(self, repo: localfs.LocalRepository, op_id: str) -> None:
         """Queue an operation; a no-op when this process already runs it."""
@@ -51,6 +54,7 @@ class Runner:
             if op_id in self._active:
                 return
             cancel = command.Cancel()
+            self._unrecorded.pop(op_id, None)
             future = self._pool.submit(self._run, repo, op_id, cancel)
             self._active[op_id] = (cancel, future)
         future.add_done_callback(lambda _f: self._forget(op_id))
@@ -118,19 +122,20 @@ class Runner:
                 if time.monotonic() - last_write[0] >= PROGRESS_INTERVAL:
                     persist()
 
-        # A fresh quick operation (an empty qcow2, a reflink) is over in milliseconds: its
-        # journal is not written again until it ends, as each write would be a fifth of its
-        # time; a crash resumes it from its first step, which every step allows. Anything that
-        # moves data says at once that it runs, and where, so a crash shows it interrupted on
-        # this host, and records each step done.
-        fresh = (op.step == 0 and op.state == model.OpState.PENDING
-                 and operations.quick(repo, op))
+        fresh = op.step == 0 and op.state == model.OpState.PENDING
         op.state = model.OpState.RUNNING
         op.progress.host_id = self.host.host_id
         op.progress.last_error = None
-        ctx = operations.Context(self.host, repo, op, cancel, report)
+        ctx = operations.Context(self.host, repo, op, cancel, report, persist)
         log.info("event=op_start kind=%s image=%s step=%d", op.kind, op.image_id, op.step)
         try:
+            # A fresh quick operation (an empty qcow2, a reflink) is over in milliseconds: its
+            # journal is not written again until it ends, as each write would be a fifth of
+            # its time; a crash resumes it from its first step, which every step allows.
+            # Anything that moves data says at once that it runs, and where, so a crash shows
+            # it interrupted on this host, and records each step done. (A clone that turns out
+            # to be a copy says so itself: Context.persist.)
+            fresh = fresh and operations.quick(repo, op)
             while op.step < len(steps):
                 name, fn = steps[op.step]
                 op.progress.stage = f"{op.step + 1}/{len(steps)}"
@@ -160,14 +165,22 @@ class Runner:
         else:
             log.info("event=op_done kind=%s image=%s", op.kind, op.image_id)
 
-    @staticmethod
-    def _failed(repo: localfs.LocalRepository, op: model.Operation, message: str,
+    def _failed(self, repo: localfs.LocalRepository, op: model.Operation, message: str,
                 persist: Callable[[], None]) -> None:
         log.warning("event=op_failed image=%s error=%r", op.image_id, message)
-        if op.kind.is_fix and op.step == 0:
-            # A failed fix must leave the image as usable as before: give it back.
-            operations.release_fix(repo, op, message)
-            return
-        op.state = model.OpState.STOPPED
-        op.progress.last_error = message
-        persist()
+        try:
+            if op.kind.is_fix and op.step == 0:
+                # A failed fix must leave the image as usable as before: give it back.
+                operations.release_fix(repo, op, message)
+                return
+            op.state = model.OpState.STOPPED
+            op.progress.last_error = message
+            persist()
+        except (errors.Error, OSError) as e:
+            # Most often the very lack of space the operation failed on. The journal still
+            # says what to resume; the error is told from memory until then.
+            log.warning("event=failure_unrecorded image=%s error=%r", op.image_id, str(e))
+            op.state = model.OpState.STOPPED
+            op.progress.last_error = f"{message} (not recorded in the repository: {e})"
+            with self._lock:
+                self._unrecorded[op.id] = op
