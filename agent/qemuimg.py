@@ -6,27 +6,10 @@ mounted anywhere. All calls block; run them on a real thread.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
 from agent import command
-
-
-@dataclasses.dataclass(frozen=True)
-class Cache:
-    """How qemu-img reaches the files: writes with O_DIRECT where the file system has it (no
-    dirty pages piling up on the host during a long copy; the caller fsyncs anyway), reads
-    through the page cache where the repositories are local (readahead, and a source read
-    before comes from memory: 1 GiB in 0.4 s warm against 1.1 s with O_DIRECT here). Reads
-    bypass it only where it is not coherent: storage that other hosts write (``CACHED_READS``)."""
-
-    write_direct: bool = True
-    read_direct: bool = False
-
-    def flags(self) -> list[str]:
-        return ["-t", "none" if self.write_direct else "writeback",
-                "-T", "none" if self.read_direct else "writeback"]
 
 QEMU_IMG = "/usr/bin/qemu-img"
 
@@ -44,10 +27,11 @@ def convert(
     backing_fmt: str | None = None,
     progress: command.ProgressCallback | None = None,
     cancel: command.Cancel | None = None,
-    cache: Cache = Cache(),
+    direct: bool = True,
 ) -> None:
-    # -W: out-of-order writes, the fastest mode for local files.
-    argv = [QEMU_IMG, "convert", "-p", *cache.flags(), "-W", "-O", dst_fmt]
+    # -t none -T none: bypass the page cache, data is on disk when convert returns and a copy does
+    # not evict the host's working set. -W: out-of-order writes, the fastest mode for local files.
+    argv = [QEMU_IMG, "convert", "-p", *_cache(direct), "-W", "-O", dst_fmt]
     if backing is not None:
         argv += ["-B", backing, "-F", backing_fmt or "qcow2"]
     if dst_fmt == "qcow2":
@@ -63,9 +47,9 @@ def rebase(
     safe: bool = True,
     progress: command.ProgressCallback | None = None,
     cancel: command.Cancel | None = None,
-    cache: Cache = Cache(),
+    direct: bool = True,
 ) -> None:
-    argv = [QEMU_IMG, "rebase", "-p", *cache.flags(), "-f", "qcow2"]
+    argv = [QEMU_IMG, "rebase", "-p", *_cache(direct), "-f", "qcow2"]
     if not safe:
         argv.append("-u")
     argv += ["-b", backing]
@@ -101,10 +85,15 @@ def commit(
     path: str,
     progress: command.ProgressCallback | None = None,
     cancel: command.Cancel | None = None,
-    cache: Cache = Cache(),
+    direct: bool = True,
 ) -> None:
     """Write the allocated clusters of ``path`` into its backing file; ``path`` is left as it
     was (-d), so every image reading through it sees the same bytes throughout."""
-    # commit has one cache mode, for its writes into the backing file.
-    argv = [QEMU_IMG, "commit", "-p", "-d", *cache.flags()[:2], "-f", "qcow2", path]
+    cache = ["-t", "none"] if direct else ["-t", "writeback"]
+    argv = [QEMU_IMG, "commit", "-p", "-d", *cache, "-f", "qcow2", path]
     command.run(argv, progress=progress, cancel=cancel)
+
+def _cache(direct: bool) -> list[str]:
+    """Cache modes: O_DIRECT where the file system has it, else writeback plus the fsync the
+    caller does anyway."""
+    return ["-t", "none", "-T", "none"] if direct else ["-t", "writeback", "-T", "writeback"]

@@ -63,24 +63,7 @@ def full(b: context.Bench) -> None:
               "bare qemu-img convert -t none -T none -W", ratio, "≥ 0.95× bare",
               ratio >= THROUGHPUT_TARGET,
               note="Strata's time runs from the call until getImageStatus says optimized "
-                   "(includes its fsync, rename and records); Strata reads the source through "
-                   "the page cache and writes O_DIRECT (agent/qemuimg.py Cache), the issue's "
-                   "reference reads and writes O_DIRECT; the next row has the bare tool with "
-                   "Strata's cache modes")
-
-    def same_modes() -> float:
-        out = b.path("bare", f"convert-{next(serial)}.qcow2")
-        try:
-            return tools.convert(chain.top_path, out, source_cache="writeback")
-        finally:
-            tools.remove(out)
-
-    m, r = stats.alternate(n, same_modes, reference, warmup=False)
-    b.compare("3 bare qemu-img convert with Strata's cache modes (-t none -T writeback -W)",
-              stats.Samples([chain.data / t for t in m], stats.BYTES_PER_S),
-              stats.Samples([chain.data / t for t in r], stats.BYTES_PER_S),
-              "bare qemu-img convert -t none -T none -W", stats.pair_ratio(r, m),
-              "— (what the cache modes alone give)", None)
+                   "(includes its fsync, rename and records)")
 
 
 def diff(b: context.Bench) -> None:

@@ -242,9 +242,8 @@ def _measure(b: context.Bench, pool: Any) -> None:
     notes = {
         "thin": "Strata until optimized; libvirt until createXML returns",
         "snapshot": "Strata until optimized; libvirt until createXML returns",
-        "copy": "Strata until optimized (reads through the page cache, O_DIRECT writes, "
-                "fsync'd); libvirt clone (page cache both ways, warm source) + fsync of the "
-                "new file",
+        "copy": "Strata until optimized (O_DIRECT, fsync'd); libvirt clone (page cache, warm "
+                "source) + fsync of the new file",
     }
     for key, (s, r) in ratio_of.items():
         ratio = stats.pair_ratio(s, r)

@@ -43,11 +43,9 @@ def create(path: str, size: int, backing: str | None = None) -> float:
     return run([*argv, path, str(size)])
 
 
-def convert(src: str, dst: str, source_cache: str = "none") -> float:
-    """Bare ``qemu-img convert -t none -T none -W -O qcow2``: the full-copy reference (with
-    another source cache mode: the bare tool as Strata runs it)."""
-    return run([QEMU_IMG, "convert", "-t", "none", "-T", source_cache, "-W", "-O", "qcow2",
-                src, dst])
+def convert(src: str, dst: str) -> float:
+    """Bare ``qemu-img convert -t none -T none -W -O qcow2``: the full-copy reference."""
+    return run([QEMU_IMG, "convert", "-t", "none", "-T", "none", "-W", "-O", "qcow2", src, dst])
 
 
 def span(offset: int, length: int, pattern: int) -> list[Chunk]:

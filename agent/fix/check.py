@@ -368,5 +368,4 @@ def _relink_backing(repo: localfs.LocalRepository, vol: model.Volume, ref: str) 
     parent = repo.get_volume(vol.parent_volume_id or "")
     fmt = parent.format.value if parent else "qcow2"
     with repo.meta_lock:
-        qemuimg.rebase(repo.volume_path(vol.id, vol.format), ref, fmt, safe=False,
-                       cache=qemuimg.Cache(write_direct=repo.direct_io))
+        qemuimg.rebase(repo.volume_path(vol.id, vol.format), ref, fmt, safe=False)

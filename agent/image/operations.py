@@ -30,14 +30,9 @@ class Context:
     persist: Callable[[], None]  # write the journal now: a quick step found it has data to move
 
     @property
-    def cache(self) -> qemuimg.Cache:
-        # Writes go to this repository. Reads may come from any connected one: they bypass the
-        # page cache only when one of them is shared, and then all must take O_DIRECT.
-        repos = [c.repo for c in self.host.connections()]
-        return qemuimg.Cache(
-            write_direct=self.repo.direct_io,
-            read_direct=not all(r.CACHED_READS for r in repos) and all(r.direct_io for r in repos),
-        )
+    def direct(self) -> bool:
+        # Reads may come from another repository; O_DIRECT needs both ends to support it.
+        return self.repo.direct_io and all(c.repo.direct_io for c in self.host.connections())
 
 
 Step = Callable[[Context], None]
@@ -82,7 +77,7 @@ def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> Non
             fileio.remove(dst)
             ctx.persist()
     qemuimg.convert(src, dst, src_fmt.value, progress=ctx.report, cancel=ctx.cancel,
-                    cache=ctx.cache)
+                    direct=ctx.direct)
 
 
 def _full_copy(top_repo: localfs.LocalRepository, vols: list[model.Volume], dst: str,
@@ -93,7 +88,7 @@ def _full_copy(top_repo: localfs.LocalRepository, vols: list[model.Volume], dst:
         _clone(src, dst, top.format, ctx)
     else:
         qemuimg.convert(src, dst, "qcow2", progress=ctx.report, cancel=ctx.cancel,
-                        cache=ctx.cache)
+                        direct=ctx.direct)
 
 
 # -- createVirtualDisk ---------------------------------------------------------------------------
@@ -214,14 +209,14 @@ def copy_data(ctx: Context) -> None:
             # id and so the same bits: copy only the top volume's clusters.
             qemuimg.convert(
                 top_path, partial, "qcow2", backing=base_ref, backing_fmt=base.format.value,
-                progress=ctx.report, cancel=ctx.cancel, cache=ctx.cache,
+                progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct,
             )
         else:
             # General case: an empty overlay on the source, then a safe rebase onto the base,
             # which writes exactly the clusters whose content differs from the base.
             qcow2.create(partial, p.size, top_path, top.format.value)
             qemuimg.rebase(partial, base_ref, base.format.value,
-                           progress=ctx.report, cancel=ctx.cancel, cache=ctx.cache)
+                           progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
 
     materialize(ctx.repo, vol, produce)
 
@@ -238,7 +233,7 @@ def commit_down(ctx: Context) -> None:
     p = ctx.op.params
     upper = _volume(ctx.repo, model.need(p.upper_volume_id, "upper volume"))
     qemuimg.commit(ctx.repo.volume_path(upper.id, upper.format), progress=ctx.report,
-                   cancel=ctx.cancel, cache=ctx.cache)
+                   cancel=ctx.cancel, direct=ctx.direct)
 
 
 def switch_down(ctx: Context) -> None:
@@ -271,7 +266,7 @@ def rebase_in_place(ctx: Context) -> None:
     header = qcow2.read_header(path)
     if header is not None and (header.backing or "") == ref:
         return  # done before a crash
-    qemuimg.rebase(path, ref, fmt, progress=ctx.report, cancel=ctx.cancel, cache=ctx.cache)
+    qemuimg.rebase(path, ref, fmt, progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
 
 
 def relink(ctx: Context) -> None:
@@ -304,7 +299,7 @@ def copy_backing(ctx: Context) -> None:
             )
         other, foreign = found
         qemuimg.convert(other.volume_path(foreign.id, foreign.format), partial, "qcow2",
-                        progress=ctx.report, cancel=ctx.cancel, cache=ctx.cache)
+                        progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
 
     materialize(ctx.repo, vol, produce)
 

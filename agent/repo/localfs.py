@@ -45,10 +45,6 @@ class LocalRepository:
     # cache, so a status poll may run on the RPC event loop itself (see Api.runs_inline). A
     # shared-storage driver, whose reads can hang on a lost server, must say False.
     INLINE_READS = True
-    # One host reads and writes this file system, so its page cache is coherent and copies read
-    # their sources through it (qemuimg.Cache). A driver of storage that other hosts write
-    # must say False: a page cached here would hide their writes.
-    CACHED_READS = True
 
     def __init__(self, root: str, repo_uuid: str) -> None:
         self.root = root
