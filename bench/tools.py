@@ -43,9 +43,11 @@ def create(path: str, size: int, backing: str | None = None) -> float:
     return run([*argv, path, str(size)])
 
 
-def convert(src: str, dst: str) -> float:
-    """Bare ``qemu-img convert -t none -T none -W -O qcow2``: the full-copy reference."""
-    return run([QEMU_IMG, "convert", "-t", "none", "-T", "none", "-W", "-O", "qcow2", src, dst])
+def convert(src: str, dst: str, source_cache: str = "none") -> float:
+    """Bare ``qemu-img convert -t none -T none -W -O qcow2``: the full-copy reference (with
+    ``source_cache="writeback"``, reading the source through the page cache)."""
+    return run([QEMU_IMG, "convert", "-t", "none", "-T", source_cache, "-W", "-O", "qcow2",
+                src, dst])
 
 
 def span(offset: int, length: int, pattern: int) -> list[Chunk]:
