@@ -41,11 +41,6 @@ _ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 # long as the agent.
 _SETPRIV = shutil.which("setpriv", path=_ENV["PATH"])
 _DIE_WITH_PARENT = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
-# Commands that move data run at the lowest CPU priority, as VDSM runs its qemu-img: on a busy
-# host the VMs come first, and a copy takes what they leave. (On this idle 2-core machine it
-# changes neither a copy's speed nor the status p99 during one, measured with make bench.)
-_NICE = shutil.which("nice", path=_ENV["PATH"])
-_BACKGROUND = [_NICE, "-n", "19"] if _NICE else []
 
 
 class Cancel:
@@ -98,19 +93,17 @@ def run(
     cancel: Cancel | None = None,
     cwd: str | None = None,
     ok_codes: Sequence[int] = (0,),
-    background: bool = False,
 ) -> str:
     """Run argv, return its stdout; raise NoSpace, OperationStopped or CommandFailed.
 
     ``ok_codes``: exit codes that are answers, not failures (qemu-img check's 2 and 3).
-    ``background``: a long command that moves data, run at the lowest CPU priority.
     """
     if cancel is not None:
         cancel.check()
     log.debug("event=exec argv=%r", list(argv))
     try:
         proc = subprocess.Popen(
-            [*_DIE_WITH_PARENT, *(_BACKGROUND if background else []), *argv],
+            [*_DIE_WITH_PARENT, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -40,7 +40,7 @@ def convert(
     if dst_fmt == "qcow2":
         argv += ["-o", "compat=1.1"]
     argv += [src, dst]
-    command.run(argv, progress=progress, cancel=cancel, background=True)
+    command.run(argv, progress=progress, cancel=cancel)
 
 
 def rebase(
@@ -59,7 +59,7 @@ def rebase(
     if backing:  # "" makes the image stand alone: no backing, no format
         argv += ["-F", backing_fmt]
     argv.append(path)
-    command.run(argv, progress=progress, cancel=cancel, background=True)
+    command.run(argv, progress=progress, cancel=cancel)
 
 
 def info(path: str, fmt: str | None = None, chain: bool = False) -> Any:
@@ -81,7 +81,7 @@ def check(path: str, fmt: str = "qcow2", repair: str | None = None) -> Any:
     if repair:
         argv += ["-r", repair]
     argv.append(path)
-    return json.loads(command.run(argv, ok_codes=(0, 2, 3), background=repair is not None))
+    return json.loads(command.run(argv, ok_codes=(0, 2, 3)))
 
 
 def commit(
@@ -94,7 +94,7 @@ def commit(
     was (-d), so every image reading through it sees the same bytes throughout."""
     cache = ["-t", "none"] if direct else ["-t", "writeback"]
     argv = [QEMU_IMG, "commit", "-p", "-d", *cache, "-f", "qcow2", path]
-    command.run(argv, progress=progress, cancel=cancel, background=True)
+    command.run(argv, progress=progress, cancel=cancel)
 
 def _cache(direct: bool) -> list[str]:
     """Cache modes: O_DIRECT where the file system has it, else writeback plus the fsync the
