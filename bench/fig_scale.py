@@ -181,5 +181,5 @@ def _measure(b: context.Bench, agent: agentproc.Agent, root: str, fill_time: flo
     b.note(f"Figure 7 fills its {IMAGES:,}-image repository directly with the engine's record "
            "writer (LocalRepository.put_volume/put_image) and qcow2 files copied from qemu-img "
            "templates, before the agent connects it, because making 10,000 images through the "
-           "API (a qemu-img process and several fsyncs each) would take minutes and the figure "
-           "measures reading a large repository, not filling one.")
+           "API would take about a minute (each create makes several records durable) and the "
+           "figure measures reading a large repository, not filling one.")
