@@ -41,9 +41,7 @@ def write_bytes(path: str, data: bytes, sync_dir: bool = True) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -53,6 +51,26 @@ def write_bytes(path: str, data: bytes, sync_dir: bool = True) -> None:
         os.rename(tmp, path)
         if sync_dir:
             fsync_dir(directory)
+    except OSError as e:
+        raise_no_space(path, e)
+        raise
+
+
+def write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_file(path: str, data: bytes | bytearray, mode: int = 0o644) -> None:
+    """Create or truncate ``path`` and write ``data`` into it, not durably (the caller fsyncs
+    it, or renames it into place after an fsync)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise_no_space(path, e)
         raise

@@ -163,14 +163,4 @@ def create(path: str, size: int, backing: str | None = None,
     image[0:len(cluster0)] = cluster0
     image[_REFCOUNT_TABLE:_REFCOUNT_TABLE + 8] = struct.pack(">Q", _REFCOUNT_BLOCK)
     image[_REFCOUNT_BLOCK:_REFCOUNT_BLOCK + len(refcounts)] = refcounts
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(image)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-    except OSError as e:
-        fileio.raise_no_space(path, e)
-        raise
+    fileio.write_file(path, image)  # 0644, as qemu-img makes it
