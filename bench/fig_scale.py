@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import os
 import time
+from collections.abc import Callable
 
 from agent.image import model
 from agent.repo import localfs
@@ -140,24 +141,22 @@ def _measure(b: context.Bench, agent: agentproc.Agent, root: str, fill_time: flo
     connect = time.perf_counter() - t0
     counts: dict[str, int] = {}
 
-    def list_images() -> float:
-        t = time.perf_counter()
-        got = agent.call("listImages", repositoryId=REPO)
-        took = time.perf_counter() - t
-        counts["list"] = len(got)
-        return took
-
-    def check() -> float:
-        t = time.perf_counter()
-        got = agent.call("checkStorageRepository", repositoryId=REPO)
-        took = time.perf_counter() - t
-        counts["fixes"] = len(got)
-        return took
+    def timed(method: str, key: str) -> Callable[[], float]:
+        """A call of method on the repository, timed; the length of its answer kept as key."""
+        def call() -> float:
+            t = time.perf_counter()
+            got = agent.call(method, repositoryId=REPO)
+            took = time.perf_counter() - t
+            counts[key] = len(got)
+            return took
+        return call
 
     n = b.reps(5)
     b.say(f"7: listImages and checkStorageRepository, {n} pairs each")
-    s_list, r_list = stats.alternate(n, list_images, lambda: floor_list(root))
-    s_check, r_check = stats.alternate(n, check, lambda: floor_check(root))
+    s_list, r_list = stats.alternate(n, timed("listImages", "list"),
+                                      lambda: floor_list(root))
+    s_check, r_check = stats.alternate(n, timed("checkStorageRepository", "fixes"),
+                                        lambda: floor_check(root))
     mem = agent.memory()
     if counts["list"] != IMAGES:
         raise context.BenchError(f"listImages gave {counts['list']} images, not {IMAGES}")

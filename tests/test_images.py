@@ -280,9 +280,7 @@ def test_a_disk_being_copied_cannot_be_prepared(engine: Engine) -> None:
     c = engine.call("copyImage", "r2", d, None, {}, {"AutoFix": False})
     with pytest.raises(errors.ImageBusy):
         engine.call("prepareImage", "r1", d)
-    [mend] = engine.call("checkStorageRepository", "r2")
-    engine.call("fixStorageRepository", "r2", mend)
-    assert engine.settle("r2", c)["status"] == "optimized"
+    mend_the_one(engine, "r2", c)
     assert engine.call("prepareImage", "r1", d)["path"]
 
 
@@ -306,9 +304,7 @@ def test_the_source_of_an_unfinished_copy_cannot_be_removed(engine: Engine) -> N
     c = engine.call("copyImage", "r2", s, None, {}, {"AutoFix": False})
     with pytest.raises(errors.ImageBusy):
         engine.call("removeImage", "r1", s)
-    [mend] = engine.call("checkStorageRepository", "r2")
-    engine.call("fixStorageRepository", "r2", mend)
-    assert engine.settle("r2", c)["status"] == "optimized"
+    mend_the_one(engine, "r2", c)
     engine.call("removeImage", "r1", s)  # now it may go
 
 
