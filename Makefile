@@ -8,23 +8,37 @@ DEB_PACKAGES := qemu-utils sanlock python3-sanlock python3-venv
 # Commands (or files) whose absence means a Debian package is missing.
 DEB_PROBES := /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/sanlock \
               /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
+# Only the tests need these: the reflink tests make XFS and btrfs file systems on loop files.
+TEST_DEB_PACKAGES := xfsprogs btrfs-progs
+TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs
+
+# $(call debs,PROBES,PACKAGES,EXTRA-CHECK,NOT-ROOT): apt-get install PACKAGES (as root) when a
+# probe is missing or EXTRA-CHECK fails; not root, say so and run NOT-ROOT (exit 1, or true).
+define debs
+	@missing=0; for p in $(1); do [ -e $$p ] || missing=1; done; \
+	$(3) || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2); \
+	  else \
+	    echo "missing Debian packages; run as root or: sudo apt-get install $(2)" >&2; $(4); \
+	  fi; \
+	fi
+endef
 
 .PHONY: run test lint bench deps clean install
 
 deps: $(VENV)/.installed
 
 $(VENV)/.debs:
-	@missing=0; for p in $(DEB_PROBES); do [ -e $$p ] || missing=1; done; \
-	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=1; \
-	if [ $$missing = 1 ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES); \
-	  else \
-	    echo "missing Debian packages; run as root or: sudo apt-get install $(DEB_PACKAGES)" >&2; exit 1; \
-	  fi; \
-	fi
+	$(call debs,$(DEB_PROBES),$(DEB_PACKAGES),$(PYTHON) -c 'import ensurepip' 2>/dev/null,exit 1)
 	@# The venv must come from the distribution's python3: python3-sanlock is built for it.
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv --system-site-packages $(VENV)
+	touch $@
+
+$(VENV)/.testdebs: $(VENV)/.debs
+	@# Not root: the loop-mount tests skip anyway, saying why.
+	$(call debs,$(TEST_DEB_PROBES),$(TEST_DEB_PACKAGES),true,true)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.debs setup.cfg pyproject.toml
@@ -35,7 +49,7 @@ $(VENV)/.installed: $(VENV)/.debs setup.cfg pyproject.toml
 run: deps
 	$(VENV)/bin/strata-agent --dev $(DEV)
 
-test: deps
+test: deps $(VENV)/.testdebs
 	$(VENV)/bin/tox -q
 
 lint: deps

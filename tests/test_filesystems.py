@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from typing import Any
@@ -40,6 +41,38 @@ def test_performance_copy_is_a_reflink_on_xfs(tmp_path: Any) -> None:
             # Writing to the clone leaves the snapshot as it was.
             qemu.write(path, 0x77, 0, MiB)
             assert qemu.reads(e.path("r1", s), 0x3C, 0, 64 * MiB)
+        finally:
+            e.api.close()
+
+
+def test_a_clone_the_file_system_refuses_becomes_a_copy(tmp_path: Any,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """btrfs clones, but not from a copy-on-write file into a no-copy-on-write one (EINVAL):
+    with ``chattr +C`` on the volumes directory after the snapshot was written, the
+    performance disk falls back to qemu-img convert and is still a whole, independent copy."""
+    with mounts.loop_mount(str(tmp_path), "btrfs", 512) as mnt:
+        e = Engine(mnt)
+        try:
+            assert "reflink" in e.call("getStorageRepositoryInfo", "r1")["capabilities"]
+            d = e.call("createVirtualDisk", "r1", 128 * MiB)
+            e.settle("r1", d)
+            qemu.write(e.path("r1", d), 0x3C, 0, 64 * MiB)
+            s = e.call("createSnapshot", "r1", d)
+            e.settle("r1", s)
+            subprocess.run(["chattr", "+C", os.path.join(e.roots["r1"], "volumes")], check=True)
+            with caplog.at_level(logging.INFO, logger="agent.image.operations"):
+                copy = e.call("createVirtualDisk", "r1", 128 * MiB, s, {},
+                              {"strategy": "performance"})
+                st = e.settle("r1", copy)
+            assert st["status"] == "optimized" and st["last_error"] is None
+            assert "event=reflink_refused" in caplog.text
+            assert "event=reflink " not in caplog.text
+            path = e.path("r1", copy)
+            assert "backing-filename" not in qemu.info(path)
+            assert qemu.reads(path, 0x3C, 0, 64 * MiB)
+            qemu.write(path, 0x77, 0, MiB)
+            assert qemu.reads(e.path("r1", s), 0x3C, 0, 64 * MiB)
+            assert e.call("checkStorageRepository", "r1") == []
         finally:
             e.api.close()
 
