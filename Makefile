@@ -8,7 +8,7 @@ DEB_PACKAGES := qemu-utils sanlock python3-sanlock python3-venv
 # Commands (or files) whose absence means a Debian package is missing.
 DEB_PROBES := /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/sanlock \
               /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
-# Only the tests need these: the reflink tests make XFS and btrfs file systems on loop files.
+# Only the tests and the benchmark need these: they make XFS and btrfs file systems on loop files.
 TEST_DEB_PACKAGES := xfsprogs btrfs-progs
 TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs
 
@@ -55,7 +55,7 @@ test: deps $(VENV)/.testdebs
 lint: deps
 	$(VENV)/bin/tox -q -e lint
 
-bench: deps
+bench: deps $(VENV)/.testdebs
 	$(VENV)/bin/python -m bench
 
 clean:
