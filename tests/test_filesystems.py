@@ -16,16 +16,22 @@ pytestmark = pytest.mark.root
 MiB = qemu.MiB
 
 
+def _snapshot_to_clone(e: Engine) -> str:
+    """In r1, on a file system that clones: a snapshot holding 64 MiB of 0x3C."""
+    assert "reflink" in e.call("getStorageRepositoryInfo", "r1")["capabilities"]
+    d = e.call("createVirtualDisk", "r1", 128 * MiB)
+    e.settle("r1", d)
+    qemu.write(e.path("r1", d), 0x3C, 0, 64 * MiB)
+    s: str = e.call("createSnapshot", "r1", d)
+    e.settle("r1", s)
+    return s
+
+
 def test_performance_copy_is_a_reflink_on_xfs(tmp_path: Any) -> None:
     with mounts.loop_mount(str(tmp_path), "xfs", 512) as mnt:
         e = Engine(mnt)
         try:
-            assert "reflink" in e.call("getStorageRepositoryInfo", "r1")["capabilities"]
-            d = e.call("createVirtualDisk", "r1", 128 * MiB)
-            e.settle("r1", d)
-            qemu.write(e.path("r1", d), 0x3C, 0, 64 * MiB)
-            s = e.call("createSnapshot", "r1", d)
-            e.settle("r1", s)
+            s = _snapshot_to_clone(e)
             used = _used(mnt)
             clone = e.call("createVirtualDisk", "r1", 128 * MiB, s, {},
                            {"strategy": "performance"})
@@ -53,12 +59,7 @@ def test_a_clone_the_file_system_refuses_becomes_a_copy(tmp_path: Any,
     with mounts.loop_mount(str(tmp_path), "btrfs", 512) as mnt:
         e = Engine(mnt)
         try:
-            assert "reflink" in e.call("getStorageRepositoryInfo", "r1")["capabilities"]
-            d = e.call("createVirtualDisk", "r1", 128 * MiB)
-            e.settle("r1", d)
-            qemu.write(e.path("r1", d), 0x3C, 0, 64 * MiB)
-            s = e.call("createSnapshot", "r1", d)
-            e.settle("r1", s)
+            s = _snapshot_to_clone(e)
             subprocess.run(["chattr", "+C", os.path.join(e.roots["r1"], "volumes")], check=True)
             with caplog.at_level(logging.INFO, logger="agent.image.operations"):
                 copy = e.call("createVirtualDisk", "r1", 128 * MiB, s, {},
