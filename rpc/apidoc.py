@@ -61,7 +61,10 @@ class Method:
             value = given[p.name]
             if _depth(value) > MAX_DEPTH:
                 raise ParamError(f"invalid parameter {p.name!r}: nested deeper than {MAX_DEPTH}")
-            error = jsonschema.exceptions.best_match(p.validator.iter_errors(value))
+            # is_valid stops at the first failure; best_match walks every error and is worth
+            # it only for the message (a quarter of a getImageStatus call's CPU when always run).
+            error = (None if p.validator.is_valid(value)
+                     else jsonschema.exceptions.best_match(p.validator.iter_errors(value)))
             if error is not None:
                 where = "".join(f"[{x!r}]" for x in error.absolute_path)
                 hint = p.schema.get("description")

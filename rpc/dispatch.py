@@ -10,6 +10,7 @@ agent declares safe, getImageStatus, runs on the hub itself: see Api.runs_inline
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
@@ -127,9 +128,16 @@ class Dispatcher:
                 )
             return jsonrpcserver.Success(result)
 
+        # jsonrpcserver checks every call's arguments against inspect.signature(call), which
+        # would parse this closure anew each time; bind() above does the real checking.
+        call.__signature__ = ANY_ARGS  # type: ignore[attr-defined]
         return call
 
 
+ANY_ARGS = inspect.Signature([
+    inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+    inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+])
 READS = frozenset({
     "getImageStatus", "getImageInfo", "listImages", "listStorageRepositories",
     "getStorageRepositoryInfo", "getHostInfo", "checkStorageRepository", "rpc.discover",
