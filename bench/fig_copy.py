@@ -53,7 +53,7 @@ def full(b: context.Bench) -> None:
         finally:
             tools.remove(out)
 
-    n = b.reps(9)  # a 2 GiB copy varies by ±6% here from run to run
+    n = b.reps(10)  # a 2 GiB copy varies by ±6% here from run to run
     b.say(f"3: full copies of 2 GiB, {n} pairs")
     s, r = stats.alternate(n, strata, reference, warmup=False)
     ratio = stats.pair_ratio(r, s)  # throughput ratio: bare time over Strata time
@@ -80,7 +80,7 @@ def diff(b: context.Bench) -> None:
         allocated: list[float] = []
         ideal: list[float] = []
         free_drop: list[int] = []
-        n = b.reps(3)
+        n = b.reps(4)
         b.say(f"4: {n} copies against a base after changing 5% of the disk")
         for i in range(n):
             chunks = [(j * CHANGE_STRIDE + (i + 1) * MiB, MiB, 0x60 + i)

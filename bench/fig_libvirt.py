@@ -197,12 +197,12 @@ def _measure(b: context.Bench, pool: Any) -> None:
         pool.createXML(xml, 0)
         return time.perf_counter() - t0
 
-    n = b.reps(9)
+    n = b.reps(10)
     b.say(f"8: thin create vs libvirt, {n} pairs")
     ratio_of["thin"] = stats.alternate(n, strata_thin, libvirt_thin)
 
     # -- snapshot ------------------------------------------------------------------------------
-    n = b.reps(5)
+    n = b.reps(6)
     b.say(f"8: writing 1 GiB into each of {n + 2} disks and a libvirt volume")
     disks = [b.images.data_disk() for _ in range(n + 1)]
     data = pool.createXML(_volume_xml("data.qcow2", GiB), 0)
@@ -249,7 +249,7 @@ def _measure(b: context.Bench, pool: Any) -> None:
         finally:
             tools.remove(out)
 
-    n = b.reps(5)
+    n = b.reps(6)
     b.say(f"8: full copy of 1 GiB vs libvirt, {n} pairs (after a warm-up pair)")
     ratio_of["copy"] = stats.alternate(n, strata_copy, libvirt_copy)
     cached, cached_ref = stats.alternate(n, cached_copy, libvirt_copy)

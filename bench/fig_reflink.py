@@ -96,7 +96,7 @@ def _measure(b: context.Bench, mnt: str) -> None:
         return tools.run(["cp", "--reflink=always", src,
                           os.path.join(b.dir("xfs", "bare"), f"clone-{next(serial)}")])
 
-    n = b.reps(9)
+    n = b.reps(10)
     b.say(f"5: performance copies against cp --reflink=always, {n} pairs")
     s, r = stats.alternate(n, strata, reference)
     reflinks = agent.log_count("event=reflink") - reflinks_before

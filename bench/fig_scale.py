@@ -151,7 +151,7 @@ def _measure(b: context.Bench, agent: agentproc.Agent, root: str, fill_time: flo
             return took
         return call
 
-    n = b.reps(5)
+    n = b.reps(6)
     b.say(f"7: listImages and checkStorageRepository, {n} pairs each")
     s_list, r_list = stats.alternate(n, timed("listImages", "list"),
                                       lambda: floor_list(root))

@@ -156,7 +156,7 @@ def _measure(b: context.Bench, ref_sock: str, image: str, top_path: str) -> None
         tools.remove(out)
         return t0, t1
 
-    n = b.reps(5)
+    n = b.reps(6)
     results: dict[str, list[Load]] = {k: [] for k in ("s-idle", "r-idle", "s-busy", "r-busy")}
     coverage: list[float] = []
 
