@@ -37,8 +37,8 @@ def markdown(rows: list[context.Row], machine: dict[str, str], notes: list[str],
              elapsed: float, command: str) -> str:
     out = ["# Strata benchmark results", ""]
     out.append(f"`{command}`, {elapsed / 60:.1f} minutes. Each figure is the median of its runs "
-               "(min–max in brackets); ratios are medians of pairs run back to back, in "
-               "alternating order.")
+               "(min–max in brackets); pairs run back to back in alternating order, and a "
+               "ratio is the median over blocks of two pairs, one in each order.")
     out.append("")
     for key, value in machine.items():
         out.append(f"- {key}: {value}")
