@@ -292,9 +292,8 @@ class Checker:
                     raise errors.StaleFix(
                         f"image {image_id} or its layers came into use meanwhile; check again")
                 op = model.Operation(str(uuid.uuid4()), kind, image_id, params)
-                self.repo.put_operation(op)
                 img.fix_id = op.id
-                self.repo.put_image(img)
+                self.repo.put_intent(op, img)
                 if params.absorbed_image_id is not None:
                     absorbed = self.repo.get_image(params.absorbed_image_id)
                     if absorbed is not None:

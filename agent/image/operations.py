@@ -51,8 +51,7 @@ def materialize(
         # again (the final name is missing), data without a record gets its record below.
         try:
             produce(partial)
-            fileio.fsync_file(partial)
-            repo.put_volume(vol, sync_dir=False)
+            repo.put_volume(vol, sync_dir=False, data=partial)  # record and data fsync'd at once
         except BaseException:
             # Out of space or stopped: give the space back; the data is made again next time.
             fileio.remove(partial)

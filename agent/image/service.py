@@ -115,10 +115,7 @@ class ImageService:
         image: model.Image,
         options: model.Options,
     ) -> str:
-        # Journal first: a journal without its image is a finished-nothing the checker cleans;
-        # an image without its journal would be a broken image nobody can resume.
-        repo.put_operation(op)
-        repo.put_image(image)
+        repo.put_intent(op, image)
         log.info("event=intent op=%s kind=%s image=%s auto_fix=%s", op.id, op.kind, image.id,
                  options.auto_fix)
         if options.auto_fix:

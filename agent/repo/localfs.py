@@ -218,8 +218,18 @@ class LocalRepository:
         return self._get(IMAGES, image_id, model.Image.from_dict)
 
     def put_image(self, image: model.Image) -> None:
-        image.generation += 1
-        fileio.write_json(self._record_path(IMAGES, image.id), image.to_dict())
+        fileio.write_many([self._image_record(image)])
+
+    def _image_record(self, image: model.Image) -> tuple[str, bytes]:
+        image.generation += 1  # every write is a new generation: fixes made before are stale
+        return self._record_path(IMAGES, image.id), fileio.encode_json(image.to_dict())
+
+    def put_intent(self, op: model.Operation, image: model.Image) -> None:
+        """A new operation's journal and the image record naming it, both fsync'd at once and
+        durable in that order: a journal without its image is a finished-nothing the checker
+        cleans; an image naming a journal that is not there could never be resumed."""
+        fileio.write_many([(self._record_path(JOURNAL, op.id), fileio.encode_json(op.to_dict())),
+                           self._image_record(image)])
 
     def delete_image(self, image_id: str) -> None:
         fileio.remove(self._record_path(IMAGES, image_id))
@@ -230,8 +240,11 @@ class LocalRepository:
     def get_volume(self, vol_id: str) -> model.Volume | None:
         return self._get(VOLUMES, vol_id, model.Volume.from_dict)
 
-    def put_volume(self, vol: model.Volume, sync_dir: bool = True) -> None:
-        fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict(), sync_dir)
+    def put_volume(self, vol: model.Volume, sync_dir: bool = True,
+                   data: str | None = None) -> None:
+        """``data``: the volume's new data file, made durable together with the record."""
+        fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict(), sync_dir,
+                          () if data is None else (data,))
 
     def delete_volume_data(self, vol: model.Volume) -> None:
         """Data first, record last (``delete_volume_record``): a record whose data is gone
