@@ -53,7 +53,7 @@ def full(b: context.Bench) -> None:
         finally:
             tools.remove(out)
 
-    n = b.reps(10)  # a 2 GiB copy varies by ±6% here from run to run
+    n = b.reps(14)  # a 2 GiB copy varies by ±6% here from run to run: 7 blocks of two pairs
     b.say(f"3: full copies of 2 GiB, {n} pairs")
     s, r = stats.alternate(n, strata, reference, warmup=False)
     ratio = stats.pair_ratio(r, s)  # throughput ratio: bare time over Strata time

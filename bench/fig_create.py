@@ -89,7 +89,7 @@ def snapshot(b: context.Bench) -> None:
     """2. createSnapshot of a disk holding 1 GiB of data, against qemu-img create -b; and
     against a snapshot of an empty disk (independent of data size)."""
     agent = b.agent
-    n = b.reps(12)  # see above; each pair needs 1 GiB written first
+    n = b.reps(16)  # see above; each pair needs 1 GiB written first
     b.say(f"2: writing 1 GiB into each of {n + 1} disks")
     full = [b.images.data_disk() for _ in range(n + 1)]
     empty = [b.images.empty_disk() for _ in range(n + 1)]
