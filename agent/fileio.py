@@ -96,19 +96,19 @@ def fsync_together(files: Sequence[tuple[int, str]]) -> None:
     ended: the caller closes the fds next."""
     if not files:
         return
+    first, rest = files[0], list(files[1:])
     others: list[concurrent.futures.Future[None]] = []
-    if len(files) > 1:
+    if rest:
+        pool = _pool_for(os.fstat(first[0]).st_dev)
         try:
-            pool = _pool_for(os.fstat(files[0][0]).st_dev)
-            others = [pool.submit(_fsync, fd, path) for fd, path in files[1:]]
-        except RuntimeError:  # the interpreter is exiting: no new threads, one at a time
-            for f in others:
-                f.result()
-            for fd, path in files:
-                _fsync(fd, path)
-            return
+            while rest:
+                others.append(pool.submit(_fsync, *rest[0]))
+                rest.pop(0)
+        except RuntimeError:
+            pass  # the interpreter is exiting and starts no thread: the rest one at a time here
     try:
-        _fsync(*files[0])
+        for fd, path in [first, *rest]:
+            _fsync(fd, path)
     finally:
         concurrent.futures.wait(others)
     for f in others:
