@@ -8,9 +8,10 @@ DEB_PACKAGES := qemu-utils sanlock python3-sanlock python3-venv
 # Commands (or files) whose absence means a Debian package is missing.
 DEB_PROBES := /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/sanlock \
               /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
-# Only the tests and the benchmark need these: they make XFS and btrfs file systems on loop files.
-TEST_DEB_PACKAGES := xfsprogs btrfs-progs
-TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs
+# Only the tests and the benchmark need these: they make XFS and btrfs file systems on loop files,
+# and cut a qemu-img at a chosen system call (strace's fault injection).
+TEST_DEB_PACKAGES := xfsprogs btrfs-progs strace
+TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs /usr/bin/strace
 
 # $(call debs,PROBES,PACKAGES,EXTRA-CHECK,NOT-ROOT): apt-get install PACKAGES (as root) when a
 # probe is missing or EXTRA-CHECK fails; not root, say so and run NOT-ROOT (exit 1, or true).

@@ -2,11 +2,9 @@
 
 ``STRATA_TEST_CRASH_AT=KIND:STEP`` (read once at start-up) makes the process ``_exit(75)`` when it
 reaches that point: just before step STEP of an operation of kind KIND runs (``copyImage:seal``),
-at a named point inside a step (``mergeRebase:rebase-journaled``: the rebase's starting point is
-journaled, qemu-img has not started), or at a phase of the clean fix (``clean:volumes``). With
-``STRATA_TEST_CRASH_ARM=FILE`` as well, the point fires only once FILE exists, so a test can
-build its scene first. The crash tests enumerate every point; never set these variables in
-production.
+or at a phase of the clean fix (``clean:volumes``). With ``STRATA_TEST_CRASH_ARM=FILE`` as well,
+the point fires only once FILE exists, so a test can build its scene first. The crash tests
+enumerate every point; never set these variables in production.
 """
 
 from __future__ import annotations

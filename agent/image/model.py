@@ -146,10 +146,6 @@ class OpParams:
     new_parent_image_id: str | None = None
     absorbed_image_id: str | None = None  # merge by commit: the record forgotten at the end
     foreign_volume_id: str | None = None  # optimizeBacking: the volume in another repository
-    # rebase/flatten: the layer's backing (as its header names it, and format) before the
-    # rebase, journaled before qemu-img starts: a resumed rebase starts over from it.
-    rebase_from: str | None = None
-    rebase_from_format: str | None = None
 
     def volumes(self) -> list[str]:
         """Every volume this operation names: what clean must keep while it is unfinished."""

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from agent import command, crashpoint, errors, fileio, host, qcow2, qemuimg
+from agent import command, errors, fileio, host, qcow2, qemuimg
 from agent.image import chain, model
 from agent.repo import localfs
 
@@ -251,8 +251,10 @@ def switch_down(ctx: Context) -> None:
         ctx.repo.put_image(img)
 
 
-# The crash point inside rebase_in_place: its starting point is journaled, qemu-img not started.
-REBASE_JOURNALED = "rebase-journaled"
+# Fixes whose rebase gives the layer a backing that reads differently (a merge by rebase folds
+# the removed snapshot in, a flatten the layers between). optimizeBacking's new backing is a
+# complete copy of the old one: a header that names it reads the same bytes either way.
+_MOVES_BACKING = frozenset({model.OpKind.MERGE_REBASE, model.OpKind.FLATTEN})
 
 
 def rebase_in_place(ctx: Context) -> None:
@@ -266,27 +268,50 @@ def rebase_in_place(ctx: Context) -> None:
     else:
         parent = _volume(ctx.repo, new_parent_id)
         ref, fmt = ctx.repo.backing_reference(parent.id, parent.format), parent.format.value
-    header = qcow2.read_header(path)
+    if ctx.op.kind in _MOVES_BACKING:
+        # A header that already names the new backing does not prove the rebase done (see
+        # restore_backing): start again from where the record says the layer stands.
+        restore_backing(ctx.repo, ctx.op, ctx.cancel, ctx.direct)
+    else:
+        header = qcow2.read_header(path)
+        if header is not None and (header.backing or "") == ref:
+            return  # done before a crash, or cut after its header: the same bytes either way
+    qemuimg.rebase(path, ref, fmt, progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
+
+
+def restore_backing(repo: localfs.LocalRepository, op: model.Operation,
+                    cancel: command.Cancel | None = None, direct: bool = True) -> None:
+    """Point the layer a rebase fix rewrites back at the backing its record names (header
+    only), if a cut rebase moved it.
+
+    qemu-img rebase writes the new backing into the header before it flushes the L2 tables and
+    refcounts of the clusters it copied (qemu 7.2, seen with strace): cut in between (kill -9,
+    a stop, a crash), the header names the new backing over a layer that lost those clusters'
+    mappings. Until the fix's relink step, the record still names the old backing, which holds
+    those bytes, and the fix keeps it from being cleaned: read through it again, the layer reads
+    as before (what it did map is the same either way). So a fix resumed in its first step
+    starts from there, and a fix dropped in its first step leaves the layer so."""
+    if op.kind not in _MOVES_BACKING or op.params.rewrites is None:
+        return
+    vol = repo.get_volume(op.params.rewrites)
+    if vol is None:
+        return
+    path = repo.volume_path(vol.id, vol.format)
+    try:
+        header = qcow2.read_header(path)
+    except FileNotFoundError:
+        return
     if header is None:
         raise errors.ImageBroken(f"volume {vol.id} is not a qcow2 file any more")
-    if (header.backing or "") != ref:
-        if p.rebase_from is None:  # first run: journal where the layer stands before it moves
-            p.rebase_from, p.rebase_from_format = header.backing or "", header.backing_format
-            ctx.persist()
-            crashpoint.hit(ctx.op.kind.value, REBASE_JOURNALED)
-    elif p.rebase_from is None or p.rebase_from == ref:
-        return  # nothing to move (a journal from before rebase_from was kept)
-    else:
-        # The header already names the new backing, but that does not prove the rebase done:
-        # qemu-img rebase writes the header before it flushes the L2 tables and refcounts of
-        # the clusters it copied (qemu 7.2, seen with strace), so a crash in between leaves
-        # a layer that lost those clusters' mappings (a random kill -9 test caught it). The
-        # old backing is still here (relink, the next step, has not run): point the layer
-        # back at it, header only (what it did map reads the same either way), and rebase
-        # again.
-        qemuimg.rebase(path, p.rebase_from, p.rebase_from_format or "qcow2", safe=False,
-                       cancel=ctx.cancel, direct=ctx.direct)
-    qemuimg.rebase(path, ref, fmt, progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
+    ref, fmt = "", ""
+    if vol.parent_volume_id is not None:
+        parent = _volume(repo, vol.parent_volume_id)
+        ref, fmt = repo.backing_reference(parent.id, parent.format), parent.format.value
+    if os.path.basename(header.backing or "") == ref:
+        return  # where the record says (possibly by another spelling, which a mend relinks)
+    log.warning("event=rebase_undone volume=%s header=%r record=%r", vol.id, header.backing, ref)
+    qemuimg.rebase(path, ref, fmt, safe=False, cancel=cancel, direct=direct)
+    _repair_leaks(path)  # the clusters the cut rebase copied are allocated but unmapped
 
 
 def relink(ctx: Context) -> None:
@@ -327,10 +352,14 @@ def copy_backing(ctx: Context) -> None:
 def repair_leaks(ctx: Context) -> None:
     p = ctx.op.params
     vol = _volume(ctx.repo, model.need(p.rewrites, "volume to rewrite"))
-    report = qemuimg.check(ctx.repo.volume_path(vol.id, vol.format), repair="leaks")
+    _repair_leaks(ctx.repo.volume_path(vol.id, vol.format))
+    ctx.report(100.0)
+
+
+def _repair_leaks(path: str) -> None:
+    report = qemuimg.check(path, repair="leaks")
     if report.get("leaks", 0) - report.get("leaks-fixed", 0) > 0:
         raise errors.CommandFailed(f"qemu-img check could not repair every leak: {report}")
-    ctx.report(100.0)
 
 
 def seal_fix(ctx: Context) -> None:
@@ -357,8 +386,10 @@ def seal_fix(ctx: Context) -> None:
 
 def release_fix(repo: localfs.LocalRepository, op: model.Operation,
                 last_error: str | None) -> None:
-    """Drop a fix that has not passed its first step: that step keeps every byte whole, so the
-    repository is as before, and the checker proposes the fix again (with last_error)."""
+    """Drop a fix that has not passed its first step: that step keeps every byte whole (a cut
+    rebase is undone first: restore_backing), so the repository is as before, and the checker
+    proposes the fix again (with last_error)."""
+    restore_backing(repo, op)
     with repo.meta_lock:
         img = repo.get_image(op.image_id)
         if img is not None and img.fix_id == op.id:

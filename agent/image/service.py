@@ -325,6 +325,9 @@ class ImageService:
             op_id, img.operation_id = img.operation_id, None
             fix_id, img.fix_id = img.fix_id, None
             repo.put_image(img)
+            fix = repo.get_operation(fix_id) if fix_id is not None else None
+            if fix is not None:
+                operations.restore_backing(repo, fix)  # a layer others may read through
             for gone in (op_id, fix_id):
                 if gone is not None:
                     repo.delete_operation(gone)
