@@ -346,7 +346,8 @@ def test_every_rebase_has_a_cut_header_scenario() -> None:
     assert set(REBASES) == set(rebasing_kinds())
 
 
-def _cut_rebase(tmp_path: Any, kind: str) -> tuple[Daemon, Scene, dict[str, Any]]:
+def _cut_rebase(tmp_path: Any, kind: str, scenario: Callable[[Scene], None] | None = None
+                ) -> tuple[Daemon, Scene, dict[str, Any]]:
     """The state a rebase fix cut right after qemu-img wrote its header leaves: qemu-img rebase
     copies the clusters, writes the new backing into the layer's header, and only then flushes
     its refcounts and L2 tables (qemu 7.2, seen with strace). Made here for real: the agent
@@ -362,7 +363,7 @@ def _cut_rebase(tmp_path: Any, kind: str) -> tuple[Daemon, Scene, dict[str, Any]
                env={"STRATA_TEST_CRASH_AT": f"{kind}:rebase", "STRATA_TEST_CRASH_ARM": arm})
     d.start()
     s = Scene(d, str(tmp_path), arm)
-    REBASES[kind](s)
+    (scenario or REBASES[kind])(s)
     assert d.proc is not None and d.proc.wait(60) == crashpoint.EXIT_CODE, d.read_log()
     root = os.path.join(d.dir, "repos", "default")
     [name] = os.listdir(os.path.join(root, "journal"))
@@ -418,4 +419,50 @@ def test_a_consumer_before_the_mend_reads_the_bytes_a_cut_rebase_left(tmp_path: 
     finally:
         d.call("teardownImage", "default", image)
     assert os.listdir(os.path.join(d.dir, "repos", "default", "journal")) == []
+    _converge_and_verify(d, s)
+
+
+def _merge_under_a_snapshot(s: Scene) -> None:
+    """A merge by rebase whose rewritten layer is a snapshot's volume that a disk reads
+    through: removing that snapshot leaves the layer in use."""
+    d = s.disk((0x11, 0, MiB))
+    gone = s.snapshot(d)
+    s.write(d, (0x22, 2 * MiB, 2 * MiB))
+    s.snapshot(d)  # the merge rewrites this one's volume, which d's top stands on
+    s.write(d, (0x33, 6 * MiB, MiB))
+    s.remove(gone)
+    s.fix("merge")
+
+
+@pytest.mark.parametrize("how", ["removeImage", "an older agent's removal"])
+def test_a_layer_a_cut_rebase_left_is_put_back_when_its_fix_is_dropped_by_a_removal(
+        tmp_path: Any, how: str) -> None:
+    """The fix's own image is removed while the layer it rewrites stays in use by a disk. The
+    layer is put back on its old backing before the fix goes: by removeImage itself, or (an
+    image record an older agent left without its fix, the journal still there) by the clean
+    that deletes the orphaned journal. The disk must read every byte at once, before any
+    other fix (a merge proposed again would heal the layer too, and hide a miss)."""
+    d, s, op = _cut_rebase(tmp_path, "mergeRebase", _merge_under_a_snapshot)
+    snap = op["image_id"]
+    if how == "removeImage":
+        d.start()
+        d.call("removeImage", "default", snap)
+    else:
+        record = os.path.join(d.dir, "repos", "default", "images", f"{snap}.json")
+        with open(record) as f:
+            image = json.load(f)
+        image.update(removed=True, strong=False, fix_id=None)
+        with open(record, "w") as f:
+            json.dump(image, f)
+        d.start()
+        [clean] = d.call("checkStorageRepository", "default", {"types": ["clean"]})
+        d.call("fixStorageRepository", "default", clean)
+        assert os.listdir(os.path.join(d.dir, "repos", "default", "journal")) == []
+    s.expect.pop(snap)
+    [disk] = s.expect
+    path = d.call("prepareImage", "default", disk)["path"]
+    try:
+        assert qemu.reads_layout(path, s.expect[disk])
+    finally:
+        d.call("teardownImage", "default", disk)
     _converge_and_verify(d, s)

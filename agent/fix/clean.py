@@ -13,8 +13,8 @@ import logging
 import os
 import time
 
-from agent import crashpoint, fileio
-from agent.image import inventory, model
+from agent import crashpoint, errors, fileio
+from agent.image import inventory, model, operations
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,15 @@ def execute(repo: localfs.LocalRepository, p: Plan) -> int:
             fileio.remove(path)
         crashpoint.hit("clean", "journals")
         for op_id in p.journals:
+            op = repo.get_operation(op_id)
+            if op is not None:
+                # A rebase fix dropped without its layer put back (an agent before that was
+                # done on every path): last chance, the journal is what names the layer.
+                try:
+                    operations.restore_backing(repo, op)
+                except errors.Error as e:
+                    log.warning("event=journal_kept op=%s error=%r", op_id, e.message)
+                    continue  # kept, and proposed again: the rest of the clean goes on
             repo.delete_operation(op_id)
         crashpoint.hit("clean", "images")
         for image_id in p.images:

@@ -271,7 +271,7 @@ def rebase_in_place(ctx: Context) -> None:
     if ctx.op.kind in _MOVES_BACKING:
         # A header that already names the new backing does not prove the rebase done (see
         # restore_backing): start again from where the record says the layer stands.
-        restore_backing(ctx.repo, ctx.op, ctx.cancel, ctx.direct)
+        restore_backing(ctx.repo, ctx.op, ctx.cancel)
     else:
         header = qcow2.read_header(path)
         if header is not None and (header.backing or "") == ref:
@@ -280,7 +280,7 @@ def rebase_in_place(ctx: Context) -> None:
 
 
 def restore_backing(repo: localfs.LocalRepository, op: model.Operation,
-                    cancel: command.Cancel | None = None, direct: bool = True) -> None:
+                    cancel: command.Cancel | None = None) -> None:
     """Point the layer a rebase fix rewrites back at the backing its record names (header
     only), if a cut rebase moved it.
 
@@ -310,7 +310,8 @@ def restore_backing(repo: localfs.LocalRepository, op: model.Operation,
     if os.path.basename(header.backing or "") == ref:
         return  # where the record says (possibly by another spelling, which a mend relinks)
     log.warning("event=rebase_undone volume=%s header=%r record=%r", vol.id, header.backing, ref)
-    qemuimg.rebase(path, ref, fmt, safe=False, cancel=cancel, direct=direct)
+    # Header only: no cluster is read, so only this file's O_DIRECT matters.
+    qemuimg.rebase(path, ref, fmt, safe=False, cancel=cancel, direct=repo.direct_io)
     _repair_leaks(path)  # the clusters the cut rebase copied are allocated but unmapped
 
 
@@ -358,6 +359,9 @@ def repair_leaks(ctx: Context) -> None:
 
 def _repair_leaks(path: str) -> None:
     report = qemuimg.check(path, repair="leaks")
+    if report.get("corruptions", 0) > 0:
+        raise errors.ImageBroken(f"qemu-img check finds {path} corrupt; a person must decide "
+                                 f"how to repair it: {report}")
     if report.get("leaks", 0) - report.get("leaks-fixed", 0) > 0:
         raise errors.CommandFailed(f"qemu-img check could not repair every leak: {report}")
 

@@ -320,14 +320,16 @@ class ImageService:
         with repo.meta_lock:
             img = self._image(repo, image_id, repo_id)
             self._removable(repo, img)
+            fix = repo.get_operation(img.fix_id) if img.fix_id is not None else None
+            if fix is not None:
+                # Before the image lets go of its fix: a layer others may read through, and
+                # once the link is gone, nothing would undo a cut rebase any more.
+                operations.restore_backing(repo, fix)
             img.removed = True
             img.strong = False
             op_id, img.operation_id = img.operation_id, None
             fix_id, img.fix_id = img.fix_id, None
             repo.put_image(img)
-            fix = repo.get_operation(fix_id) if fix_id is not None else None
-            if fix is not None:
-                operations.restore_backing(repo, fix)  # a layer others may read through
             for gone in (op_id, fix_id):
                 if gone is not None:
                     repo.delete_operation(gone)
