@@ -262,12 +262,7 @@ def rebase_in_place(ctx: Context) -> None:
     p = ctx.op.params
     vol = _volume(ctx.repo, model.need(p.rewrites, "volume to rewrite"))
     path = ctx.repo.volume_path(vol.id, vol.format)
-    new_parent_id = p.new_parent_volume_id
-    if new_parent_id is None:
-        ref, fmt = "", ""
-    else:
-        parent = _volume(ctx.repo, new_parent_id)
-        ref, fmt = ctx.repo.backing_reference(parent.id, parent.format), parent.format.value
+    ref, fmt = _backing_of(ctx.repo, p.new_parent_volume_id)
     if ctx.op.kind in _MOVES_BACKING:
         # A header that already names the new backing does not prove the rebase done (see
         # restore_backing): start again from where the record says the layer stands.
@@ -303,16 +298,22 @@ def restore_backing(repo: localfs.LocalRepository, op: model.Operation,
         return
     if header is None:
         raise errors.ImageBroken(f"volume {vol.id} is not a qcow2 file any more")
-    ref, fmt = "", ""
-    if vol.parent_volume_id is not None:
-        parent = _volume(repo, vol.parent_volume_id)
-        ref, fmt = repo.backing_reference(parent.id, parent.format), parent.format.value
+    ref, fmt = _backing_of(repo, vol.parent_volume_id)
     if os.path.basename(header.backing or "") == ref:
         return  # where the record says (possibly by another spelling, which a mend relinks)
     log.warning("event=rebase_undone volume=%s header=%r record=%r", vol.id, header.backing, ref)
     # Header only: no cluster is read, so only this file's O_DIRECT matters.
     qemuimg.rebase(path, ref, fmt, safe=False, cancel=cancel, direct=repo.direct_io)
     _repair_leaks(path)  # the clusters the cut rebase copied are allocated but unmapped
+
+
+def _backing_of(repo: localfs.LocalRepository, vol_id: str | None) -> tuple[str, str]:
+    """How a layer's header names volume ``vol_id`` as its backing file, and its format
+    (``""`` for none: the layer stands alone)."""
+    if vol_id is None:
+        return "", ""
+    parent = _volume(repo, vol_id)
+    return repo.backing_reference(parent.id, parent.format), parent.format.value
 
 
 def relink(ctx: Context) -> None:
