@@ -235,7 +235,7 @@ class Api:
     def fixStorageRepository(
         self, repositoryId: str, fix: dict[str, Any], options: dict[str, Any]
     ) -> dict[str, Any]:
-        done = self._checker(repositoryId).apply(fix["type"], fix["data"])
+        done = self._checker(repositoryId).apply(fix)
         return {"type": done.type.value, "imageIds": done.image_ids}
 
     def _checker(self, repo_id: str) -> checker.Checker:

@@ -94,6 +94,14 @@ class LeaseHeld(Error):
     name = "LeaseHeld"
 
 
+class ClaimLost(Error):
+    """An owner's claim was taken back (its repository was disconnected by force; on shared
+    storage, its lease expired): it must stop writing. Its operation stays resumable."""
+
+    code = 1302
+    name = "ClaimLost"
+
+
 class StaleFix(Error):
     code = 1400
     name = "StaleFix"
@@ -127,6 +135,7 @@ ALL: tuple[type[Error], ...] = (
     NoOperation,
     NoSpace,
     LeaseHeld,
+    ClaimLost,
     StaleFix,
     CommandFailed,
     OperationStopped,

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from agent import errors, repo
-from agent.image import model
+from agent.image import claims, model
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class Host:
         self.host_id = host_id
         self._lock = threading.Lock()
         self._connections: dict[str, Connection] = {}
+        # Who may change which image now: the one place every call, operation and fix asks.
+        self.claims = claims.Claims(self)
 
     # -- connections -------------------------------------------------------------------------
 

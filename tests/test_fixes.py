@@ -346,10 +346,13 @@ def test_a_fix_never_starts_on_an_image_prepared_while_it_was_checked(
     engine.call("removeImage", "r1", s)
     [merge] = fixes(engine)
     real = check.Checker.check
+    landed: list[bool] = []
 
     def check_then_prepare(self: check.Checker, *a: Any, **k: Any) -> Any:
         found = real(self, *a, **k)
-        engine.api.images.prepare("r1", d)  # a consumer lands between check and start
+        if not landed:  # a consumer lands between the first look and the claim
+            landed.append(True)
+            engine.api.images.prepare("r1", d)
         return found
 
     monkeypatch.setattr(check.Checker, "check", check_then_prepare)

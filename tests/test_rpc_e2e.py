@@ -116,7 +116,12 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(daemon: Daemon) -> None
         ("connectStorageRepository", {"repoId": "x", "repoFormat": "localfs-1.0",
                                       "connectionParameters": {}}, -32602, "path"),
         ("fixStorageRepository", {"repositoryId": "default",
-                                  "fix": {"type": "clean", "data": "forged"}}, 1400, "stale"),
+                                  "fix": {"type": "clean", "imageIds": [], "description": "x",
+                                          "data": "forged"}}, 1400, "stale"),
+        # A fix is the whole object the checker proposed: a part of one is refused.
+        ("fixStorageRepository", {"repositoryId": "default",
+                                  "fix": {"type": "clean", "data": "forged"}}, -32602,
+         "'imageIds'"),
         ("setImageUserData", {"repositoryId": "default", "imageId": d,
                               "userData": {"x": "y" * 70000}}, -32602, "'userData'"),
     ]

@@ -1,8 +1,11 @@
 """checkStorageRepository: read the repository's own state and say what is left to do.
 
 It takes no long lock: every record it reads is replaced atomically, and every fix it proposes is
-derived again from the then-current state when a client asks to run it (see ``apply``), so a
-stale or forged fix can never run.
+derived again when a client asks to run it (see ``apply``): under the claim of every image the fix
+changes, from the then-current state, and only for those images. A fix runs only if that gives
+back exactly the fix the client sent (type, imageIds, description, data: the data is a digest of
+the facts it was derived from, generations included), so a stale, repeated or forged fix never
+runs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from agent import errors, host, qemuimg
 from agent.fix import clean, fixes
-from agent.image import inventory, model, operations, runner
+from agent.image import claims, inventory, model, operations, runner
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
@@ -29,9 +32,17 @@ class Checker:
     runner: runner.Runner
     repo: localfs.LocalRepository
     max_depth: int = 10
+    _focus: set[str] | None = dataclasses.field(default=None, init=False)
 
-    def check(self, types: set[fixes.FixType] | None = None, deep: bool = False) -> list[fixes.Fix]:
+    def _skip(self, image_id: str) -> bool:
+        return self._focus is not None and image_id not in self._focus
+
+    def check(self, types: set[fixes.FixType] | None = None, deep: bool = False,
+              focus: set[str] | None = None) -> list[fixes.Fix]:
+        """What is left to do; ``focus``: only the fixes of these images (what applying one
+        fix derives again), so a deep check looks at their volumes alone."""
         wanted = types or set(fixes.FixType)
+        self._focus = focus
         active = {op_id for op_id in self._op_ids() if self.runner.is_active(op_id)}
         inv = inventory.Inventory(
             self.repo, active, self.host.find_volume,
@@ -60,7 +71,7 @@ class Checker:
     def _mends(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         out = []
         for op in inv.live_ops:
-            if op.id in inv.active:
+            if op.id in inv.active or self._skip(op.image_id):
                 continue
             img = inv.images[op.image_id]
             out.append(fixes.Fix(
@@ -90,7 +101,7 @@ class Checker:
         out = []
         header_cache: dict[str, inventory.Fault | None] = {}
         for img in inv.images.values():
-            if img.removed or img.operation_id is not None:
+            if img.removed or img.operation_id is not None or self._skip(img.id):
                 continue  # images being made are the mends' business
             vols, fault = inv.chains[img.id]
             if fault is not None:
@@ -131,7 +142,7 @@ class Checker:
     def _flattens(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         out = []
         for img in inv.images.values():
-            if img.removed:
+            if img.removed or self._skip(img.id):
                 continue
             vols, fault = inv.chains[img.id]
             if fault is not None or len(vols) <= self.max_depth or img.id in inv.foreign:
@@ -159,7 +170,8 @@ class Checker:
         seen: set[str] = set()
         for img in inv.images.values():
             elsewhere = inv.foreign.get(img.id)
-            if img.removed or not elsewhere or inv.chains[img.id][1] is not None:
+            if img.removed or self._skip(img.id) or not elsewhere \
+                    or inv.chains[img.id][1] is not None:
                 continue
             vols = inv.chains[img.id][0]
             k = next(i for i, v in enumerate(vols) if v.id in elsewhere)
@@ -188,7 +200,7 @@ class Checker:
     def _leaks(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         out = []
         for img in inv.images.values():
-            if img.removed or img.operation_id is not None:
+            if img.removed or img.operation_id is not None or self._skip(img.id):
                 continue
             vol = inv.volumes.get(img.volume_id)
             if vol is None or vol.format != model.VolumeFormat.QCOW2:
@@ -216,7 +228,7 @@ class Checker:
         out = []
         for removed in inv.images.values():
             lower_id = removed.volume_id
-            if not removed.removed or lower_id not in inv.needed:
+            if not removed.removed or self._skip(removed.id) or lower_id not in inv.needed:
                 continue
             if lower_id in inv.needed_elsewhere or lower_id in inv.pending_volumes:
                 continue  # another repository's chain, or an unfinished operation, reads it
@@ -237,14 +249,16 @@ class Checker:
             if by_commit:
                 kind = model.OpKind.MERGE_COMMIT
                 params = model.OpParams(lower_volume_id=lower_id, upper_volume_id=upper_id,
-                                        rewrites=lower_id, absorbed_image_id=removed.id)
+                                        rewrites=lower_id, absorbed_image_id=removed.id,
+                                        folded_image_id=removed.id)
                 how = f"qemu-img commit, about {commit_writes} bytes to write"
             else:
                 kind = model.OpKind.MERGE_REBASE
                 params = model.OpParams(lower_volume_id=lower_id, upper_volume_id=upper_id,
                                         rewrites=upper_id,
                                         new_parent_volume_id=lower.parent_volume_id,
-                                        new_parent_image_id=lower.parent_image_id)
+                                        new_parent_image_id=lower.parent_image_id,
+                                        folded_image_id=removed.id)
                 how = f"qemu-img rebase, about {rebase_writes} bytes to write"
             out.append(fixes.Fix(
                 fixes.FixType.MERGE,
@@ -271,26 +285,31 @@ class Checker:
             f"nothing needs, {len(p.images)} removed image record(s), "
             f"{len(p.journals)} finished journal(s), {len(p.strays)} leftover file(s)",
             p.facts(),
-            functools.partial(clean.execute, self.repo, p),
+            lambda _claim: clean.execute(self.repo, p),
         )]
 
     # -- running fixes -------------------------------------------------------------------------
 
     def _starter(self, kind: model.OpKind, image_id: str,
-                 params: model.OpParams) -> Callable[[], None]:
-        def start() -> None:
+                 params: model.OpParams) -> Callable[[claims.Claim], None]:
+        def start(claim: claims.Claim) -> None:
+            # Under the claim of every image of the fix, derived again from the current state:
+            # nothing here was checked before the claim only.
             with self.repo.meta_lock:
                 img = self.repo.get_image(image_id)
                 if img is None or img.fix_id is not None or img.operation_id is not None:
                     raise errors.StaleFix(f"image {image_id} changed meanwhile")
-                # The check ran without the lock: under it, make sure no consumer prepared,
-                # and no operation started to use, what this fix rewrites since then.
-                inv = inventory.Inventory(self.repo, set(), self.host.find_volume)
-                touched = set(params.volumes())
-                busy = touched & (inv.in_use | inv.rewritten | inv.pending_volumes)
-                if busy or img.prepared_by:
-                    raise errors.StaleFix(
-                        f"image {image_id} or its layers came into use meanwhile; check again")
+                folded = params.folded_image_id
+                for other_id in dict.fromkeys(i for i in (image_id, folded) if i is not None):
+                    other = self.repo.get_image(other_id)
+                    if other is None:
+                        raise errors.StaleFix(f"image {other_id} is gone; check again")
+                    busy = self.host.claims.conflicts(self.repo, other, claims.Mode.WRITE,
+                                                      [claim.owner])
+                    if busy:
+                        raise errors.ImageBusy(
+                            f"image {other_id} is in use by {busy[0].describe()}; run the fix "
+                            "once that is over", imageId=other_id)
                 op = model.Operation(str(uuid.uuid4()), kind, image_id, params)
                 img.fix_id = op.id
                 self.repo.put_intent(op, img)
@@ -299,34 +318,53 @@ class Checker:
                     if absorbed is not None:
                         absorbed.absorbing = True  # from now on its volume is not its own
                         self.repo.put_image(absorbed)
-            log.info("event=fix_started kind=%s image=%s op=%s", kind.value, image_id, op.id)
-            self.runner.submit(self.repo, op.id)
+                log.info("event=fix_started kind=%s image=%s op=%s", kind.value, image_id,
+                         op.id)
+                # Under the claim: the operation's own claim follows it without a gap.
+                self.runner.submit(self.repo, op.id)
 
         return start
 
-    def apply(self, fix_type: str, data: str) -> fixes.Fix:
-        """Run a fix a client sends back, only if the checker proposes exactly it right now."""
+    def apply(self, sent: dict[str, Any]) -> fixes.Fix:
+        """Run a fix a client sends back, only if the checker proposes exactly it right now.
+
+        What the fix names is only a hint of what to claim: the fix is derived again under the
+        claim, for its own images only (never a check of the whole repository, nor a deep one
+        of every image), and must come out the same, or it is stale."""
         try:
-            wanted = fixes.FixType(fix_type)
+            wanted = fixes.FixType(str(sent.get("type")))
         except ValueError:
-            raise errors.InvalidArgument(f"unknown fix type {fix_type!r}", param="fix") from None
-        # Clean deletes: derive its plan and run it under the metadata lock, so nothing can
-        # start to need what it deletes in between. The others only start operations, which
-        # check again under the lock themselves.
-        with self.repo.meta_lock if wanted == fixes.FixType.CLEAN else contextlib.nullcontext():
-            for candidate in self.check({wanted}, deep=wanted == fixes.FixType.OPTIMIZE):
-                if candidate.data == data:
-                    if candidate.manual:
-                        raise errors.ImageBroken(
-                            f"this finding needs a person, not a fix: {candidate.description}"
-                        )
-                    log.info("event=fix type=%s images=%s", candidate.type, candidate.image_ids)
-                    candidate.run()
+            raise errors.InvalidArgument(f"unknown fix type {sent.get('type')!r}",
+                                         param="fix") from None
+        focus = set(sent.get("imageIds") or [])
+        deep = wanted == fixes.FixType.OPTIMIZE
+
+        def current() -> fixes.Fix:
+            for candidate in self.check({wanted}, deep=deep, focus=focus or None):
+                if candidate.matches(sent):
                     return candidate
-        raise errors.StaleFix(
-            "this fix does not match the repository's current state (it is stale, already "
-            "done, or was not proposed by the checker); run checkStorageRepository again"
-        )
+            raise errors.StaleFix(
+                "this fix does not match the repository's current state (it is stale, already "
+                "done, running, or was not proposed by the checker); run "
+                "checkStorageRepository again"
+            )
+
+        hint = current()
+        if hint.manual:
+            raise errors.ImageBroken(
+                f"this finding needs a person, not a fix: {hint.description}")
+        what = f"a {wanted.value} fix"
+        # Clean deletes: its plan is derived again and run under the metadata lock too, so
+        # nothing can start to need what it deletes in between (whatever would, claims an
+        # image that is not removed, or writes its intent under that lock).
+        locked = self.repo.meta_lock if wanted == fixes.FixType.CLEAN \
+            else contextlib.nullcontext()
+        with self.host.claims.claim(what, [(self.repo, i) for i in hint.image_ids]) as claim, \
+                locked:
+            fix = current()
+            log.info("event=fix type=%s images=%s", fix.type, fix.image_ids)
+            fix.run(claim)
+        return fix
 
 
 def _steps(op: model.Operation) -> list[Any]:
@@ -352,19 +390,23 @@ def _manual(img: model.Image, message: str) -> fixes.Fix:
                      {"manual": message, "generation": img.generation}, manual=True)
 
 
-def _resume(runner: runner.Runner, repo: localfs.LocalRepository, op_id: str) -> None:
+def _resume(runner: runner.Runner, repo: localfs.LocalRepository, op_id: str,
+            claim: claims.Claim) -> None:
     with repo.meta_lock:
         op = repo.get_operation(op_id)
         if op is None:
             raise errors.StaleFix(f"operation {op_id} finished meanwhile")
         op.state = model.OpState.PENDING
         op.progress.last_error = None
+        claim.check()
         repo.put_operation(op)
-    runner.submit(repo, op_id)
+        runner.submit(repo, op_id)
 
 
-def _relink_backing(repo: localfs.LocalRepository, vol: model.Volume, ref: str) -> None:
+def _relink_backing(repo: localfs.LocalRepository, vol: model.Volume, ref: str,
+                    claim: claims.Claim) -> None:
     parent = repo.get_volume(vol.parent_volume_id or "")
     fmt = parent.format.value if parent else "qcow2"
     with repo.meta_lock:
+        claim.check()
         qemuimg.rebase(repo.volume_path(vol.id, vol.format), ref, fmt, safe=False)

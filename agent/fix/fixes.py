@@ -9,6 +9,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from agent.image import claims
+
 
 class FixType(enum.StrEnum):
     CLEAN = "clean"
@@ -24,9 +26,10 @@ class Fix:
     description: str
     # The facts this fix was derived from; its digest is the opaque ``data`` clients see.
     facts: dict[str, Any]
-    # What running it does; bound to the state the checker saw, never to client input.
-    run: Callable[[], object] = dataclasses.field(
-        repr=False, compare=False, default=lambda: None
+    # What running it does, under the claim of its images; bound to the state the checker saw,
+    # never to client input.
+    run: Callable[[claims.Claim], object] = dataclasses.field(
+        repr=False, compare=False, default=lambda _claim: None
     )
     # A finding only a person can resolve (which of two chains is right...): listed, never run.
     manual: bool = False
@@ -35,6 +38,12 @@ class Fix:
     def data(self) -> str:
         canonical = json.dumps({"type": self.type.value, **self.facts}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def matches(self, sent: dict[str, Any]) -> bool:
+        """Whether a client sent back exactly this fix: every field the checker gave."""
+        return (sent.get("type") == self.type.value and sent.get("imageIds") == self.image_ids
+                and sent.get("description") == self.description
+                and sent.get("data") == self.data)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -48,7 +48,9 @@ class Inventory:
 
     @functools.cached_property
     def live_ops(self) -> list[model.Operation]:
-        """Operations that still have work to do for an image that still wants it."""
+        """Operations that still have work to do for an image that still wants it. One that
+        runs here but whose image no longer names it is sealed and only has its journal left
+        to delete: it needs nothing any more, as getImageStatus already says."""
         out = []
         for op in self.ops.values():
             img = self.images.get(op.image_id)
@@ -56,7 +58,7 @@ class Inventory:
                 img.fix_id == op.id if op.kind.is_fix
                 else img.operation_id == op.id and not img.removed
             )
-            if op.id in self.active or (op.state != model.OpState.ABORTED and wanted):
+            if op.state != model.OpState.ABORTED and wanted:
                 out.append(op)
         return out
 

@@ -145,6 +145,7 @@ class OpParams:
     new_parent_volume_id: str | None = None  # rebase/flatten: the new backing (None: none)
     new_parent_image_id: str | None = None
     absorbed_image_id: str | None = None  # merge by commit: the record forgotten at the end
+    folded_image_id: str | None = None  # merges: the removed snapshot folded (claimed by it)
     foreign_volume_id: str | None = None  # optimizeBacking: the volume in another repository
 
     def volumes(self) -> list[str]:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 
 from agent import command, errors, fileio, host, qcow2, qemuimg
-from agent.image import chain, model
+from agent.image import chain, claims, model
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class Context:
     cancel: command.Cancel
     report: command.ProgressCallback  # percent of the running step
     persist: Callable[[], None]  # write the journal now: a quick step found it has data to move
+    claim: claims.Claim  # what the operation owns while it runs: checked before each record write
 
     @property
     def direct(self) -> bool:
@@ -177,6 +178,7 @@ def switch(ctx: Context) -> None:
                 f"disk {disk.id} moved to volume {disk.volume_id} during the snapshot"
             )
         disk.volume_id = new
+        ctx.claim.check()
         ctx.repo.put_image(disk)
 
 
@@ -248,6 +250,7 @@ def switch_down(ctx: Context) -> None:
         if img.volume_id != p.upper_volume_id:
             raise errors.ImageBroken(f"image {img.id} moved to volume {img.volume_id}")
         img.volume_id = lower
+        ctx.claim.check()
         ctx.repo.put_image(img)
 
 
@@ -326,6 +329,7 @@ def relink(ctx: Context) -> None:
                                                             parent_image):
             vol.parent_volume_id = p.new_parent_volume_id
             vol.parent_image_id = parent_image
+            ctx.claim.check()
             ctx.repo.put_volume(vol)
 
 
@@ -374,6 +378,7 @@ def seal_fix(ctx: Context) -> None:
     for a concurrent check to see but the journal, which a running operation keeps.
     """
     with ctx.repo.meta_lock:
+        ctx.claim.check()
         absorbed = ctx.op.params.absorbed_image_id
         if absorbed is not None:
             gone = ctx.repo.get_image(absorbed)
@@ -413,6 +418,7 @@ def release_fix(repo: localfs.LocalRepository, op: model.Operation,
 def seal(ctx: Context) -> None:
     """Weak to strong in one write, then forget the journal: the operation is done."""
     with ctx.repo.meta_lock:
+        ctx.claim.check()
         img = ctx.repo.get_image(ctx.op.image_id)
         if img is not None and not img.removed and img.operation_id == ctx.op.id:
             img.strong = True

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from agent import command, crashpoint, errors, host, logctx
-from agent.image import model, operations
+from agent.image import claims, model, operations
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,30 @@ class Runner:
         op = repo.get_operation(op_id)
         if op is None or op.state in (model.OpState.ABORTED, model.OpState.STOPPED):
             return  # gone, or stopped by a client between a mend and this start
+        # The operation's own claim, for as long as it runs here: everything its journal names.
+        # It waits the milliseconds a call that just committed it still holds its claim.
+        try:
+            claim = self.host.claims.claim_operation(repo, op, cancel)
+        except errors.OperationStopped:
+            return  # stopped before it began: nothing done, nothing to record
+        except errors.ImageBusy as e:
+            # Another operation owns what this one needs (it never runs twice at once).
+            log.warning("event=op_not_claimed image=%s error=%r", op.image_id, e.message)
+            failed = op
+            self._failed(repo, failed, e.message, lambda: _write(repo, failed))
+            return
+        try:
+            # Under the claim, the journal again: a removal or a stop may have come first.
+            op = repo.get_operation(op_id)
+            if op is None or op.state in (model.OpState.ABORTED, model.OpState.STOPPED):
+                return
+            self._run_claimed(repo, op, cancel, claim)
+        finally:
+            claim.release()
+
+    def _run_claimed(self, repo: localfs.LocalRepository, op: model.Operation,
+                     cancel: command.Cancel, claim: claims.Claim) -> None:
+        op_id = op.id
         steps = operations.STEPS[op.kind]
         last_write = [0.0]
         with self._lock:
@@ -111,6 +135,7 @@ class Runner:
 
         def persist() -> None:
             with repo.meta_lock:
+                claim.check()  # never a journal write by an owner that lost its claim
                 if repo.get_operation(op_id) is not None:
                     repo.put_operation(op)
             last_write[0] = time.monotonic()
@@ -126,7 +151,7 @@ class Runner:
         op.state = model.OpState.RUNNING
         op.progress.host_id = self.host.host_id
         op.progress.last_error = None
-        ctx = operations.Context(self.host, repo, op, cancel, report, persist)
+        ctx = operations.Context(self.host, repo, op, cancel, report, persist, claim)
         log.info("event=op_start kind=%s image=%s step=%d", op.kind, op.image_id, op.step)
         try:
             # A fresh quick operation (an empty qcow2, a reflink) is over in milliseconds: its
@@ -147,11 +172,16 @@ class Runner:
                     persist()
                 cancel.check()
                 crashpoint.hit(op.kind.value, name)
+                if op.step == len(steps) - 1:
+                    claim.finishing = True
                 fn(ctx)
                 log.info("event=step_done step=%s", name)
                 if op.step == len(steps) - 1:
                     break  # the last step (seal) removed the journal
                 op.step += 1
+        except errors.ClaimLost as e:
+            log.warning("event=op_claim_lost step=%d error=%r", op.step, e.message)
+            return  # as a crash leaves it: whoever holds the repository next resumes it
         except errors.OperationStopped:
             if cancel.reason == "shutdown":
                 log.info("event=op_interrupted step=%d", op.step)
@@ -184,3 +214,10 @@ class Runner:
             op.progress.last_error = f"{message} (not recorded in the repository: {e})"
             with self._lock:
                 self._unrecorded[op.id] = op
+
+
+def _write(repo: localfs.LocalRepository, op: model.Operation) -> None:
+    """Record an operation that never got its claim, unless it is gone meanwhile."""
+    with repo.meta_lock:
+        if repo.get_operation(op.id) is not None:
+            repo.put_operation(op)

@@ -1,8 +1,10 @@
 """The image calls of the API, on top of the connected repositories.
 
-Every data-changing call commits its intent (a journal entry and a weak image, fsync'd) under the
-repository's metadata lock and returns; the runner does the data work. Checks happen before the
-first write, so a refused call changes nothing.
+Every data-changing call first **claims** the images it changes and those that must not change
+under it (``claims``), then reads them again under the claim and decides from that state alone:
+what it read before the claim was only a hint for what to claim. It then commits its intent (a
+journal entry and a weak image, fsync'd) under the repository's metadata lock and returns; the
+runner does the data work. A refused call changes nothing.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from agent import errors, fileio, host
-from agent.image import chain, inventory, model, operations, runner, status
+from agent.image import chain, claims, inventory, model, operations, runner, status
 from agent.repo import localfs
 
 log = logging.getLogger(__name__)
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 # Largest virtual size accepted: 64 TiB, what a qcow2 with 64 KiB clusters handles comfortably.
 MAX_SIZE = 64 << 40
 SECTOR = 512
+WRITE, READ = claims.Mode.WRITE, claims.Mode.READ
 
 
 def new_id() -> str:
@@ -40,6 +44,7 @@ class ImageService:
         self.host = host
         self.runner = runner
         self.max_depth = max_depth
+        self.claims = host.claims
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -63,50 +68,34 @@ class ImageService:
                 imageId=img.id,
             )
 
-    def _give_way(self, repo: localfs.LocalRepository, img: model.Image,
-                  vols: list[model.Volume]) -> None:
-        """Make way for a consumer of img: a fix (merge, optimize) that rewrites one of its
-        layers is dropped when it is idle in its first step, which keeps every byte whole (the
-        checker proposes it again); a running fix, or one with only metadata left, is busy."""
-        ids = {v.id for v in vols}
-        for op in repo.operations():
-            if not op.kind.is_fix or (op.image_id != img.id
-                                      and op.params.rewrites not in ids):
-                continue
-            running = self.runner.is_active(op.id)
-            if running or op.step > 0:
-                advice = ("wait for it (getImageStatus shows its progress)" if running
-                          else "run its mend fix (only metadata is left to write)")
+    def _in_the_way(self, repo: localfs.LocalRepository, img: model.Image, mode: claims.Mode,
+                    claim: claims.Claim, ignore: Iterable[str | None] = (),
+                    chain_ids: Iterable[str] = (), give_way: bool = False,
+                    advice: str = "") -> None:
+        """Refuse (ImageBusy) while anyone else uses ``img`` in a way that clashes with
+        ``mode``: one conflicts query over every claim, held or journaled. ``give_way``: a
+        consumer or a new snapshot comes before a fix that only started: a fix idle in its
+        first step is dropped (that step keeps every byte whole, and the checker proposes the
+        fix again)."""
+        for h in self.claims.conflicts(repo, img, mode, [claim.owner, *ignore], chain_ids):
+            op = repo.get_operation(h.owner) if h.lasting else None
+            if op is not None and op.kind.is_fix:
+                running = self.runner.is_active(op.id)
+                if give_way and not running and op.step == 0:
+                    operations.release_fix(repo, op, None)
+                    continue
+                why = ("wait for it (getImageStatus shows its progress)" if running
+                       else "run its mend fix (only metadata is left to write)" if op.step > 0
+                       else "run its mend fix, or wait for it")
                 raise errors.ImageBusy(
                     f"image {img.id} is being improved by fix operation {op.id} "
-                    f"({op.kind.value}); {advice}",
-                    imageId=img.id,
+                    f"({op.kind.value}); {why}",
+                    imageId=img.id, holder=h.owner,
                 )
-            operations.release_fix(repo, op, None)
-
-    @staticmethod
-    def _not_being_snapshotted(repo: localfs.LocalRepository, image_id: str,
-                               advice: str = "") -> None:
-        """Refuse while an unfinished snapshot operation has image_id as its disk."""
-        for op in repo.operations():
-            if op.state != model.OpState.ABORTED and op.params.disk_id == image_id:
-                raise errors.ImageBusy(
-                    f"disk {image_id} is being snapshotted by operation {op.id}{advice}",
-                    imageId=image_id,
-                )
-
-    def _not_being_copied(self, disk_id: str) -> None:
-        """A disk being copied must not be written meanwhile: the copy would be torn."""
-        for conn in self.host.connections():
-            for op in conn.repo.operations():
-                if op.kind == model.OpKind.COPY and op.params.source_id == disk_id and (
-                    self.runner.is_active(op.id) or op.state == model.OpState.PENDING
-                ):
-                    raise errors.ImageBusy(
-                        f"disk {disk_id} is being copied to repository {conn.repo_id!r}; wait "
-                        "for the copy, or stop it",
-                        imageId=disk_id,
-                    )
+            raise errors.ImageBusy(
+                f"image {img.id} is in use by {h.describe()}{advice}",
+                imageId=img.id, holder=h.owner,
+            )
 
     def _commit(
         self,
@@ -119,6 +108,8 @@ class ImageService:
         log.info("event=intent op=%s kind=%s image=%s auto_fix=%s", op.id, op.kind, image.id,
                  options.auto_fix)
         if options.auto_fix:
+            # Under the call's claim: the operation's own claim waits the milliseconds until
+            # the call lets go, and nothing can slip in between.
             self.runner.submit(repo, op.id)
         return image.id
 
@@ -135,6 +126,12 @@ class ImageService:
         check_size(size)
         repo = self._repo(target_repo_id)
         params = model.OpParams(size=size, strategy=options.strategy, volume_id=new_id())
+        image = model.Image(
+            id=new_id(), kind=model.Kind.DISK, size=size,
+            volume_id=model.need(params.volume_id, "volume"),
+            user_data=user_data,
+        )
+        base: host.Found | None = None
         if base_snapshot_id is not None:
             # Snapshots are copied with their ids: prefer the copy in the target repository,
             # the one a thin disk can stand on, unless options pin it elsewhere.
@@ -144,35 +141,39 @@ class ImageService:
                 base = host.Found(target_repo_id, repo, local)
             else:
                 base = self.host.find_image(base_snapshot_id, options)
-            if base.image.kind != model.Kind.SNAPSHOT:
-                raise errors.WrongImageKind(
-                    f"baseSnapshotId {base_snapshot_id} is a {base.image.kind.value}, not a "
-                    "snapshot; take a snapshot of it first",
-                    param="baseSnapshotId",
-                )
-            self._usable(base.image)
-            if size < base.image.size:
-                raise errors.InvalidArgument(
-                    f"size {size} is smaller than the snapshot's {base.image.size}", param="size"
-                )
-            if base.repo is not repo and options.strategy == model.Strategy.SPACE:
-                raise errors.InvalidArgument(
-                    f"snapshot {base_snapshot_id} is in repository {base.repo_id!r}; a thin disk "
-                    f"needs it in {target_repo_id!r}: copy it there first, or use "
-                    "strategy=performance",
-                    param="baseSnapshotId",
-                )
-            params.base_image_id = base.image.id
-            params.base_volume_id = base.image.volume_id
-        image = model.Image(
-            id=new_id(), kind=model.Kind.DISK, size=size,
-            volume_id=model.need(params.volume_id, "volume"),
-            user_data=user_data,
-        )
-        op = model.Operation(new_id(), model.OpKind.CREATE_DISK, image.id, params)
-        image.operation_id = op.id
-        with repo.meta_lock:
-            return self._commit(repo, op, image, options)
+        reads = [(base.repo, base.image.id)] if base is not None else []
+        with self.claims.claim("a createVirtualDisk call", [(repo, image.id)], reads) as claim:
+            if base is not None:
+                snap = self._image(base.repo, base.image.id, base.repo_id)  # under the claim
+                self._check_base(snap, size, base.repo is repo, base.repo_id, target_repo_id,
+                                 options)
+                self._in_the_way(base.repo, snap, READ, claim)
+                params.base_image_id = snap.id
+                params.base_volume_id = snap.volume_id
+            op = model.Operation(new_id(), model.OpKind.CREATE_DISK, image.id, params)
+            image.operation_id = op.id
+            with repo.meta_lock:
+                return self._commit(repo, op, image, options)
+
+    def _check_base(self, snap: model.Image, size: int, same_repo: bool, base_repo_id: str,
+                    target_repo_id: str, options: model.Options) -> None:
+        if snap.kind != model.Kind.SNAPSHOT:
+            raise errors.WrongImageKind(
+                f"baseSnapshotId {snap.id} is a {snap.kind.value}, not a snapshot; take a "
+                "snapshot of it first",
+                param="baseSnapshotId",
+            )
+        self._usable(snap)
+        if size < snap.size:
+            raise errors.InvalidArgument(
+                f"size {size} is smaller than the snapshot's {snap.size}", param="size"
+            )
+        if not same_repo and options.strategy == model.Strategy.SPACE:
+            raise errors.InvalidArgument(
+                f"snapshot {snap.id} is in repository {base_repo_id!r}; a thin disk needs it "
+                f"in {target_repo_id!r}: copy it there first, or use strategy=performance",
+                param="baseSnapshotId",
+            )
 
     def create_snapshot(
         self,
@@ -182,7 +183,9 @@ class ImageService:
         options: model.Options,
     ) -> str:
         repo = self._repo(target_repo_id)
-        with repo.meta_lock:
+        snap_id = new_id()
+        with self.claims.claim("a createSnapshot call", [(repo, disk_id), (repo, snap_id)]) \
+                as claim, repo.meta_lock:
             disk = repo.get_image(disk_id)
             if disk is None or disk.removed:
                 where = ""
@@ -201,18 +204,20 @@ class ImageService:
                     param="baseVirtualDiskId",
                 )
             self._usable(disk)
-            self._give_way(repo, disk, chain.volumes(repo, disk.volume_id))
             if disk.prepared_by:
                 raise errors.ImageBusy(
                     f"disk {disk_id} is prepared on host(s) {disk.prepared_by}; tear it down "
                     "before taking a snapshot",
                     imageId=disk_id,
                 )
-            self._not_being_snapshotted(repo, disk_id)
+            vols = chain.volumes(repo, disk.volume_id)
+            self._in_the_way(repo, disk, WRITE, claim, chain_ids=[v.id for v in vols],
+                             give_way=True)
+            disk = self._image(repo, disk_id, target_repo_id)  # a fix given way wrote it
             params = model.OpParams(size=disk.size, disk_id=disk.id,
                                     old_volume_id=disk.volume_id, new_volume_id=new_id())
             snap = model.Image(
-                id=new_id(), kind=model.Kind.SNAPSHOT, size=disk.size, volume_id=disk.volume_id,
+                id=snap_id, kind=model.Kind.SNAPSHOT, size=disk.size, volume_id=disk.volume_id,
                 user_data=user_data,
             )
             op = model.Operation(new_id(), model.OpKind.CREATE_SNAPSHOT, snap.id, params)
@@ -228,74 +233,89 @@ class ImageService:
         options: model.Options,
     ) -> str:
         repo = self._repo(target_repo_id)
-        src = self.host.find_image(image_id, options)
-        self._usable(src.image)
-        if src.image.kind == model.Kind.DISK and src.image.prepared_by:
-            raise errors.ImageBusy(
-                f"disk {image_id} is in use (prepared); copy a snapshot of it instead",
-                imageId=image_id,
-            )
-        keep_id = src.image.kind == model.Kind.SNAPSHOT
-        volume_id = new_id()
-        params = model.OpParams(size=src.image.size, strategy=options.strategy,
-                                volume_id=volume_id, source_id=image_id)
-        with repo.meta_lock:
-            if keep_id:
-                existing = repo.get_image(image_id)
-                if existing is not None and not existing.removed:
-                    log.info("event=copy_noop image=%s repo=%s", image_id, target_repo_id)
-                    return image_id  # same id, same bits: already there (or on its way)
-                if existing is not None:
-                    return self._revive(repo, existing, target_repo_id)
-            if base_image_id is not None:
-                if base_image_id == image_id:
-                    raise errors.InvalidArgument(
-                        "baseImageId must differ from imageId", param="baseImageId"
-                    )
-                base = repo.get_image(base_image_id)
-                if base is None or base.removed:
-                    raise errors.ImageNotFound(
-                        f"baseImageId {base_image_id} must exist in the target repository "
-                        f"{target_repo_id!r}; copy it there first",
-                        imageId=base_image_id,
-                    )
-                if base.kind != model.Kind.SNAPSHOT:
-                    raise errors.WrongImageKind(
-                        f"baseImageId {base_image_id} is a disk; only a snapshot can be a base",
-                        param="baseImageId",
-                    )
-                self._usable(base)
-                if base.size > src.image.size:
-                    raise errors.InvalidArgument(
-                        f"base {base_image_id} is larger than image {image_id}",
-                        param="baseImageId",
-                    )
-                params.base_image_id = base.id
-                params.base_volume_id = base.volume_id
-            image = model.Image(
-                id=image_id if keep_id else new_id(),
-                kind=src.image.kind,
-                size=src.image.size,
-                volume_id=volume_id,
-                user_data={**src.image.user_data, **user_data},
-            )
-            op = model.Operation(new_id(), model.OpKind.COPY, image.id, params)
-            image.operation_id = op.id
-            return self._commit(repo, op, image, options)
+        hint = self.host.find_image(image_id, options)
+        keep_id = hint.image.kind == model.Kind.SNAPSHOT
+        target_id = image_id if keep_id else new_id()
+        reads = [(hint.repo, image_id)]
+        if base_image_id is not None:
+            if base_image_id == image_id:
+                raise errors.InvalidArgument(
+                    "baseImageId must differ from imageId", param="baseImageId"
+                )
+            reads.append((repo, base_image_id))
+        with self.claims.claim("a copyImage call", [(repo, target_id)], reads) as claim:
+            src = self._image(hint.repo, image_id, hint.repo_id)  # under the claim
+            self._usable(src)
+            if src.kind == model.Kind.DISK and src.prepared_by:
+                raise errors.ImageBusy(
+                    f"disk {image_id} is in use (prepared); copy a snapshot of it instead",
+                    imageId=image_id,
+                )
+            if not (keep_id and hint.repo is repo):
+                self._in_the_way(hint.repo, src, READ, claim)
+            volume_id = new_id()
+            params = model.OpParams(size=src.size, strategy=options.strategy,
+                                    volume_id=volume_id, source_id=image_id)
+            with repo.meta_lock:
+                if keep_id:
+                    existing = repo.get_image(image_id)
+                    if existing is not None and not existing.removed:
+                        log.info("event=copy_noop image=%s repo=%s", image_id, target_repo_id)
+                        return image_id  # same id, same bits: already there (or on its way)
+                    if existing is not None:
+                        return self._revive(repo, existing, target_repo_id, claim)
+                if base_image_id is not None:
+                    base = self._copy_base(repo, base_image_id, src, target_repo_id, claim)
+                    params.base_image_id = base.id
+                    params.base_volume_id = base.volume_id
+                image = model.Image(
+                    id=target_id,
+                    kind=src.kind,
+                    size=src.size,
+                    volume_id=volume_id,
+                    user_data={**src.user_data, **user_data},
+                )
+                op = model.Operation(new_id(), model.OpKind.COPY, image.id, params)
+                image.operation_id = op.id
+                return self._commit(repo, op, image, options)
 
-    def _revive(self, repo: localfs.LocalRepository, snap: model.Image, repo_id: str) -> str:
+    def _copy_base(self, repo: localfs.LocalRepository, base_id: str, src: model.Image,
+                   repo_id: str, claim: claims.Claim) -> model.Image:
+        base = repo.get_image(base_id)
+        if base is None or base.removed:
+            raise errors.ImageNotFound(
+                f"baseImageId {base_id} must exist in the target repository {repo_id!r}; "
+                "copy it there first",
+                imageId=base_id,
+            )
+        if base.kind != model.Kind.SNAPSHOT:
+            raise errors.WrongImageKind(
+                f"baseImageId {base_id} is a disk; only a snapshot can be a base",
+                param="baseImageId",
+            )
+        self._usable(base)
+        if base.size > src.size:
+            raise errors.InvalidArgument(
+                f"base {base_id} is larger than image {src.id}", param="baseImageId",
+            )
+        self._in_the_way(repo, base, READ, claim)
+        return base
+
+    def _revive(self, repo: localfs.LocalRepository, snap: model.Image, repo_id: str,
+                claim: claims.Claim) -> str:
         """Copying a removed snapshot back: its record and bytes are still here (a disk needs
         them), and the same id means the same bits, so it is made strong again in place."""
         vols, fault = chain.walk(snap.volume_id, repo.get_volume, repo.get_image)
-        touched = {v for op in repo.operations() if op.kind.is_fix
-                   for v in (op.params.rewrites, op.params.lower_volume_id)}
-        whole = fault is None and snap.operation_id is None and snap.volume_id not in touched \
+        busy = self.claims.conflicts(repo, snap, WRITE, [claim.owner],
+                                     [v.id for v in vols])
+        whole = fault is None and snap.operation_id is None and not busy \
             and not snap.absorbing \
             and all(os.path.exists(repo.volume_path(v.id, v.format)) for v in vols)
         if not whole:
             raise errors.ImageBusy(
-                f"a removed copy of {snap.id} in {repo_id!r} is being reclaimed or merged; "
-                "run the clean fix, then copy again",
+                f"a removed copy of {snap.id} in {repo_id!r} is being reclaimed or merged"
+                + (f" (by {busy[0].describe()})" if busy else "")
+                + "; run the clean fix, then copy again",
                 imageId=snap.id,
             )
         snap.removed = False
@@ -309,17 +329,18 @@ class ImageService:
     def remove_image(self, repo_id: str, image_id: str) -> None:
         repo = self._repo(repo_id)
         img = self._image(repo, image_id, repo_id)
-        self._removable(repo, img)
         # Removing an image aborts its operation (a broken image being made) or its fix (a
         # merge or optimize: every step of those keeps the bytes whole, so stopping is safe).
-        # Stopping waits for the worker, which takes meta_lock: so outside it, and every check
-        # is made again inside it, where a prepareImage cannot slip in between.
-        for op_id in (img.operation_id, img.fix_id):
-            if op_id is not None:
-                self.runner.stop(op_id)
-        with repo.meta_lock:
+        # Stopping waits for the worker, which claims the image: so before the claim, and
+        # every check is made again under it, where nothing can slip in between.
+        if not img.prepared_by:
+            for op_id in (img.operation_id, img.fix_id):
+                if op_id is not None:
+                    self.runner.stop(op_id)
+        with self.claims.claim("a removeImage call", [(repo, image_id)]) as claim, \
+                repo.meta_lock:
             img = self._image(repo, image_id, repo_id)
-            self._removable(repo, img)
+            self._removable(repo, img, claim)
             fix = repo.get_operation(img.fix_id) if img.fix_id is not None else None
             if fix is not None:
                 # Before the image lets go of its fix: a layer others may read through, and
@@ -336,7 +357,8 @@ class ImageService:
         log.info("event=removed image=%s repo=%s aborted_op=%s aborted_fix=%s", image_id,
                  repo_id, op_id, fix_id)
 
-    def _removable(self, repo: localfs.LocalRepository, img: model.Image) -> None:
+    def _removable(self, repo: localfs.LocalRepository, img: model.Image,
+                   claim: claims.Claim) -> None:
         if img.prepared_by:
             raise errors.ImageBusy(
                 f"image {img.id} is prepared on host(s) {img.prepared_by}; tear it down first",
@@ -351,41 +373,38 @@ class ImageService:
                 "for it, or run its mend fix, then remove the image",
                 imageId=img.id,
             )
-        self._not_being_snapshotted(repo, img.id, "; wait for it, or remove the snapshot first")
-        self._not_a_source(repo, img.id)
-
-    def _not_a_source(self, repo: localfs.LocalRepository, image_id: str) -> None:
-        """Refuse while an unfinished operation (in any connected repository) will read this
-        image by its id: a copy, or an independent disk made from it. (A snapshot's copy has
-        the same id as its source: only the operation of this very image is skipped.)"""
-        for conn in self.host.connections():
-            for op in conn.repo.operations():
-                if op.state == model.OpState.ABORTED or (
-                        conn.repo is repo and op.image_id == image_id):
-                    continue
-                if op.params.source() == image_id:
-                    raise errors.ImageBusy(
-                        f"image {image_id} is the source of unfinished operation {op.id} "
-                        f"({op.kind.value} of {op.image_id} in {conn.repo_id!r}); let it finish "
-                        "or remove that image first",
-                        imageId=image_id,
-                    )
+        for op_id in (img.operation_id, img.fix_id):
+            if op_id is not None and self.runner.is_active(op_id):
+                raise errors.ImageBusy(f"operation {op_id} of image {img.id} started again "
+                                       "meanwhile; remove it again", imageId=img.id)
+        # Its own operation and fix end with it; anyone else (a snapshot of this disk being
+        # taken, a copy or an independent disk reading it by id in any repository) comes first.
+        self._in_the_way(repo, img, WRITE, claim, [img.operation_id, img.fix_id],
+                         advice="; let it finish (or remove that image) first")
 
     def stop_operation(self, repo_id: str, image_id: str) -> None:
         repo = self._repo(repo_id)
-        img = self._image(repo, image_id, repo_id)
-        op_id = img.operation_id or img.fix_id
-        if op_id is None:
-            raise errors.NoOperation(f"image {image_id} has no operation to stop")
-        if self.runner.stop(op_id):
-            return
-        with repo.meta_lock:
-            op = repo.get_operation(op_id)
-            if op is None:
+        for _ in range(3):
+            img = self._image(repo, image_id, repo_id)
+            op_id = img.operation_id or img.fix_id
+            if op_id is None:
                 raise errors.NoOperation(f"image {image_id} has no operation to stop")
-            op.state = model.OpState.STOPPED
-            op.progress.last_error = "stopped by client"
-            repo.put_operation(op)
+            if self.runner.stop(op_id):
+                return
+            with self.claims.claim("a stopOperation call", [(repo, image_id)]), repo.meta_lock:
+                img = self._image(repo, image_id, repo_id)
+                if (img.operation_id or img.fix_id) != op_id or self.runner.is_active(op_id):
+                    continue  # started (by a mend) or finished meanwhile: look again
+                op = repo.get_operation(op_id)
+                if op is None:
+                    raise errors.NoOperation(f"image {image_id} has no operation to stop")
+                op.state = model.OpState.STOPPED
+                op.progress.last_error = "stopped by client"
+                repo.put_operation(op)
+                return
+        raise errors.ImageBusy(f"the operation of image {image_id} keeps being restarted; "
+                               "stop it again", imageId=image_id)
+
 
     # -- read ----------------------------------------------------------------------------------
 
@@ -495,18 +514,24 @@ class ImageService:
 
     def prepare(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
-        with repo.meta_lock:
+        hint = self._image(repo, image_id, repo_id)
+        # A consumer writes a disk, and only reads a snapshot.
+        mode = WRITE if hint.kind == model.Kind.DISK else READ
+        with self.claims.claim("a prepareImage call", [(repo, image_id)] if mode == WRITE
+                               else [], [(repo, image_id)] if mode == READ else []) as claim, \
+                repo.meta_lock:
             img = self._image(repo, image_id, repo_id)
             self._usable(img)
-            self._not_being_snapshotted(repo, image_id)
-            if img.kind == model.Kind.DISK:
-                self._not_being_copied(image_id)
             vols, fault, elsewhere = self._walk(repo, img)
             if fault is not None:
                 raise errors.ImageBroken(f"image {image_id} cannot be used: {fault}",
                                          imageId=image_id)
-            self._give_way(repo, img, vols)
-            img = self._image(repo, image_id, repo_id)  # _give_way may have written it
+            # Other consumers are not in the way here: a VM moving between hosts has the
+            # image prepared on both for a moment.
+            consumers = [f"consumer:{h}" for h in img.prepared_by]
+            self._in_the_way(repo, img, mode, claim, consumers, [v.id for v in vols],
+                             give_way=True)
+            img = self._image(repo, image_id, repo_id)  # a fix given way may have written it
             if self.host.host_id not in img.prepared_by:
                 img.prepared_by.append(self.host.host_id)
                 repo.put_image(img)
@@ -529,11 +554,14 @@ class ImageService:
     def teardown(self, repo_id: str, image_id: str) -> bool:
         """Return False when the image was not prepared here (an explicit "no change")."""
         repo = self._repo(repo_id)
-        with repo.meta_lock:
+        hint = self._image(repo, image_id, repo_id)
+        mine = [(repo, image_id)]
+        with self.claims.claim("a teardownImage call", mine if hint.kind == model.Kind.DISK
+                               else [], [] if hint.kind == model.Kind.DISK else mine), \
+                repo.meta_lock:
             img = self._image(repo, image_id, repo_id)
             if self.host.host_id not in img.prepared_by:
                 return False
             img.prepared_by.remove(self.host.host_id)
             repo.put_image(img)
             return True
-

@@ -1,0 +1,327 @@
+"""Who may change an image now: the one place the engine asks.
+
+Every change has exactly one owner at a time. An owner (a call while it checks and commits, an
+operation while it runs, a fix while it is derived again and started) **claims** what it writes
+and what must not change under it before its first write, re-reads the state under the claim,
+and refuses if it moved. Whatever was checked before the claim is a hint, never permission.
+
+Two kinds of claim answer ``conflicts()``:
+
+- *held* claims, in the table of this process: taken by ``claim()`` and released when the owner
+  is done. A call's claim lasts milliseconds, so a second call waits for it a little; an
+  operation's claim lasts as long as it runs, so a call that meets it is refused at once.
+- *durable* claims, read from the repositories themselves: every unfinished operation in the
+  journal of any connected repository claims what its parameters name (``wanted_by``), and a
+  consumer holds the image it prepared. They outlive this process: a crash keeps them.
+
+On a shared repository the table is what sanlock leases replace (acquire, release, "who holds
+it", "is my claim still valid"); the operations only see this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from agent import errors
+from agent.image import model
+
+if TYPE_CHECKING:
+    from agent import command, host
+    from agent.repo import localfs
+
+log = logging.getLogger(__name__)
+
+# How long a claim waits for another call's claim (they last milliseconds) before ImageBusy.
+CALL_WAIT = 10.0
+
+
+class Mode(enum.StrEnum):
+    READ = "read"  # must not change under the owner: a copy's source, a snapshot stood on
+    WRITE = "write"  # the owner changes it (its record, its volume, what it points at)
+
+
+def clash(a: Mode, b: Mode) -> bool:
+    return Mode.WRITE in (a, b)
+
+
+# (repository uuid, image id): what is claimed.
+Key = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """Someone using an image: who, how, and whether waiting for them makes sense."""
+
+    owner: str  # an operation id, a call's claim id, or "consumer:<host id>"
+    what: str  # for people: "copyImage operation 1234...", "a prepareImage call", ...
+    mode: Mode
+    lasting: bool  # an operation or a consumer: it will not be gone in milliseconds
+
+    def describe(self) -> str:
+        return f"{self.what} ({self.mode.value})"
+
+
+class Claim:
+    """What one owner holds. ``check()`` before every journal or record write: a claim can be
+    lost (its repository was disconnected by force; on shared storage, its lease expired)."""
+
+    def __init__(self, table: Table, owner: str, what: str, keys: dict[Key, Mode],
+                 lasting: bool) -> None:
+        self._table = table
+        self.owner = owner
+        self.what = what
+        self.keys = keys
+        self.lasting = lasting
+        self.revoked = False
+        self.released = False
+        # Set by an operation about to run its last step (a seal of milliseconds): a client
+        # that saw it done may come at once, and should wait for the release, not be refused.
+        self.finishing = False
+
+    def valid(self) -> bool:
+        return not (self.revoked or self.released)
+
+    def check(self) -> None:
+        if self.revoked:
+            raise errors.ClaimLost(
+                f"{self.what} lost its claim (its repository was disconnected); it stays "
+                "resumable from the journal"
+            )
+        if self.released:
+            raise errors.Error(f"{self.what} wrote after releasing its claim")
+
+    def holds(self, key: Key) -> bool:
+        return key in self.keys
+
+    def release(self) -> None:
+        self._table.release(self)
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Table:
+    """The claims held in this process: many readers or one writer per image, all of an owner's
+    images taken at once (so two owners never wait for each other in a cycle)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: dict[Key, dict[str, tuple[Mode, Claim]]] = {}
+
+    def acquire(self, owner: str, what: str, keys: dict[Key, Mode], lasting: bool,
+                wait: float = CALL_WAIT, cancel: command.Cancel | None = None) -> Claim:
+        claim = Claim(self, owner, what, keys, lasting)
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while True:
+                blocking = self._blocking(owner, keys)
+                if not blocking:
+                    break
+                key, other = blocking[0]
+                left = deadline - time.monotonic()
+                lasting = other.lasting and not other.finishing
+                if lasting or left <= 0 or (cancel is not None and cancel.requested):
+                    if cancel is not None:
+                        cancel.check()
+                    raise errors.ImageBusy(
+                        f"image {key[1]} is in use by {other.what}"
+                        + ("" if lasting else f" (waited {wait:g} s)"),
+                        imageId=key[1],
+                    )
+                # A call's claim is over in milliseconds; wake up on its release, and now and
+                # then to see whether this owner was stopped meanwhile.
+                self._cond.wait(min(left, 0.2))
+            for key, mode in keys.items():
+                self._held.setdefault(key, {})[owner] = (mode, claim)
+        return claim
+
+    def _blocking(self, owner: str, keys: dict[Key, Mode]) -> list[tuple[Key, Claim]]:
+        out = []
+        for key, mode in keys.items():
+            for other_owner, (other_mode, other) in self._held.get(key, {}).items():
+                if other_owner != owner and clash(mode, other_mode):
+                    out.append((key, other))
+        # A lasting holder first: meeting one means refusing at once.
+        out.sort(key=lambda kc: not (kc[1].lasting and not kc[1].finishing))
+        return out
+
+    def release(self, claim: Claim) -> None:
+        with self._cond:
+            if claim.released:
+                return
+            claim.released = True
+            for key in claim.keys:
+                holders = self._held.get(key)
+                if holders is not None and holders.get(claim.owner, (None, None))[1] is claim:
+                    del holders[claim.owner]
+                    if not holders:
+                        del self._held[key]
+            self._cond.notify_all()
+
+    def holders(self, key: Key) -> list[Holder]:
+        with self._cond:
+            return [Holder(o, c.what, m, c.lasting and not c.finishing)
+                    for o, (m, c) in self._held.get(key, {}).items()]
+
+    def in_repository(self, repo_uuid: str) -> list[Claim]:
+        with self._cond:
+            return list({id(c): c for key, holders in self._held.items() if key[0] == repo_uuid
+                         for _, c in holders.values()}.values())
+
+    def revoke(self, repo_uuid: str) -> list[Claim]:
+        """Take back every claim on a repository that goes away (a forced disconnect); their
+        owners see it at their next ``check()``."""
+        gone = self.in_repository(repo_uuid)
+        with self._cond:
+            for c in gone:
+                c.revoked = True
+        for c in gone:
+            self.release(c)
+        return gone
+
+
+@dataclasses.dataclass(frozen=True)
+class Want:
+    """One image an operation claims, as its journal names it."""
+
+    image_id: str
+    mode: Mode
+    # True: the image in the operation's own repository. False: an image read by id from any
+    # connected repository (a copy's source), never the operation's own image.
+    local: bool = True
+
+
+def wanted_by(op: model.Operation) -> list[Want]:
+    """What an operation claims for as long as it is unfinished: the image it makes or improves,
+    the disk a snapshot switches, the removed snapshot a merge folds, the image it reads."""
+    p = op.params
+    out = [Want(op.image_id, Mode.WRITE)]
+    if op.kind == model.OpKind.CREATE_SNAPSHOT and p.disk_id is not None:
+        out.append(Want(p.disk_id, Mode.WRITE))
+    folded = p.folded_image_id or p.absorbed_image_id
+    if op.kind.is_fix and folded is not None:
+        out.append(Want(folded, Mode.WRITE))
+    source = p.source()
+    if source is not None:
+        out.append(Want(source, Mode.READ, local=False))
+    return out
+
+
+_ids = itertools.count(1)
+
+
+class Claims:
+    """The claim model of one host: its table, and the durable claims of its repositories."""
+
+    def __init__(self, host: host.Host) -> None:
+        self.host = host
+        self.table = Table()
+
+    # -- taking claims -------------------------------------------------------------------------
+
+    def claim(self, what: str, writes: Iterable[tuple[localfs.LocalRepository, str]] = (),
+              reads: Iterable[tuple[localfs.LocalRepository, str]] = (),
+              owner: str | None = None, lasting: bool = False, wait: float = CALL_WAIT,
+              cancel: command.Cancel | None = None) -> Claim:
+        """Claim images (all at once, or none): ImageBusy when another owner uses one."""
+        keys: dict[Key, Mode] = {}
+        for r, image_id in reads:
+            keys[(r.uuid, image_id)] = Mode.READ
+        for r, image_id in writes:
+            keys[(r.uuid, image_id)] = Mode.WRITE  # a write covers a read of the same image
+        owner = owner or f"call-{next(_ids)}"
+        return self.table.acquire(owner, what, keys, lasting, wait, cancel)
+
+    def claim_operation(self, repo: localfs.LocalRepository, op: model.Operation,
+                        cancel: command.Cancel | None = None) -> Claim:
+        """An operation's claim while it runs here: everything its journal names."""
+        writes: list[tuple[localfs.LocalRepository, str]] = []
+        reads: list[tuple[localfs.LocalRepository, str]] = []
+        for w in wanted_by(op):
+            where = repo if w.local else self._holding(repo, op, w.image_id)
+            if where is None:
+                continue  # its source is not connected: the step that reads it says so
+            (writes if w.mode == Mode.WRITE else reads).append((where, w.image_id))
+        return self.claim(f"{op.kind.value} operation {op.id}", writes, reads, owner=op.id,
+                          lasting=True, cancel=cancel)
+
+    def _holding(self, repo: localfs.LocalRepository, op: model.Operation,
+                 image_id: str) -> localfs.LocalRepository | None:
+        for conn in self.host.connections():
+            if conn.repo is repo and image_id == op.image_id:
+                continue
+            img = conn.repo.get_image(image_id)
+            if img is not None and img.strong and not img.removed:
+                return conn.repo
+        return None
+
+    # -- who uses an image ---------------------------------------------------------------------
+
+    def conflicts(self, repo: localfs.LocalRepository, image: model.Image, mode: Mode,
+                  ignore: Iterable[str | None] = (),
+                  chain: Iterable[str] = ()) -> list[Holder]:
+        """Everyone whose use of ``image`` clashes with using it in ``mode``: held claims, the
+        unfinished operations of every connected repository, and its consumers. ``chain``: the
+        image's volumes, when a fix that rewrites one of them counts too (a consumer would
+        read a layer in the middle of being rewritten). ``ignore``: the caller's own owners."""
+        skip = {o for o in ignore if o is not None}
+        out = [h for h in self.table.holders((repo.uuid, image.id))
+               if h.owner not in skip and clash(mode, h.mode)]
+        seen = {h.owner for h in out} | skip
+        for h in self._durable(repo, image, set(chain)):
+            if h.owner not in seen and clash(mode, h.mode):
+                out.append(h)
+                seen.add(h.owner)
+        return out
+
+    def _durable(self, repo: localfs.LocalRepository, image: model.Image,
+                 chain: set[str]) -> Iterator[Holder]:
+        for host_id in image.prepared_by:
+            consumer = Mode.WRITE if image.kind == model.Kind.DISK else Mode.READ
+            yield Holder(f"consumer:{host_id}", f"a consumer on host {host_id} (prepared)",
+                         consumer, True)
+        for conn in self.host.connections():
+            for op in conn.repo.operations():
+                if op.state == model.OpState.ABORTED:
+                    continue
+                for mode in _modes(conn.repo is repo, op, image.id, chain):
+                    if self._unfinished(conn.repo, op):
+                        yield Holder(op.id, f"{op.kind.value} operation {op.id} of image "
+                                     f"{op.image_id} in repository "
+                                     f"{self.host.repo_id_of(conn.repo)!r}", mode, True)
+                    break
+
+    @staticmethod
+    def _unfinished(repo: localfs.LocalRepository, op: model.Operation) -> bool:
+        """An operation whose image still waits for it (a journal left by a crash after its
+        seal, or written before its image, claims nothing)."""
+        img = repo.get_image(op.image_id)
+        if img is None:
+            return False
+        return img.fix_id == op.id if op.kind.is_fix else (img.operation_id == op.id
+                                                             and not img.removed)
+
+
+def _modes(same_repo: bool, op: model.Operation, image_id: str,
+           chain: set[str]) -> Iterator[Mode]:
+    for w in wanted_by(op):
+        if w.image_id != image_id:
+            continue
+        # A local want names an image of the operation's own repository; a source is read by
+        # id from any repository, never the operation's own image (a snapshot's copy has its
+        # source's id).
+        mine = same_repo if w.local else not (same_repo and image_id == op.image_id)
+        if mine:
+            yield w.mode
+    if same_repo and op.kind.is_fix and op.params.rewrites in chain:
+        yield Mode.WRITE
