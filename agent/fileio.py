@@ -26,11 +26,15 @@ _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise_unavailable(path, e)
+        raise
 
 
 def encode_json(obj: Any) -> bytes:
@@ -159,14 +163,45 @@ def write_file(path: str, data: bytes | bytearray, mode: int = 0o644) -> None:
 
 
 def raise_no_space(path: str, e: OSError) -> None:
-    """Out of space or quota writing ``path`` is the NoSpace a client can act on."""
+    """Out of space or quota writing ``path`` is the NoSpace a client can act on; a failed
+    file system is RepositoryUnavailable (see ``raise_unavailable``)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise errors.NoSpace(f"no space to write {path}: {e.strerror}") from e
+    raise_unavailable(path, e)
+
+
+# What a failed file system answers, as opposed to a missing file or a bad request: an I/O
+# error (a dying disk, XFS shut down), read-only (remounted so, or ext4's errors=remount-ro),
+# corruption the file system found (EUCLEAN), a lost NFS handle, a FUSE daemon gone.
+FAILED_ERRNOS = frozenset({errno.EIO, errno.EROFS, errno.EUCLEAN, errno.ESTALE, errno.ENOTCONN})
+
+
+def unavailable(path: str, e: OSError) -> errors.RepositoryUnavailable | None:
+    """The clear error for ``e`` when it says the file system of ``path`` failed, else None."""
+    if e.errno not in FAILED_ERRNOS:
+        return None
+    code = errno.errorcode.get(e.errno or 0, str(e.errno))
+    return errors.RepositoryUnavailable(
+        f"the file system of {path} failed: {e.strerror} ({code}); calls about this "
+        "repository fail until it is repaired (or disconnected with options.force)",
+        path=path, errno=code,
+    )
+
+
+def raise_unavailable(path: str, e: OSError) -> None:
+    err = unavailable(e.filename if isinstance(e.filename, str) else path, e)
+    if err is not None:
+        raise err from e
 
 
 def read_json(path: str) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read())
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise_unavailable(path, e)
+        raise
+    return json.loads(data)
 
 
 def remove(path: str, durable: bool = True) -> bool:
@@ -176,17 +211,24 @@ def remove(path: str, durable: bool = True) -> bool:
         os.unlink(path)
     except FileNotFoundError:
         return False
+    except OSError as e:
+        raise_unavailable(path, e)
+        raise
     if durable:
         fsync_dir(os.path.dirname(path))
     return True
 
 
 def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise_unavailable(path, e)
+        raise
 
 
 def is_temporary(name: str) -> bool:
