@@ -348,7 +348,13 @@ class Api:
         self.images.remove_image(repositoryId, imageId)
 
     def getImageStatus(self, repositoryId: str, imageId: str) -> dict[str, Any]:
-        return self.images.image_status(repositoryId, imageId)
+        try:
+            return self.images.image_status(repositoryId, imageId)
+        except errors.RepositoryUnavailable as e:
+            # Runs inline, on the event loop: not through the RPC layer that names the
+            # repository of other calls' failures.
+            self.note_failure(self.name_failure(e, repositoryId), e.message)
+            raise
 
     def listImages(self, repositoryId: str, options: dict[str, Any]) -> list[dict[str, Any]]:
         return self.images.list_images(repositoryId, options)

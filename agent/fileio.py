@@ -16,7 +16,7 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent import errors
@@ -41,25 +41,28 @@ def encode_json(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
 
 
-def write_json(path: str, obj: Any, sync_dir: bool = True, sync_also: Sequence[str] = ()) -> None:
-    write_bytes(path, encode_json(obj), sync_dir, sync_also)
+def write_json(path: str, obj: Any, sync_dir: bool = True, sync_also: Sequence[str] = (),
+               still: Callable[[], None] | None = None) -> None:
+    write_bytes(path, encode_json(obj), sync_dir, sync_also, still)
 
 
 def write_bytes(path: str, data: bytes, sync_dir: bool = True,
-                sync_also: Sequence[str] = ()) -> None:
+                sync_also: Sequence[str] = (), still: Callable[[], None] | None = None) -> None:
     """``sync_dir=False`` leaves the directory fsync to the caller, who batches it with other
     renames in the same directory. ``sync_also``: files (a volume's new data) made durable
     together with this record, before it is renamed into place."""
-    write_many([(path, data)], sync_dir, sync_also)
+    write_many([(path, data)], sync_dir, sync_also, still)
 
 
 def write_many(records: Sequence[tuple[str, bytes]], sync_dir: bool = True,
-               sync_also: Sequence[str] = ()) -> None:
+               sync_also: Sequence[str] = (), still: Callable[[], None] | None = None) -> None:
     """Write several records durably, in order: all are written to temporary files and fsync'd
     together, then each is renamed into place and its directory fsync'd before the next rename,
     so a crash can keep a later record only with every earlier one. Nothing is renamed unless
     every record (and ``sync_also``) was written and fsync'd; temporary files go on failure. A
-    rename that fails leaves the records before it in place (as separate writes would have)."""
+    rename that fails leaves the records before it in place (as separate writes would have).
+    ``still``, called just before the first rename, raises when the write must not land after
+    all: the repository was disconnected while the write waited on a frozen file system."""
     if not sync_dir and len(records) > 1:
         raise ValueError("records are durable in order only when each directory is fsync'd")
     staged: list[tuple[str, str]] = []
@@ -79,6 +82,8 @@ def write_many(records: Sequence[tuple[str, bytes]], sync_dir: bool = True,
             for fd, _ in files:
                 with contextlib.suppress(OSError):  # fsync'd or failing anyway: nothing to lose
                     os.close(fd)
+        if still is not None:
+            still()
         for tmp, path in staged:
             os.rename(tmp, path)
             if sync_dir:

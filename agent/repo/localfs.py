@@ -255,7 +255,7 @@ class LocalRepository:
 
     def put_image(self, image: model.Image) -> None:
         self._check_open()
-        fileio.write_many([self._image_record(image)])
+        fileio.write_many([self._image_record(image)], still=self._check_open)
 
     def _image_record(self, image: model.Image) -> tuple[str, bytes]:
         image.generation += 1  # every write is a new generation: fixes made before are stale
@@ -267,7 +267,7 @@ class LocalRepository:
         cleans; an image naming a journal that is not there could never be resumed."""
         self._check_open()
         fileio.write_many([(self._record_path(JOURNAL, op.id), fileio.encode_json(op.to_dict())),
-                           self._image_record(image)])
+                           self._image_record(image)], still=self._check_open)
 
     def delete_image(self, image_id: str) -> None:
         self._check_open()
@@ -284,7 +284,7 @@ class LocalRepository:
         """``data``: the volume's new data file, made durable together with the record."""
         self._check_open()
         fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict(), sync_dir,
-                          () if data is None else (data,))
+                          () if data is None else (data,), self._check_open)
 
     def delete_volume_data(self, vol: model.Volume) -> None:
         """Data first, record last (``delete_volume_record``): a record whose data is gone
@@ -305,7 +305,8 @@ class LocalRepository:
 
     def put_operation(self, op: model.Operation) -> None:
         self._check_open()
-        fileio.write_json(self._record_path(JOURNAL, op.id), op.to_dict())
+        fileio.write_json(self._record_path(JOURNAL, op.id), op.to_dict(),
+                          still=self._check_open)
 
     def delete_operation(self, op_id: str, durable: bool = True) -> None:
         """``durable=False`` for a finished operation: a journal that comes back after a crash
