@@ -192,6 +192,7 @@ def test_forced_disconnect_of_a_frozen_repository_lets_it_go(tmp_path: Any) -> N
             [c.result() for c in stuck]
         # A plain disconnect goes through the repository's own (stuck) threads.
         e, _ = d.fails("disconnectStorageRepository", "r1")
+        assert "nothing was done" in e.message
         assert d.within(PROMPT, "disconnectStorageRepository", "r1", {"force": True}) is None
         assert d.within(PROMPT, "getHostInfo")["repositories"] == ["r2"]
         _disk(d, "r2")
