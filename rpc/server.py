@@ -58,12 +58,12 @@ class Server:
         if not repos or (self._api.host.get(repos[0]) is None
                          and method != "connectStorageRepository"):
             return self._run_on_host_pool(fn, **kwargs)
-        mine = [self._executor(r) for r in repos]
-        for other in mine[1:]:
-            if other.saturated():  # copyImage's source, say: its reads would hang too
+        for r in repos[1:]:
+            other = self._executors.get(r)
+            if other is not None and other.saturated():  # copyImage's source: its reads
                 raise other.unavailable(method, f"all its {other.threads} threads are stuck; "
                                         "the call was not started, nothing was done")
-        ex = mine[0]
+        ex = self._executor(repos[0])
         try:
             value = ex.run(method, fn, kwargs)
         except errors.RepositoryUnavailable as e:
