@@ -6,11 +6,15 @@ that need the repository's state. Every method blocks (fsync, qemu-img): call it
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from agent import errors, fileio, host, repo
 from agent.fix import check as checker
@@ -20,6 +24,19 @@ from agent.image import model, runner, service
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+
+T = TypeVar("T")
+
+# How long listStorageRepositories waits for one repository's capacity and counts (statvfs and
+# a directory listing: microseconds on a healthy file system) before answering it from its last
+# answer, marked unavailable: a host call must not hang on one repository's file system.
+INFO_WAIT = 2.0
+# How long a forced disconnect waits for the repository's operations to stop, and for the
+# journal read that names them: it lets the repository go after this, whatever still runs.
+FORCE_WAIT = 5.0
+
+# The params that name the repository a call is about (copyImage also reads its source's).
+REPO_PARAMS = ("repoId", "repositoryId", "targetRepoId")
 
 
 class Api:
@@ -35,6 +52,14 @@ class Api:
         self._connections_file = (
             os.path.join(state_dir, "connections.json") if state_dir is not None else None
         )
+        # repoId -> the last getStorageRepositoryInfo answered, and the one being asked now:
+        # listStorageRepositories answers from the first when the second does not come back.
+        self._info_lock = threading.Lock()
+        self._last_info: dict[str, dict[str, Any]] = {}
+        self._probes: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
+        # repoId -> why calls about it fail now, as the RPC layer saw it (a timeout, a full
+        # executor, an I/O error); cleared by the next call that succeeds.
+        self._failures: dict[str, str] = {}
 
     def restore_connections(self) -> None:
         if self._connections_file is None or not os.path.exists(self._connections_file):
@@ -74,6 +99,48 @@ class Api:
             return True  # answered at once with an error
         return conn.repo.INLINE_READS
 
+    def repositories_of(self, method: str, params: dict[str, Any]) -> tuple[str, ...]:
+        """The repositories a call waits on, first the one it is about; none for a host call.
+        A forced disconnect is a host call: it must work when the repository's own calls are
+        all stuck in its file system."""
+        if method == "disconnectStorageRepository" and (params.get("options") or {}).get("force"):
+            return ()
+        repos = [params[p] for p in REPO_PARAMS if isinstance(params.get(p), str)]
+        hints = (params.get("options") or {}).get("imageHints") or {}
+        for key in ("imageId", "baseSnapshotId", "baseVirtualDiskId"):
+            hinted = hints.get(params.get(key)) if isinstance(params.get(key), str) else None
+            if isinstance(hinted, str) and hinted not in repos:
+                repos.append(hinted)
+        return tuple(repos)
+
+    def repository_at(self, path: Any) -> str | None:
+        """The repoId of the connected repository holding ``path``, if any."""
+        if not isinstance(path, str):
+            return None
+        for conn in self.host.connections():
+            if path == conn.repo.root or path.startswith(conn.repo.root + os.sep):
+                return conn.repo_id
+        return None
+
+    def name_failure(self, e: errors.RepositoryUnavailable, default: str) -> str:
+        """Name the repository in an error raised where only its path was known (fileio);
+        return its repoId."""
+        repo_id = e.data.get("repoId") or self.repository_at(e.data.get("path")) or default
+        if "repoId" not in e.data:
+            e.data["repoId"] = repo_id
+            e.message = f"repository {repo_id!r}: {e.message}"
+            e.args = (e.message,)
+        return str(repo_id)
+
+    def note_failure(self, repo_id: str, why: str | None) -> None:
+        """What the RPC layer saw of a repository's calls: why they fail, or None once one
+        succeeds again. Shown by listStorageRepositories and getStorageRepositoryInfo."""
+        with self._info_lock:
+            if why is None:
+                self._failures.pop(repo_id, None)
+            elif self.host.get(repo_id) is not None:
+                self._failures[repo_id] = why
+
     def close(self) -> None:
         self.runner.shutdown()
         self.host.close()
@@ -106,17 +173,23 @@ class Api:
         info["changed"] = changed
         return info
 
+    def _in_use(self, conn: host.Connection) -> tuple[list[str], list[str], list[str]]:
+        """The operations running on a repository, its prepared images, and the copies
+        elsewhere that read from it right now: the claims on it say who (no journal scan)."""
+        claimed = [c for c in self.host.claims.table.in_repository(conn.repo.uuid) if c.lasting]
+        mine = {op.id for op in conn.repo.operations()}
+        running = [c.owner for c in claimed if c.owner in mine]
+        readers = [c.owner for c in claimed if c.owner not in mine]
+        prepared = [i.id for i in conn.repo.images() if i.prepared_by]
+        return running, prepared, readers
+
     def disconnectStorageRepository(self, repoId: str, options: dict[str, Any]) -> None:
         conn = self.host.connection(repoId)
-        running = [op.id for op in conn.repo.operations() if self.runner.is_active(op.id)]
-        prepared = [i.id for i in conn.repo.images() if i.prepared_by]
-        # Copies elsewhere that read from this repository right now.
-        readers = [op.id for c in self.host.connections() if c is not conn
-                   for op in c.repo.operations()
-                   if self.runner.is_active(op.id) and conn.repo.get_image(
-                       op.params.source() or ""
-                   ) is not None]
-        if (running or prepared or readers) and not options.get("force", False):
+        if options.get("force", False):
+            self._force_disconnect(conn)
+            return
+        running, prepared, readers = self._in_use(conn)
+        if running or prepared or readers:
             raise errors.ImageBusy(
                 f"repository {repoId!r} is in use: {len(running)} running operation(s), "
                 f"{len(prepared)} prepared image(s), {len(readers)} copy(ies) reading from it; "
@@ -124,15 +197,81 @@ class Api:
                 "resumable)",
                 repoId=repoId,
             )
-        for op_id in readers:
-            self.runner.stop(op_id)
-        for op_id in running:
-            self.runner.stop(op_id)
-        self.host.disconnect(repoId)
+        self._forget(repoId)
+
+    def _force_disconnect(self, conn: host.Connection) -> None:
+        """Let the repository go, whatever its file system does: stop what runs there for at
+        most FORCE_WAIT (each operation stays in the journal, resumable: mend), close the
+        agent's lock on it, forget it. Calls stuck in its file system stay stuck until it
+        answers; they find the repository closed then, and write nothing more."""
+        deadline = time.monotonic() + FORCE_WAIT
+        # Who runs there, or reads from there, is in the claims (no read of its journal,
+        # which may hang): every operation that claims an image of it is stopped.
+        ops = [c.owner for c in self.host.claims.table.in_repository(conn.repo.uuid)
+               if c.lasting]
+        for op_id in ops:
+            with contextlib.suppress(errors.ImageBusy):  # asks each at once; all waited below
+                self.runner.stop(op_id, timeout=0)
+        while any(self.runner.is_active(o) for o in ops) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        still = [o for o in ops if self.runner.is_active(o)]
+        # Whatever still runs loses its claims: its next record write fails (ClaimLost), and
+        # the operation stays resumable from the journal.
+        self.host.claims.table.revoke(conn.repo.uuid)
+        log.warning("event=disconnect_forced repo=%s stopped=%d still_running=%s",
+                    conn.repo_id, len(ops) - len(still), ",".join(still) or "-")
+        self._forget(conn.repo_id)
+
+    def _forget(self, repo_id: str) -> None:
+        self.host.disconnect(repo_id)
+        with self._info_lock:
+            self._last_info.pop(repo_id, None)
+            self._probes.pop(repo_id, None)
+            self._failures.pop(repo_id, None)
         self._save_connections()
 
     def listStorageRepositories(self) -> list[dict[str, Any]]:
-        return [self.getStorageRepositoryInfo(c.repo_id) for c in self.host.connections()]
+        """Every connected repository, each answered within INFO_WAIT: one whose file system
+        does not answer is listed from its last answer, marked unavailable (and stale)."""
+        conns = self.host.connections()
+        probes = [(c, self._probe(c)) for c in conns]
+        deadline = time.monotonic() + INFO_WAIT
+        out = []
+        for conn, probe in probes:
+            error: str
+            try:
+                info = probe.result(max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                error = (f"repository {conn.repo_id!r} did not answer within {INFO_WAIT:g} s: "
+                         "its file system may be frozen or hung")
+            except errors.Error as e:
+                error = e.message
+            except Exception as e:  # never fail the whole listing for one repository
+                log.warning("event=info_failed repo=%s error=%r", conn.repo_id, str(e))
+                error = "internal error; the agent's log has the details"
+            else:
+                out.append(info)
+                continue
+            with self._info_lock:
+                last = self._last_info.get(conn.repo_id)
+            base = last or {"repoId": conn.repo_id, "repoFormat": conn.repo_format,
+                            "repoUUID": conn.repo.uuid,
+                            "connectionParameters": conn.parameters}
+            out.append({**base, "available": False, "error": error, "stale": last is not None})
+        return out
+
+    def _probe(self, conn: host.Connection) -> concurrent.futures.Future[dict[str, Any]]:
+        """getStorageRepositoryInfo on a thread of its own; at most one at a time per
+        repository, so a hung file system holds one thread however often it is listed."""
+        with self._info_lock:
+            probe = self._probes.get(conn.repo_id)
+            if probe is not None and not probe.done():
+                return probe
+            probe = self._probes[conn.repo_id] = concurrent.futures.Future()
+        threading.Thread(target=_fulfil, args=(probe, self.getStorageRepositoryInfo,
+                                                conn.repo_id),
+                         name=f"info-{conn.repo_id}", daemon=True).start()
+        return probe
 
     def getStorageRepositoryInfo(self, repoId: str) -> dict[str, Any]:
         conn = self.host.connection(repoId)
@@ -145,7 +284,7 @@ class Api:
                 counts["incomplete"] += 1
             else:
                 counts[img.kind.value] += 1
-        return {
+        info = {
             "repoId": repoId,
             "repoFormat": conn.repo_format,
             "repoUUID": conn.repo.uuid,
@@ -155,6 +294,11 @@ class Api:
             "free": free,
             "images": counts,
         }
+        with self._info_lock:
+            self._last_info[repoId] = info
+            failure = self._failures.get(repoId)
+        # Its records read fine, but its calls may still fail (a frozen file system reads).
+        return {**info, "available": failure is None, "error": failure, "stale": False}
 
     # -- images --------------------------------------------------------------------------------
 
@@ -197,7 +341,13 @@ class Api:
         self.images.remove_image(repositoryId, imageId)
 
     def getImageStatus(self, repositoryId: str, imageId: str) -> dict[str, Any]:
-        return self.images.image_status(repositoryId, imageId)
+        try:
+            return self.images.image_status(repositoryId, imageId)
+        except errors.RepositoryUnavailable as e:
+            # Runs inline, on the event loop: not through the RPC layer that names the
+            # repository of other calls' failures.
+            self.note_failure(self.name_failure(e, repositoryId), e.message)
+            raise
 
     def listImages(self, repositoryId: str, options: dict[str, Any]) -> list[dict[str, Any]]:
         return self.images.list_images(repositoryId, options)
@@ -254,3 +404,11 @@ class Api:
             "repositories": [c.repo_id for c in self.host.connections()],
             "repoFormats": sorted(repo.FORMATS),
         }
+
+
+def _fulfil(future: concurrent.futures.Future[T], fn: Callable[[str], T], arg: str) -> None:
+    try:
+        future.set_result(fn(arg))
+    except BaseException as e:
+        future.set_exception(e)
+

@@ -164,6 +164,10 @@ class Rpc:
     tls_ca: str = _key(_Path(optional=True), "")
     plain_tcp: bool = _key(_Bool(), False)
     max_request_bytes: int = _key(_Int(1024, 1 << 30), 1 << 20)
+    # Calls about one repository run on that repository's own threads, so a file system that
+    # hangs holds only its own; a call waits at most the timeout (seconds) for its answer.
+    repository_threads: int = _key(_Int(1, 64), 4)
+    repository_call_timeout: int = _key(_Int(1, 3600), 30)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,14 @@ class UnsupportedFormat(Error):
     name = "UnsupportedFormat"
 
 
+class RepositoryUnavailable(Error):
+    """The repository's file system fails (EIO, read-only, frozen, hung): only calls about
+    it get this, at once or within the configured bound; the others go on answering."""
+
+    code = 1106
+    name = "RepositoryUnavailable"
+
+
 class ImageNotFound(Error):
     code = 1200
     name = "ImageNotFound"
@@ -128,6 +136,7 @@ ALL: tuple[type[Error], ...] = (
     RepositoryLocked,
     RepositoryNotEmpty,
     UnsupportedFormat,
+    RepositoryUnavailable,
     ImageNotFound,
     ImageBusy,
     WrongImageKind,

@@ -16,7 +16,7 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent import errors
@@ -26,36 +26,43 @@ _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise_unavailable(path, e)
+        raise
 
 
 def encode_json(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
 
 
-def write_json(path: str, obj: Any, sync_dir: bool = True, sync_also: Sequence[str] = ()) -> None:
-    write_bytes(path, encode_json(obj), sync_dir, sync_also)
+def write_json(path: str, obj: Any, sync_dir: bool = True, sync_also: Sequence[str] = (),
+               still: Callable[[], None] | None = None) -> None:
+    write_bytes(path, encode_json(obj), sync_dir, sync_also, still)
 
 
 def write_bytes(path: str, data: bytes, sync_dir: bool = True,
-                sync_also: Sequence[str] = ()) -> None:
+                sync_also: Sequence[str] = (), still: Callable[[], None] | None = None) -> None:
     """``sync_dir=False`` leaves the directory fsync to the caller, who batches it with other
     renames in the same directory. ``sync_also``: files (a volume's new data) made durable
     together with this record, before it is renamed into place."""
-    write_many([(path, data)], sync_dir, sync_also)
+    write_many([(path, data)], sync_dir, sync_also, still)
 
 
 def write_many(records: Sequence[tuple[str, bytes]], sync_dir: bool = True,
-               sync_also: Sequence[str] = ()) -> None:
+               sync_also: Sequence[str] = (), still: Callable[[], None] | None = None) -> None:
     """Write several records durably, in order: all are written to temporary files and fsync'd
     together, then each is renamed into place and its directory fsync'd before the next rename,
     so a crash can keep a later record only with every earlier one. Nothing is renamed unless
     every record (and ``sync_also``) was written and fsync'd; temporary files go on failure. A
-    rename that fails leaves the records before it in place (as separate writes would have)."""
+    rename that fails leaves the records before it in place (as separate writes would have).
+    ``still``, called just before the first rename, raises when the write must not land after
+    all: the repository was disconnected while the write waited on a frozen file system."""
     if not sync_dir and len(records) > 1:
         raise ValueError("records are durable in order only when each directory is fsync'd")
     staged: list[tuple[str, str]] = []
@@ -75,6 +82,8 @@ def write_many(records: Sequence[tuple[str, bytes]], sync_dir: bool = True,
             for fd, _ in files:
                 with contextlib.suppress(OSError):  # fsync'd or failing anyway: nothing to lose
                     os.close(fd)
+        if still is not None:
+            still()
         for tmp, path in staged:
             os.rename(tmp, path)
             if sync_dir:
@@ -159,14 +168,45 @@ def write_file(path: str, data: bytes | bytearray, mode: int = 0o644) -> None:
 
 
 def raise_no_space(path: str, e: OSError) -> None:
-    """Out of space or quota writing ``path`` is the NoSpace a client can act on."""
+    """Out of space or quota writing ``path`` is the NoSpace a client can act on; a failed
+    file system is RepositoryUnavailable (see ``raise_unavailable``)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise errors.NoSpace(f"no space to write {path}: {e.strerror}") from e
+    raise_unavailable(path, e)
+
+
+# What a failed file system answers, as opposed to a missing file or a bad request: an I/O
+# error (a dying disk, XFS shut down), read-only (remounted so, or ext4's errors=remount-ro),
+# corruption the file system found (EUCLEAN), a lost NFS handle, a FUSE daemon gone.
+FAILED_ERRNOS = frozenset({errno.EIO, errno.EROFS, errno.EUCLEAN, errno.ESTALE, errno.ENOTCONN})
+
+
+def unavailable(path: str, e: OSError) -> errors.RepositoryUnavailable | None:
+    """The clear error for ``e`` when it says the file system of ``path`` failed, else None."""
+    if e.errno not in FAILED_ERRNOS:
+        return None
+    code = errno.errorcode.get(e.errno or 0, str(e.errno))
+    return errors.RepositoryUnavailable(
+        f"the file system of {path} failed: {e.strerror} ({code}); calls about this "
+        "repository fail until it is repaired (or disconnected with options.force)",
+        path=path, errno=code,
+    )
+
+
+def raise_unavailable(path: str, e: OSError) -> None:
+    err = unavailable(e.filename if isinstance(e.filename, str) else path, e)
+    if err is not None:
+        raise err from e
 
 
 def read_json(path: str) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read())
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise_unavailable(path, e)
+        raise
+    return json.loads(data)
 
 
 def remove(path: str, durable: bool = True) -> bool:
@@ -176,17 +216,24 @@ def remove(path: str, durable: bool = True) -> bool:
         os.unlink(path)
     except FileNotFoundError:
         return False
+    except OSError as e:
+        raise_unavailable(path, e)
+        raise
     if durable:
         fsync_dir(os.path.dirname(path))
     return True
 
 
 def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise_unavailable(path, e)
+        raise
 
 
 def is_temporary(name: str) -> bool:

@@ -34,8 +34,12 @@ class Found:
 class Host:
     def __init__(self, host_id: int) -> None:
         self.host_id = host_id
+        # Guards the two dicts only, never held across I/O: a repository whose file system
+        # hangs must not stop the calls about the others (each looks its connection up here).
         self._lock = threading.Lock()
         self._connections: dict[str, Connection] = {}
+        # repoId -> root of the connections being opened right now, outside the lock.
+        self._opening: dict[str, str] = {}
         # Who may change which image now: the one place every call, operation and fix asks.
         self.claims = claims.Claims(self)
 
@@ -53,6 +57,7 @@ class Host:
     def connect(self, repo_id: str, repo_format: str, parameters: dict[str, Any]) -> bool:
         """Connect; return False when it was already connected with the same parameters."""
         driver = self.driver(repo_format)
+        root = driver.parse_parameters(parameters)
         with self._lock:
             existing = self._connections.get(repo_id)
             if existing is not None:
@@ -63,13 +68,27 @@ class Host:
                     f"({existing.repo_format} {existing.parameters}); disconnect it first",
                     repoId=repo_id,
                 )
-            root = driver.parse_parameters(parameters)
-            for conn in self._connections.values():
-                if conn.repo.root == root:
+            if repo_id in self._opening:
+                raise errors.RepositoryAlreadyConnected(
+                    f"repoId {repo_id!r} is being connected by another call", repoId=repo_id
+                )
+            roots = {c.repo_id: c.repo.root for c in self._connections.values()}
+            for other, other_root in [*roots.items(), *self._opening.items()]:
+                if other_root == root:
                     raise errors.RepositoryAlreadyConnected(
-                        f"{root} is already connected as repoId {conn.repo_id!r}", repoId=repo_id
+                        f"{root} is already connected as repoId {other!r}", repoId=repo_id
                     )
+            self._opening[repo_id] = root
+        # Opening reads and writes the repository (its lock, the probes): outside the lock,
+        # so a file system that hangs holds only this call.
+        try:
             r = driver.open(parameters)
+        except BaseException:
+            with self._lock:
+                del self._opening[repo_id]
+            raise
+        with self._lock:
+            del self._opening[repo_id]
             self._connections[repo_id] = Connection(repo_id, repo_format, dict(parameters), r)
         log.info("event=connected repo=%s format=%s root=%s", repo_id, repo_format, r.root)
         return True
@@ -95,6 +114,11 @@ class Host:
     def connections(self) -> list[Connection]:
         with self._lock:
             return list(self._connections.values())
+
+    def get(self, repo_id: str) -> Connection | None:
+        """The connection under ``repo_id``, or None."""
+        with self._lock:
+            return self._connections.get(repo_id)
 
     def repo_id_of(self, r: localfs.LocalRepository) -> str | None:
         for conn in self.connections():
@@ -126,10 +150,18 @@ class Host:
         conns = (
             [self.connection(r) for r in candidates] if candidates else self.connections()
         )
+        failed: list[errors.RepositoryUnavailable] = []
         for conn in conns:
-            img = conn.repo.get_image(image_id)
+            try:
+                img = conn.repo.get_image(image_id)
+            except errors.RepositoryUnavailable as e:
+                # A failed repository must not fail a lookup another one answers.
+                failed.append(e)
+                continue
             if img is not None and (include_removed or not img.removed):
                 return Found(conn.repo_id, conn.repo, img)
+        if failed:
+            raise failed[0]  # it may be there: not found would be a guess
         where = "participating repositories" if candidates else "connected repositories"
         raise errors.ImageNotFound(
             f"image {image_id} is not in any of the {where}", imageId=image_id
@@ -137,7 +169,16 @@ class Host:
 
     def find_volume(self, vol_id: str) -> tuple[localfs.LocalRepository, model.Volume] | None:
         for conn in self.connections():
-            vol = conn.repo.get_volume(vol_id)
+            try:
+                vol = conn.repo.get_volume(vol_id)
+            except errors.RepositoryUnavailable as e:
+                # Asked for every volume not found where it was first looked for (the top of
+                # an image being made, too): a failed repository must not fail the calls of
+                # the others. A chain leaning on a volume there reads as a missing parent, a
+                # manual finding the checker reports and never acts on.
+                log.debug("event=volume_lookup_skipped volume=%s repo=%s error=%r",
+                            vol_id, conn.repo_id, str(e))
+                continue
             if vol is not None:
                 return conn.repo, vol
         return None

@@ -33,7 +33,9 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INTERNAL_ERROR = -32603
 
-Submit = Callable[..., Any]  # runs fn(*args, **kwargs) on a real thread and returns its result
+# submit(method, fn, **kwargs) runs fn(**kwargs) on a real thread (which one the method and
+# its params decide: the repository's, or the host's) and returns its result.
+Submit = Callable[..., Any]
 
 _request_ids = itertools.count(1)
 
@@ -111,7 +113,8 @@ class Dispatcher:
                 if self._api.runs_inline(method.name, bound):
                     result = target(**bound)
                 else:
-                    result = self._submit(logctx.bound(logctx.request_id.get(), target),
+                    result = self._submit(method.name,
+                                          logctx.bound(logctx.request_id.get(), target),
                                           **bound)
             except errors.InvalidArgument as e:
                 # A value the schema admits but the call cannot use names its parameter: to a

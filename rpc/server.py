@@ -22,7 +22,8 @@ import gevent.threadpool
 
 from agent import api as agent_api
 from agent import config as agent_config
-from rpc import dispatch
+from agent import errors, fileio
+from rpc import dispatch, executors
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,68 @@ class _QuietLog:
 class Server:
     def __init__(self, cfg: agent_config.Config, api: agent_api.Api) -> None:
         self._cfg = cfg
+        self._api = api
+        # The host pool: host calls (getHostInfo, listStorageRepositories, a forced
+        # disconnect, formatting). Calls about a repository run on its own executor.
         self.pool = gevent.threadpool.ThreadPool(cfg.agent.rpc_threads)
+        self._executors: dict[str, executors.Executor] = {}
         self.dispatcher = dispatch.Dispatcher(api, self._run_in_thread)
         self._servers: list[gevent.pywsgi.WSGIServer] = []
 
-    def _run_in_thread(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    # -- where a call runs -------------------------------------------------------------------
+
+    def _run_in_thread(self, method: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        repos = self._api.repositories_of(method, kwargs)
+        # A repoId nobody connected gets its error at once on the host pool; only a connect
+        # may need threads of its own for a repository not connected yet (it may hang).
+        if not repos or (self._api.host.get(repos[0]) is None
+                         and method != "connectStorageRepository"):
+            return self._run_on_host_pool(fn, **kwargs)
+        for r in repos[1:]:
+            other = self._executors.get(r)
+            if other is not None and other.saturated():  # copyImage's source: its reads
+                raise other.unavailable(method, f"all its {other.threads} threads are stuck; "
+                                        "the call was not started, nothing was done")
+        ex = self._executor(repos[0])
+        try:
+            value = ex.run(method, fn, kwargs)
+        except errors.RepositoryUnavailable as e:
+            self._api.note_failure(self._api.name_failure(e, ex.repo_id), e.message)
+            raise
+        except OSError as e:
+            # One the agent did not map where it surfaced: still about this repository.
+            err = fileio.unavailable(e.filename if isinstance(e.filename, str) else
+                                     f"repository {ex.repo_id!r}", e)
+            if err is None:
+                raise
+            self._api.note_failure(self._api.name_failure(err, ex.repo_id), err.message)
+            raise err from e
+        finally:
+            if ex.owner is None and ex.idle():
+                self._drop(ex)
+        if not ex.stuck():
+            self._api.note_failure(ex.repo_id, None)
+        return value
+
+    def _executor(self, repo_id: str) -> executors.Executor:
+        """The repository's executor; a new one for a new connection under the same repoId
+        (the old one's threads end as their calls do)."""
+        owner = self._api.host.get(repo_id)
+        ex = self._executors.get(repo_id)
+        if ex is None or ex.owner is not owner:
+            if ex is not None:
+                ex.retire()
+            rpc = self._cfg.rpc
+            ex = self._executors[repo_id] = executors.Executor(
+                repo_id, rpc.repository_threads, float(rpc.repository_call_timeout), owner)
+        return ex
+
+    def _drop(self, ex: executors.Executor) -> None:
+        if self._executors.get(ex.repo_id) is ex:
+            del self._executors[ex.repo_id]
+            ex.retire()
+
+    def _run_on_host_pool(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
         # The outcome travels back as a value: gevent re-raising some exceptions across the
         # thread boundary can fail (a RecursionError's traceback), leaving the call hanging.
         def guarded() -> tuple[bool, Any]:
@@ -135,6 +193,8 @@ class Server:
             s.stop(timeout=timeout)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._cfg.rpc.socket)
+        for ex in self._executors.values():
+            ex.retire()
         self.pool.kill()
 
 

@@ -34,6 +34,8 @@ def test_defaults() -> None:
     assert (cfg.rpc.tls_cert, cfg.rpc.tls_key, cfg.rpc.tls_ca) == ("", "", "")
     assert cfg.rpc.plain_tcp is False
     assert cfg.rpc.max_request_bytes == 1048576
+    assert cfg.rpc.repository_threads == 4
+    assert cfg.rpc.repository_call_timeout == 30
     assert cfg.agent.state_dir == "/var/lib/strata"
     assert cfg.agent.workers == 4
     assert cfg.agent.rpc_threads == 16

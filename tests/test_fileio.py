@@ -171,9 +171,13 @@ def test_a_failed_fsync_waits_for_the_others_and_publishes_nothing(
         still_open.append(os.readlink(f"/proc/self/fd/{fd}") == path)
 
     calls.fail = {paths[1]: eio, paths[2]: slow}
-    with pytest.raises(OSError) as raised:
+    # An I/O error is the clear RepositoryUnavailable, naming the file, caused by the EIO.
+    with pytest.raises(errors.RepositoryUnavailable) as raised:
         fileio.write_many([(p, b"{}\n") for p in paths])
-    assert raised.value.errno == errno.EIO and raised.value.filename == paths[1]
+    cause = raised.value.__cause__
+    assert isinstance(cause, OSError)
+    assert cause.errno == errno.EIO and cause.filename == paths[1]
+    assert raised.value.data == {"path": paths[1], "errno": "EIO"}
     assert still_open == [True]
     assert not [e for e in calls.events if e[0] == "rename"]
     assert os.listdir(journal) == [] and os.listdir(images) == []

@@ -291,7 +291,15 @@ class Claims:
             yield Holder(f"consumer:{host_id}", f"a consumer on host {host_id} (prepared)",
                          consumer, True)
         for conn in self.host.connections():
-            for op in conn.repo.operations():
+            try:
+                ops = conn.repo.operations()
+            except errors.RepositoryUnavailable as e:
+                # Its own calls fail; it must not fail every other repository's too. What it
+                # journaled about this image (a copy reading it) is told once it answers
+                # again; its running operations are in the table above.
+                log.warning("event=claims_unreadable repo=%s error=%r", conn.repo_id, e.message)
+                continue
+            for op in ops:
                 if op.state == model.OpState.ABORTED:
                     continue
                 for mode in _modes(conn.repo is repo, op, image.id, chain):

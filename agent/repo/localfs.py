@@ -53,6 +53,10 @@ class LocalRepository:
         self.direct_io = True
         self.reflink = False
         self._lock_fd: int | None = None
+        # Set by close (a disconnect, forced or not): a call still in flight, stuck on the
+        # file system when it was disconnected, finds it closed when it wakes and stops there,
+        # as a crash would have stopped it, instead of writing to a repository nobody serves.
+        self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -152,7 +156,10 @@ class LocalRepository:
         return True
 
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # Read-only: flock needs no write access, and a file open for writing would keep the
+        # administrator from remounting a failing file system read-only (EBUSY).
+        fd = os.open(os.path.join(self.root, "lock"),
+                     os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -165,14 +172,33 @@ class LocalRepository:
         self._lock_fd = fd
 
     def close(self) -> None:
+        """Let the repository go: the lock file is the one descriptor the agent keeps open
+        there (every other is closed by the call that opened it), so once calls stuck in the
+        file system drain, nothing of the agent's holds the mount (``umount -l`` at once)."""
+        self.closed = True
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            with contextlib.suppress(OSError):  # EIO from a failed file system: it is closed
+                os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise errors.RepositoryNotConnected(
+                f"the repository at {self.root} was disconnected while this call ran",
+                path=self.root,
+            )
+
+    def _failed(self, path: str, e: OSError) -> None:
+        fileio.raise_unavailable(path, e)
 
     # -- space -------------------------------------------------------------------------------
 
     def capacity(self) -> tuple[int, int]:
-        st = os.statvfs(self.root)
+        try:
+            st = os.statvfs(self.root)
+        except OSError as e:
+            self._failed(self.root, e)
+            raise
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
     # -- paths -------------------------------------------------------------------------------
@@ -198,6 +224,7 @@ class LocalRepository:
         return self._path(sub, f"{rec_id}.json")
 
     def _get(self, sub: str, rec_id: str, parse: Callable[[dict[str, Any]], R]) -> R | None:
+        self._check_open()
         try:
             return parse(fileio.read_json(self._record_path(sub, rec_id)))
         except FileNotFoundError:
@@ -205,20 +232,30 @@ class LocalRepository:
 
     def _all(self, sub: str, parse: Callable[[dict[str, Any]], R]) -> list[R]:
         out = []
-        with os.scandir(os.path.join(self.root, sub)) as it:
-            for entry in it:
-                name = entry.name
-                if name.endswith(".json") and not name.startswith("."):
-                    rec = self._get(sub, name[: -len(".json")], parse)
-                    if rec is not None:  # removed since the scan: fine
-                        out.append(rec)
+        for name in self._names(sub):
+            if name.endswith(".json") and not name.startswith("."):
+                rec = self._get(sub, name[: -len(".json")], parse)
+                if rec is not None:  # removed since the scan: fine
+                    out.append(rec)
         return out
+
+    def _names(self, sub: str) -> list[str]:
+        """The entries of one of the repository's directories."""
+        self._check_open()
+        directory = os.path.join(self.root, sub)
+        try:
+            with os.scandir(directory) as it:
+                return [entry.name for entry in it]
+        except OSError as e:
+            self._failed(directory, e)
+            raise
 
     def get_image(self, image_id: str) -> model.Image | None:
         return self._get(IMAGES, image_id, model.Image.from_dict)
 
     def put_image(self, image: model.Image) -> None:
-        fileio.write_many([self._image_record(image)])
+        self._check_open()
+        fileio.write_many([self._image_record(image)], still=self._check_open)
 
     def _image_record(self, image: model.Image) -> tuple[str, bytes]:
         image.generation += 1  # every write is a new generation: fixes made before are stale
@@ -228,10 +265,12 @@ class LocalRepository:
         """A new operation's journal and the image record naming it, both fsync'd at once and
         durable in that order: a journal without its image is a finished-nothing the checker
         cleans; an image naming a journal that is not there could never be resumed."""
+        self._check_open()
         fileio.write_many([(self._record_path(JOURNAL, op.id), fileio.encode_json(op.to_dict())),
-                           self._image_record(image)])
+                           self._image_record(image)], still=self._check_open)
 
     def delete_image(self, image_id: str) -> None:
+        self._check_open()
         fileio.remove(self._record_path(IMAGES, image_id))
 
     def images(self) -> list[model.Image]:
@@ -243,16 +282,19 @@ class LocalRepository:
     def put_volume(self, vol: model.Volume, sync_dir: bool = True,
                    data: str | None = None) -> None:
         """``data``: the volume's new data file, made durable together with the record."""
+        self._check_open()
         fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict(), sync_dir,
-                          () if data is None else (data,))
+                          () if data is None else (data,), self._check_open)
 
     def delete_volume_data(self, vol: model.Volume) -> None:
         """Data first, record last (``delete_volume_record``): a record whose data is gone
         is still found and finished by the next clean."""
+        self._check_open()
         fileio.remove(self.volume_partial_path(vol.id, vol.format))
         fileio.remove(self.volume_path(vol.id, vol.format))
 
     def delete_volume_record(self, vol: model.Volume) -> None:
+        self._check_open()
         fileio.remove(self._record_path(VOLUMES, vol.id))
 
     def volumes(self) -> list[model.Volume]:
@@ -262,11 +304,14 @@ class LocalRepository:
         return self._get(JOURNAL, op_id, model.Operation.from_dict)
 
     def put_operation(self, op: model.Operation) -> None:
-        fileio.write_json(self._record_path(JOURNAL, op.id), op.to_dict())
+        self._check_open()
+        fileio.write_json(self._record_path(JOURNAL, op.id), op.to_dict(),
+                          still=self._check_open)
 
     def delete_operation(self, op_id: str, durable: bool = True) -> None:
         """``durable=False`` for a finished operation: a journal that comes back after a crash
         names an image that no longer waits for it, and clean removes it."""
+        self._check_open()
         fileio.remove(self._record_path(JOURNAL, op_id), durable)
 
     def operations(self) -> list[model.Operation]:
@@ -276,18 +321,16 @@ class LocalRepository:
         """Files that are neither records nor volume data: leftover temporary and partial files."""
         out = []
         for sub in (IMAGES, VOLUMES, JOURNAL):
-            with os.scandir(os.path.join(self.root, sub)) as it:
-                for entry in it:
-                    if fileio.is_temporary(entry.name) or entry.name.endswith(PARTIAL):
-                        out.append(entry.path)
+            for name in self._names(sub):
+                if fileio.is_temporary(name) or name.endswith(PARTIAL):
+                    out.append(self._path(sub, name))
         return out
 
     def volume_files(self) -> dict[str, str]:
         """Volume data files by volume id, whether or not a record names them."""
         out = {}
-        with os.scandir(os.path.join(self.root, VOLUMES)) as it:
-            for entry in it:
-                stem, _, ext = entry.name.partition(".")
-                if ext in ("qcow2", "raw"):
-                    out[stem] = entry.path
+        for name in self._names(VOLUMES):
+            stem, _, ext = name.partition(".")
+            if ext in ("qcow2", "raw"):
+                out[stem] = self._path(VOLUMES, name)
         return out
