@@ -131,7 +131,11 @@ class ImageService:
         base_snapshot_id: str | None,
         user_data: dict[str, Any],
         options: model.Options,
+        *,
+        new_image_id: str | None = None,
     ) -> str:
+        """``new_image_id``: the id to give the disk (a retried request reuses its reserved
+        id); a fresh one by default."""
         check_size(size)
         repo = self._repo(target_repo_id)
         params = model.OpParams(size=size, strategy=options.strategy, volume_id=new_id())
@@ -165,7 +169,7 @@ class ImageService:
             params.base_image_id = base.image.id
             params.base_volume_id = base.image.volume_id
         image = model.Image(
-            id=new_id(), kind=model.Kind.DISK, size=size,
+            id=new_image_id or new_id(), kind=model.Kind.DISK, size=size,
             volume_id=model.need(params.volume_id, "volume"),
             user_data=user_data,
         )
@@ -180,7 +184,10 @@ class ImageService:
         disk_id: str,
         user_data: dict[str, Any],
         options: model.Options,
+        *,
+        new_image_id: str | None = None,
     ) -> str:
+        """``new_image_id``: the id to give the snapshot; a fresh one by default."""
         repo = self._repo(target_repo_id)
         with repo.meta_lock:
             disk = repo.get_image(disk_id)
@@ -212,7 +219,8 @@ class ImageService:
             params = model.OpParams(size=disk.size, disk_id=disk.id,
                                     old_volume_id=disk.volume_id, new_volume_id=new_id())
             snap = model.Image(
-                id=new_id(), kind=model.Kind.SNAPSHOT, size=disk.size, volume_id=disk.volume_id,
+                id=new_image_id or new_id(), kind=model.Kind.SNAPSHOT, size=disk.size,
+                volume_id=disk.volume_id,
                 user_data=user_data,
             )
             op = model.Operation(new_id(), model.OpKind.CREATE_SNAPSHOT, snap.id, params)
@@ -226,7 +234,11 @@ class ImageService:
         base_image_id: str | None,
         user_data: dict[str, Any],
         options: model.Options,
+        *,
+        new_image_id: str | None = None,
     ) -> str:
+        """``new_image_id``: the id to give a disk's copy; a fresh one by default (a snapshot's
+        copy keeps the snapshot's id)."""
         repo = self._repo(target_repo_id)
         src = self.host.find_image(image_id, options)
         self._usable(src.image)
@@ -273,7 +285,7 @@ class ImageService:
                 params.base_image_id = base.id
                 params.base_volume_id = base.volume_id
             image = model.Image(
-                id=image_id if keep_id else new_id(),
+                id=image_id if keep_id else new_image_id or new_id(),
                 kind=src.image.kind,
                 size=src.image.size,
                 volume_id=volume_id,
