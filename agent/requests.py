@@ -175,13 +175,15 @@ class Store:
 
     def _write(self, request_id: str, record: dict[str, Any]) -> None:
         if self.directory is None:
-            self._memory[request_id] = (time.time(), record)
+            with self._guard:  # prune iterates over it
+                self._memory[request_id] = (time.time(), record)
         else:
             fileio.write_json(self._path(request_id), record)
 
     def _drop(self, request_id: str) -> None:
         if self.directory is None:
-            self._memory.pop(request_id, None)
+            with self._guard:
+                self._memory.pop(request_id, None)
         else:
             fileio.remove(self._path(request_id))
 
@@ -219,7 +221,9 @@ class Store:
                 old = [k for k, (at, _) in self._memory.items() if at + self.ttl < now]
             for request_id in old:
                 with self._locked(request_id):
-                    self._memory.pop(request_id, None)
+                    at, _ = self._memory.get(request_id, (now, {}))
+                    if at + self.ttl < time.time():
+                        self._drop(request_id)
             return len(old)
         gone = 0
         with os.scandir(self.directory) as entries:

@@ -188,6 +188,24 @@ def test_an_expired_request_id_is_a_new_call(tmp_path: Any) -> None:
         api.close()
 
 
+def test_without_a_state_dir_request_ids_are_kept_in_memory(tmp_path: Any) -> None:
+    api = agent_api.Api(1, 1, request_ttl=1.0)
+    try:
+        params = {"path": str(tmp_path / "r1")}
+        api.formatStorageRepository("localfs-1.0", params, {})
+        api.connectStorageRepository("r1", "localfs-1.0", params, {})
+        opts = rid()
+        first = api.createVirtualDisk("r1", 64 * MiB, None, {}, opts)
+        assert api.createVirtualDisk("r1", 64 * MiB, None, {}, dict(opts)) == first
+        with pytest.raises(errors.RequestIdReused):
+            api.createVirtualDisk("r1", 128 * MiB, None, {}, opts)
+        time.sleep(1.3)
+        assert api.requests.prune() == 1
+        assert api.createVirtualDisk("r1", 128 * MiB, None, {}, opts) != first
+    finally:
+        api.close()
+
+
 def test_a_damaged_record_refuses_and_creates_nothing(engine: conftest.Engine) -> None:
     opts = rid()
     directory = os.path.join(engine.base, "state", "requests")

@@ -229,6 +229,10 @@ def test_cli_sends_a_request_id_and_retries_with_it(daemon: conftest.Daemon) -> 
     assert "RequestIdReused (1010)" in other.stderr
     bad = cli(daemon.socket, "getHostInfo", "--request-id", request_id)
     assert bad.returncode == 2 and "--request-id goes with a data-changing call" in bad.stderr
+    bad = cli(daemon.socket, "removeImage", "repositoryId=default", f"imageId={disk}",
+              "--request-id", "not-a-uuid")
+    assert bad.returncode == 2 and "not a lower-case UUID" in bad.stderr
+    assert disk in [i["imageId"] for i in images(daemon)]
 
 
 def test_cli_without_an_answer_says_how_to_retry_safely(tmp_path: Any) -> None:
