@@ -234,6 +234,21 @@ def test_cli_sends_a_request_id_and_retries_with_it(daemon: conftest.Daemon) -> 
     assert bad.returncode == 2 and "not a lower-case UUID" in bad.stderr
     assert disk in [i["imageId"] for i in images(daemon)]
 
+    # fixStorageRepository --all sends each fix with its own requestId.
+    gone = cli(daemon.socket, "createVirtualDisk", "targetRepoId=default", "size=64M").stdout
+    conftest.settle(daemon.call, "default", gone.strip())
+    assert cli(daemon.socket, "removeImage", "repositoryId=default",
+               f"imageId={gone.strip()}").returncode == 0
+    p = cli(daemon.socket, "fixStorageRepository", "repositoryId=default", "--all", "--types",
+            "clean")
+    assert p.returncode == 0, p.stderr + p.stdout
+    methods = []
+    for name in os.listdir(requests_dir):
+        with open(os.path.join(requests_dir, name)) as f:
+            methods.append(json.load(f)["method"])
+    assert methods.count("fixStorageRepository") == 1
+    assert methods.count("removeImage") == 1
+
 
 def test_cli_without_an_answer_says_how_to_retry_safely(tmp_path: Any) -> None:
     """The agent's state directory frozen (fsfreeze) holds the call past the client's timeout,
