@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from agent import errors, fileio, host, repo
+from agent import errors, fileio, host, repo, requests
 from agent.fix import check as checker
 from agent.fix import fixes
 from agent.image import model, runner, service
@@ -24,6 +24,8 @@ from agent.image import model, runner, service
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+# How long a request id is remembered by default: [agent] request_ttl.
+REQUEST_TTL = 86400.0
 
 T = TypeVar("T")
 
@@ -41,7 +43,7 @@ REPO_PARAMS = ("repoId", "repositoryId", "targetRepoId")
 
 class Api:
     def __init__(self, host_id: int, workers: int, state_dir: str | None = None,
-                 max_chain_depth: int = 10) -> None:
+                 max_chain_depth: int = 10, request_ttl: float = REQUEST_TTL) -> None:
         self.host = host.Host(host_id)
         self.runner = runner.Runner(self.host, workers)
         self.max_chain_depth = max_chain_depth
@@ -60,6 +62,23 @@ class Api:
         # repoId -> why calls about it fail now, as the RPC layer saw it (a timeout, a full
         # executor, an I/O error); cleared by the next call that succeeds.
         self._failures: dict[str, str] = {}
+        # Every data-changing call goes through it: options.requestId makes a retry safe.
+        self.requests = requests.Store(
+            os.path.join(state_dir, "requests") if state_dir is not None else None, request_ttl
+        )
+
+    def _once(self, method: str, params: dict[str, Any],
+              call: Callable[[requests.Attempt], Any]) -> Any:
+        """Run a data-changing call at most once per ``options.requestId``."""
+        options = params.get("options") or {}
+        return self.requests.run(options.get("requestId"), method, params, call)
+
+    def _made(self, repo_id: str, image_id: str) -> bool:
+        """Whether an attempt cut short already made this image (in any state)."""
+        try:
+            return self.host.connection(repo_id).repo.get_image(image_id) is not None
+        except errors.Error:
+            return False  # the call itself says what is wrong with the repository
 
     def restore_connections(self) -> None:
         if self._connections_file is None or not os.path.exists(self._connections_file):
@@ -150,9 +169,17 @@ class Api:
     def formatStorageRepository(
         self, repoFormat: str, connectionParameters: dict[str, Any], options: dict[str, Any]
     ) -> dict[str, Any]:
-        repo_uuid = self.host.driver(repoFormat).format(connectionParameters)
-        log.info("event=formatted format=%s uuid=%s", repoFormat, repo_uuid)
-        return {"repoUUID": repo_uuid, "repoFormat": repoFormat}
+        def call(_: requests.Attempt) -> dict[str, Any]:
+            repo_uuid = self.host.driver(repoFormat).format(connectionParameters)
+            log.info("event=formatted format=%s uuid=%s", repoFormat, repo_uuid)
+            return {"repoUUID": repo_uuid, "repoFormat": repoFormat}
+
+        result: dict[str, Any] = self._once(
+            "formatStorageRepository",
+            {"repoFormat": repoFormat, "connectionParameters": connectionParameters,
+             "options": options},
+            call)
+        return result
 
     def connectStorageRepository(
         self,
@@ -161,6 +188,16 @@ class Api:
         connectionParameters: dict[str, Any],
         options: dict[str, Any],
     ) -> dict[str, Any]:
+        result: dict[str, Any] = self._once(
+            "connectStorageRepository",
+            {"repoId": repoId, "repoFormat": repoFormat,
+             "connectionParameters": connectionParameters, "options": options},
+            lambda _: self._connect(repoId, repoFormat, connectionParameters),
+        )
+        return result
+
+    def _connect(self, repoId: str, repoFormat: str,
+                 connectionParameters: dict[str, Any]) -> dict[str, Any]:
         changed = self.host.connect(repoId, repoFormat, connectionParameters)
         try:
             info = self.getStorageRepositoryInfo(repoId)
@@ -184,6 +221,17 @@ class Api:
         return running, prepared, readers
 
     def disconnectStorageRepository(self, repoId: str, options: dict[str, Any]) -> None:
+        def call(attempt: requests.Attempt) -> None:
+            try:
+                self._disconnect(repoId, options)
+            except errors.RepositoryNotConnected:
+                if not attempt.retry:
+                    raise
+                # The attempt cut short disconnected it: that is the answer it would have had.
+
+        self._once("disconnectStorageRepository", {"repoId": repoId, "options": options}, call)
+
+    def _disconnect(self, repoId: str, options: dict[str, Any]) -> None:
         conn = self.host.connection(repoId)
         if options.get("force", False):
             self._force_disconnect(conn)
@@ -310,9 +358,21 @@ class Api:
         userData: dict[str, Any],
         options: dict[str, Any],
     ) -> str:
-        return self.images.create_virtual_disk(
-            targetRepoId, size, baseSnapshotId, userData, model.Options.parse(options)
+        def call(attempt: requests.Attempt) -> str:
+            if attempt.retry and self._made(targetRepoId, attempt.reserved_id):
+                return attempt.reserved_id
+            return self.images.create_virtual_disk(
+                targetRepoId, size, baseSnapshotId, userData, model.Options.parse(options),
+                new_image_id=attempt.reserved_id,
+            )
+
+        result: str = self._once(
+            "createVirtualDisk",
+            {"targetRepoId": targetRepoId, "size": size, "baseSnapshotId": baseSnapshotId,
+             "userData": userData, "options": options},
+            call,
         )
+        return result
 
     def createSnapshot(
         self,
@@ -321,9 +381,21 @@ class Api:
         userData: dict[str, Any],
         options: dict[str, Any],
     ) -> str:
-        return self.images.create_snapshot(
-            targetRepoId, baseVirtualDiskId, userData, model.Options.parse(options)
+        def call(attempt: requests.Attempt) -> str:
+            if attempt.retry and self._made(targetRepoId, attempt.reserved_id):
+                return attempt.reserved_id
+            return self.images.create_snapshot(
+                targetRepoId, baseVirtualDiskId, userData, model.Options.parse(options),
+                new_image_id=attempt.reserved_id,
+            )
+
+        result: str = self._once(
+            "createSnapshot",
+            {"targetRepoId": targetRepoId, "baseVirtualDiskId": baseVirtualDiskId,
+             "userData": userData, "options": options},
+            call,
         )
+        return result
 
     def copyImage(
         self,
@@ -333,12 +405,35 @@ class Api:
         userData: dict[str, Any],
         options: dict[str, Any],
     ) -> str:
-        return self.images.copy_image(
-            targetRepoId, imageId, baseImageId, userData, model.Options.parse(options)
+        def call(attempt: requests.Attempt) -> str:
+            # A snapshot's copy keeps its id and a copy already there is a no-op: only a disk's
+            # copy gets the reserved id.
+            if attempt.retry and self._made(targetRepoId, attempt.reserved_id):
+                return attempt.reserved_id
+            return self.images.copy_image(
+                targetRepoId, imageId, baseImageId, userData, model.Options.parse(options),
+                new_image_id=attempt.reserved_id,
+            )
+
+        result: str = self._once(
+            "copyImage",
+            {"targetRepoId": targetRepoId, "imageId": imageId, "baseImageId": baseImageId,
+             "userData": userData, "options": options},
+            call,
         )
+        return result
 
     def removeImage(self, repositoryId: str, imageId: str, options: dict[str, Any]) -> None:
-        self.images.remove_image(repositoryId, imageId)
+        def call(attempt: requests.Attempt) -> None:
+            try:
+                self.images.remove_image(repositoryId, imageId)
+            except errors.ImageNotFound:
+                if not attempt.retry:
+                    raise
+                # Already removed: by the attempt cut short, the answer it would have had.
+
+        self._once("removeImage",
+                   {"repositoryId": repositoryId, "imageId": imageId, "options": options}, call)
 
     def getImageStatus(self, repositoryId: str, imageId: str) -> dict[str, Any]:
         try:
@@ -356,22 +451,36 @@ class Api:
         return self.images.image_info(repositoryId, imageId)
 
     def setImageUserData(
-        self, repositoryId: str, imageId: str, userData: dict[str, Any]
+        self, repositoryId: str, imageId: str, userData: dict[str, Any],
+        options: dict[str, Any] | None = None,
     ) -> None:
-        self.images.set_user_data(repositoryId, imageId, userData)
+        self._once("setImageUserData",
+                   {"repositoryId": repositoryId, "imageId": imageId, "userData": userData,
+                    "options": options or {}},
+                   lambda _: self.images.set_user_data(repositoryId, imageId, userData))
 
     def prepareImage(
         self, repositoryId: str, imageId: str, options: dict[str, Any]
     ) -> dict[str, Any]:
-        return self.images.prepare(repositoryId, imageId)
+        result: dict[str, Any] = self._once(
+            "prepareImage", {"repositoryId": repositoryId, "imageId": imageId, "options": options},
+            lambda _: self.images.prepare(repositoryId, imageId))
+        return result
 
     def teardownImage(
         self, repositoryId: str, imageId: str, options: dict[str, Any]
     ) -> dict[str, Any]:
-        return {"changed": self.images.teardown(repositoryId, imageId)}
+        result: dict[str, Any] = self._once(
+            "teardownImage",
+            {"repositoryId": repositoryId, "imageId": imageId, "options": options},
+            lambda _: {"changed": self.images.teardown(repositoryId, imageId)})
+        return result
 
-    def stopOperation(self, repositoryId: str, imageId: str) -> None:
-        self.images.stop_operation(repositoryId, imageId)
+    def stopOperation(self, repositoryId: str, imageId: str,
+                      options: dict[str, Any] | None = None) -> None:
+        self._once("stopOperation",
+                   {"repositoryId": repositoryId, "imageId": imageId, "options": options or {}},
+                   lambda _: self.images.stop_operation(repositoryId, imageId))
 
     # -- fixes ---------------------------------------------------------------------------------
 
@@ -385,8 +494,14 @@ class Api:
     def fixStorageRepository(
         self, repositoryId: str, fix: dict[str, Any], options: dict[str, Any]
     ) -> dict[str, Any]:
-        done = self._checker(repositoryId).apply(fix)
-        return {"type": done.type.value, "imageIds": done.image_ids}
+        def call(_: requests.Attempt) -> dict[str, Any]:
+            done = self._checker(repositoryId).apply(fix)
+            return {"type": done.type.value, "imageIds": done.image_ids}
+
+        result: dict[str, Any] = self._once(
+            "fixStorageRepository",
+            {"repositoryId": repositoryId, "fix": fix, "options": options}, call)
+        return result
 
     def _checker(self, repo_id: str) -> checker.Checker:
         repo = self.host.connection(repo_id).repo

@@ -177,6 +177,9 @@ class Agent:
     rpc_threads: int = _key(_Int(1, 256), 16)
     # Chains deeper than this are reported degraded and get an optimize fix.
     max_chain_depth: int = _key(_Int(2, 200), 10)
+    # Seconds a data-changing call's options.requestId is remembered (a retry within it is
+    # answered from the record): a day by default, up to a year.
+    request_ttl: int = _key(_Int(1, 366 * 86400), 86400)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,13 @@ class InvalidArgument(Error):
     name = "InvalidArgument"
 
 
+class RequestIdReused(Error):
+    """options.requestId was already used for a call with other params, or another method."""
+
+    code = 1010
+    name = "RequestIdReused"
+
+
 class RepositoryNotConnected(Error):
     code = 1100
     name = "RepositoryNotConnected"
@@ -130,6 +137,7 @@ class OperationStopped(Error):
 ALL: tuple[type[Error], ...] = (
     Error,
     InvalidArgument,
+    RequestIdReused,
     RepositoryNotConnected,
     RepositoryAlreadyConnected,
     RepositoryNotFormatted,

@@ -1,5 +1,6 @@
 """Talking to the agent from ``strata-client``: where it is (a Unix socket, or TCP with optional
-TLS) and calls by name, with every transport failure turned into ``clierrors.Unreachable``.
+TLS) and calls by name, with every transport failure turned into ``clierrors.Unreachable``, or
+into ``NoAnswer`` once the call may have reached the agent.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from rpc import clierrors, clihelp, transport
+
+# The connection broke after the request went out: the agent may have received it.
+_DROPPED = (http.client.RemoteDisconnected, http.client.IncompleteRead, ConnectionResetError,
+            BrokenPipeError)
+
+
+class NoAnswer(Exception):
+    """The call was sent but no answer came (a timeout, a dropped connection): the agent may
+    have carried it out, or may still be carrying it out. Exit 5."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +64,7 @@ class Agent:
 
     def __init__(self, where: Endpoint, timeout: float) -> None:
         self.where = where
+        self.timeout = timeout
         self._client = transport.Client(
             socket_path=where.socket, address=where.address, tls=where.tls, timeout=timeout
         )
@@ -63,7 +74,19 @@ class Agent:
             return self._client.call(method, **params)
         except transport.RemoteError:
             raise
+        except TimeoutError:
+            raise NoAnswer(
+                f"no answer from the agent at {self.where.describe()} within "
+                f"{self.timeout:g} s"
+            ) from None
         except (OSError, http.client.HTTPException) as e:
+            # transport retries once on a fresh connection after a drop: the first try (the
+            # exception's context) may have reached the agent even if the second was refused.
+            if isinstance(e, _DROPPED) or isinstance(e.__context__, _DROPPED):
+                raise NoAnswer(
+                    f"the agent at {self.where.describe()} closed the connection before "
+                    "answering"
+                ) from None
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise clierrors.Unreachable(
                 f"cannot reach the agent at {self.where.describe()}: {reason}"

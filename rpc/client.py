@@ -1,7 +1,7 @@
 """``strata-client``: call the Strata agent's JSON-RPC API from a shell.
 
     strata-client [-s SOCKET | -a HOST:PORT [--cert C --key K --ca CA]] [--json] [--timeout S]
-                  METHOD [name=value ...] [-f params.json] [--watch] [-h]
+                  METHOD [name=value ...] [-f params.json] [--watch] [--request-id UUID] [-h]
 
 Methods and params come from the agent's API document (``rpc.discover``); ``-h`` lists the
 methods and ``METHOD -h`` describes one, from the packaged document when the agent is down.
@@ -17,6 +17,12 @@ Output: a table for list calls, ``key: value`` lines for objects, the bare value
 or that createVirtualDisk, createSnapshot or copyImage returns, with a progress line on stderr,
 until it is optimized or degraded, or failed.
 
+Every data-changing call (a method whose options take ``requestId``) is sent with
+``options.requestId``: a fresh UUID, or the one ``--request-id`` gives. When no answer comes
+(``--timeout``, a dropped connection) the call may have been carried out: the CLI says so and
+prints the same command with ``--request-id``, which is safe to run again (the agent answers a
+repeated requestId with the first call's result and does nothing new).
+
 Exit codes:
     0    success
     1    the agent answered with an error (one line on stderr: NAME (code): message)
@@ -24,6 +30,8 @@ Exit codes:
     3    cannot reach the agent (the socket path or address and the OS error on stderr)
     4    a watched operation failed (the image is broken with last_error), or with --all:
          a fix failed or a finding needs a person
+    5    no answer (timeout, dropped connection) after the call was sent: it may have been
+         carried out; stderr shows the command to retry it safely
     130  interrupted (Ctrl-C)
 
 Keeping a repository healthy:
@@ -36,9 +44,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import sys
+import uuid
 from collections.abc import Mapping
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rpc import cliagent, clierrors, clihelp, cliparams, clirender, cliwatch, fixall, transport
 
@@ -52,11 +63,16 @@ EXIT_REMOTE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_WATCH_FAILED = 4
+EXIT_NO_ANSWER = 5
 EXIT_INTERRUPTED = 130
+
+REQUEST_ID = "requestId"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 USAGE = (
     f"{PROG} [-s SOCKET | -a HOST:PORT [--cert C --key K --ca CA]] [--json] [--timeout S]\n"
-    f"       {' ' * len(PROG)} METHOD [name=value ...] [-f params.json] [--watch] [-h]\n"
+    f"       {' ' * len(PROG)} METHOD [name=value ...] [-f params.json] [--watch] "
+    "[--request-id UUID] [-h]\n"
     f"       {PROG} fixStorageRepository repositoryId=R --all [--types clean,merge]"
 )
 EPILOG = """\
@@ -71,7 +87,13 @@ exit codes:
   2    usage error: bad arguments, unknown method or param, bad size
   3    cannot reach the agent
   4    a watched operation failed; with --all, a fix failed or needs a person
+  5    no answer after the call was sent: it may have been carried out (stderr
+       shows the command that retries it safely, with --request-id)
   130  interrupted
+
+retries:
+  every data-changing call carries options.requestId (fresh, or --request-id UUID);
+  the same requestId again returns the first call's result and does nothing new
 
 keeping a repository healthy:
   strata-client fixStorageRepository repositoryId=R --all [--types clean,merge]
@@ -112,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("-f", dest="params_file", metavar="FILE",
                    help="a JSON object of params ('-' reads stdin); name=value overrides it")
+    p.add_argument("--request-id", metavar="UUID", dest="request_id",
+                   help="options.requestId of a data-changing call (default: a fresh UUID); "
+                   "send the same one to retry a call safely")
     p.add_argument("--watch", action="store_true",
                    help="follow the image until it is optimized or failed (progress on stderr)")
     p.add_argument("--all", action="store_true",
@@ -152,12 +177,54 @@ def emit(text: str | None) -> None:
         print(text, flush=True)
 
 
+def takes_request_id(method: Mapping[str, Any]) -> bool:
+    """Whether the method is data-changing: its options take a requestId."""
+    for p in method.get("params", []):
+        if p.get("name") == "options":
+            return REQUEST_ID in p.get("schema", {}).get("properties", {})
+    return False
+
+
+def add_request_id(method: Mapping[str, Any], params: dict[str, Any],
+                   given: str | None) -> tuple[str | None, bool]:
+    """Put options.requestId into a data-changing call's params; return it, and whether the
+    CLI made it up (so the retry command must add ``--request-id``)."""
+    if not takes_request_id(method):
+        if given is not None:
+            raise clierrors.UsageError(
+                f"--request-id goes with a data-changing call; {method.get('name')} changes "
+                "nothing"
+            )
+        return None, False
+    if given is not None and not _UUID.fullmatch(given):
+        raise clierrors.UsageError(f"--request-id {given!r} is not a lower-case UUID")
+    options = params.get("options", {})
+    if not isinstance(options, dict):
+        return None, False  # the agent refuses it, saying why
+    inline = options.get(REQUEST_ID)
+    if given is not None and inline is not None and inline != given:
+        raise clierrors.UsageError("--request-id and options.requestId differ")
+    request_id = given or inline
+    made = request_id is None
+    if request_id is None:
+        request_id = str(uuid.uuid4())
+    params["options"] = {**options, REQUEST_ID: request_id}
+    return (request_id if isinstance(request_id, str) else None), made
+
+
+def retry_command(argv: list[str], request_id: str, made: bool) -> str:
+    return shlex.join([PROG, *argv, *(["--request-id", request_id] if made else [])])
+
+
 def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
     """``fixStorageRepository repositoryId=R --all [--types ...]``: converge a repository."""
     if args.method != "fixStorageRepository" or not args.all:
         raise clierrors.UsageError(
             "--all (and --types) go with: fixStorageRepository repositoryId=R --all"
         )
+    if args.request_id is not None:
+        raise clierrors.UsageError("--request-id names one call; --all sends many (each with "
+                                   "its own)")
     params = dict(cliparams.split_pair(pair) for pair in args.params)
     if set(params) != {"repositoryId"}:
         raise clierrors.UsageError("with --all, give only repositoryId=R")
@@ -165,7 +232,21 @@ def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
         types = fixall.parse_types(args.types)
     except ValueError as e:
         raise clierrors.UsageError(str(e)) from None
-    _, failed, manual = fixall.fix_all(agent.call, params["repositoryId"], types, sys.stdout)
+    method = clihelp.find_method(agent.document(), args.method)
+
+    def call(name: str, call_params: Mapping[str, Any]) -> Any:
+        sent = dict(call_params)
+        if name == args.method:
+            add_request_id(method, sent, None)  # each fix its own: a fix is never sent twice
+        return agent.call(name, sent)
+
+    try:
+        _, failed, manual = fixall.fix_all(call, params["repositoryId"], types, sys.stdout)
+    except cliagent.NoAnswer as e:
+        raise cliagent.NoAnswer(
+            f"{e}: the fix being applied may have been carried out; run the same command "
+            "again, it applies only what the checker still proposes"
+        ) from None
     return EXIT_OK if not failed and not manual else EXIT_WATCH_FAILED
 
 
@@ -182,7 +263,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, agent: cliage
     params = cliparams.assemble_params(method, base, args.params)
     if args.watch:
         cliwatch.check_watchable(args.method, params)
-    result = agent.call(args.method, params)
+    request_id, made = add_request_id(method, params, args.request_id)
+    try:
+        result = agent.call(args.method, params)
+    except cliagent.NoAnswer as e:
+        if request_id is None:
+            raise
+        raise cliagent.NoAnswer(
+            f"{e}: {args.method} may have been carried out (or may still be running). Retry it "
+            "safely with the same request id: the agent returns the first call's result and "
+            f"does nothing new:\n  {retry_command(args.argv, request_id, made)}"
+        ) from None
     if not args.watch or args.method != cliwatch.STATUS_METHOD:
         emit(clirender.render_result(args.method, result, args.json))
     if args.watch:
@@ -202,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_intermixed_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         agent = cliagent.Agent(endpoint(args, os.environ), args.timeout)
     except clierrors.UsageError as e:
         return fail(str(e), EXIT_USAGE)
@@ -215,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e), EXIT_UNREACHABLE)
     except clierrors.WatchFailed as e:
         return fail(str(e), EXIT_WATCH_FAILED)
+    except cliagent.NoAnswer as e:
+        return fail(str(e), EXIT_NO_ANSWER)
     except KeyboardInterrupt:
         return fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:

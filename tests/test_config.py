@@ -187,7 +187,7 @@ def test_unknown_key(conf: pathlib.Path) -> None:
         config.load(str(conf))
     assert str(e.value) == (
         f"{conf}: [agent] worker: unknown key; known keys: "
-        "max_chain_depth, rpc_threads, state_dir, workers"
+        "max_chain_depth, request_ttl, rpc_threads, state_dir, workers"
     )
     assert e.value.data == {"file": str(conf), "section": "agent", "key": "worker"}
 

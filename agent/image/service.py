@@ -122,12 +122,16 @@ class ImageService:
         base_snapshot_id: str | None,
         user_data: dict[str, Any],
         options: model.Options,
+        *,
+        new_image_id: str | None = None,
     ) -> str:
+        """``new_image_id``: the id to give the disk (a retried request reuses its reserved
+        id); a fresh one by default."""
         check_size(size)
         repo = self._repo(target_repo_id)
         params = model.OpParams(size=size, strategy=options.strategy, volume_id=new_id())
         image = model.Image(
-            id=new_id(), kind=model.Kind.DISK, size=size,
+            id=new_image_id or new_id(), kind=model.Kind.DISK, size=size,
             volume_id=model.need(params.volume_id, "volume"),
             user_data=user_data,
         )
@@ -181,9 +185,12 @@ class ImageService:
         disk_id: str,
         user_data: dict[str, Any],
         options: model.Options,
+        *,
+        new_image_id: str | None = None,
     ) -> str:
+        """``new_image_id``: the id to give the snapshot; a fresh one by default."""
         repo = self._repo(target_repo_id)
-        snap_id = new_id()
+        snap_id = new_image_id or new_id()
         with self.claims.claim("a createSnapshot call", [(repo, disk_id), (repo, snap_id)]) \
                 as claim, repo.meta_lock:
             disk = repo.get_image(disk_id)
@@ -231,11 +238,15 @@ class ImageService:
         base_image_id: str | None,
         user_data: dict[str, Any],
         options: model.Options,
+        *,
+        new_image_id: str | None = None,
     ) -> str:
+        """``new_image_id``: the id to give a disk's copy; a fresh one by default (a snapshot's
+        copy keeps the snapshot's id)."""
         repo = self._repo(target_repo_id)
         hint = self.host.find_image(image_id, options)
         keep_id = hint.image.kind == model.Kind.SNAPSHOT
-        target_id = image_id if keep_id else new_id()
+        target_id = image_id if keep_id else new_image_id or new_id()
         reads = [(hint.repo, image_id)]
         if base_image_id is not None:
             if base_image_id == image_id:
