@@ -173,6 +173,8 @@ class Agent:
     rpc_threads: int = _key(_Int(1, 256), 16)
     # Chains deeper than this are reported degraded and get an optimize fix.
     max_chain_depth: int = _key(_Int(2, 200), 10)
+    # Take up at start what was running when the agent stopped or died (a mend otherwise).
+    resume_on_start: bool = _key(_Bool(), True)
 
 
 @dataclasses.dataclass(frozen=True)
