@@ -158,7 +158,7 @@ def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
         raise clierrors.UsageError(
             "--all (and --types) go with: fixStorageRepository repositoryId=R --all"
         )
-    params = dict(cliparams.split_pair(pair) for pair in args.params)
+    params = cliparams.split_pairs(args.params)
     if set(params) != {"repositoryId"}:
         raise clierrors.UsageError("with --all, give only repositoryId=R")
     try:

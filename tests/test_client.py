@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -59,6 +60,71 @@ def test_bad_size_is_a_usage_error_naming_the_param(doc: dict[str, Any]) -> None
     with pytest.raises(clierrors.UsageError, match=r"'size'.*'12Q'"):
         cliparams.assemble_params(method(doc, "createVirtualDisk"), {},
                                   ["targetRepoId=default", "size=12Q"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("abc", "'abc' is not a size"),
+    ("-1", "'-1' is not a size"),
+    ("1.5.5G", "'1.5.5G' is not a size"),
+    ("10Q", "'10Q' is not a size"),
+    ("0x10", "'0x10' is not a size"),
+    ("1e9", "'1e9' is not a size"),
+    ("true", "'true' is not a size"),
+    ('{"a": 1}', "is not a size"),
+    ("1.5", "'1.5' is not a whole number of bytes"),
+    ("0", "0 bytes is less than the minimum, 512 bytes"),
+    ("1000", "1000 bytes is not a multiple of 512 bytes"),
+    ("0.75K", "768 bytes is not a multiple of 512 bytes"),
+    ("1.5M1", "is not a size"),
+    ("65T", "71468255805440 bytes (65 TiB) is more than the maximum, 70368744177664 bytes "
+            "(64 TiB)"),
+])
+def test_every_bad_size_is_a_usage_error(doc: dict[str, Any], text: str, message: str) -> None:
+    with pytest.raises(clierrors.UsageError) as e:
+        cliparams.assemble_params(method(doc, "createVirtualDisk"), {},
+                                  ["targetRepoId=default", f"size={text}"])
+    assert str(e.value).startswith("bad size for param 'size': ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"a": 1}, '{"a": 1} is not a size'),
+    ([1024], "[1024] is not a size"),
+    (True, "true is not a size"),
+    (None, "null is not a size"),
+    (1.5, "1.5 is not a size"),
+    (-1, "-1 bytes is less than the minimum"),
+    (4097, "4097 bytes (4 KiB) is not a multiple of 512 bytes"),
+    ("10Q", "'10Q' is not a size"),
+])
+def test_every_bad_size_from_a_file_is_a_usage_error(doc: dict[str, Any], value: Any,
+                                                     message: str) -> None:
+    with pytest.raises(clierrors.UsageError, match="bad size for param 'size': ") as e:
+        cliparams.assemble_params(method(doc, "createVirtualDisk"),
+                                  {"targetRepoId": "r1", "size": value}, [])
+    assert message in str(e.value)
+
+
+def test_a_bad_size_in_the_file_overridden_by_a_pair_is_not_used(doc: dict[str, Any]) -> None:
+    params = cliparams.assemble_params(method(doc, "createVirtualDisk"),
+                                       {"targetRepoId": "r1", "size": "oops"}, ["size=1G"])
+    assert params["size"] == GiB
+
+
+def test_bounds_are_sizes_too(doc: dict[str, Any]) -> None:
+    m = method(doc, "createVirtualDisk")
+    for text, size in (("512", 512), ("64T", 64 << 40), ("1.5K", 1536)):
+        assert cliparams.assemble_params(m, {}, ["targetRepoId=r", f"size={text}"])["size"] == size
+
+
+@pytest.mark.parametrize("pairs, name", [
+    (["targetRepoId=default", "size=1G", "size=2G"], "size"),
+    (["targetRepoId=default", "targetRepoId=default", "size=1G"], "targetRepoId"),
+])
+def test_a_repeated_param_is_a_usage_error(doc: dict[str, Any], pairs: list[str],
+                                           name: str) -> None:
+    with pytest.raises(clierrors.UsageError) as e:
+        cliparams.assemble_params(method(doc, "createVirtualDisk"), {}, pairs)
+    assert str(e.value).startswith(f"param {name!r} is given twice")
 
 
 def test_size_param_is_found_by_the_document(doc: dict[str, Any]) -> None:
@@ -315,9 +381,12 @@ def test_list_images_table() -> None:
          "prepared": True, "parentId": IMAGE_ID},
     ]
     assert clirender.render_result("listImages", rows) == "\n".join([
-        "IMAGE ID                              KIND      SIZE    STATUS     PREPARED  PARENT",
-        f"{IMAGE_ID}  snapshot  10 GiB  optimized  no        -",
-        f"9c3e                                  disk      64 MiB  broken     yes       {IMAGE_ID}",
+        "IMAGE ID                              KIND      SIZE    STATUS     PREPARED  PARENT"
+        "                                CREATED",
+        f"{IMAGE_ID}  snapshot  10 GiB  optimized  no        -"
+        "                                     -",
+        f"9c3e                                  disk      64 MiB  broken     yes       {IMAGE_ID}"
+        "  -",
     ])
 
 
@@ -347,12 +416,64 @@ def test_render_scalars_objects_and_json() -> None:
         "size": 64 << 20, "chain": ["a", "b"], "userData": {"k": 1}, "prepared": True,
         "last_error": None,
     }) == "\n".join([
-        "size: 67108864 (64 MiB)", "chain: a,b", 'userData: {"k":1}', "prepared: yes",
+        "size: 64 MiB (67108864 bytes)", "chain: a,b", 'userData: {"k":1}', "prepared: yes",
         "last_error: -",
     ])
     assert json.loads(
         clirender.render_result("createVirtualDisk", IMAGE_ID, True) or "") == IMAGE_ID
     assert clirender.render_result("removeImage", None, True) == "null"
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.fixture
+def paris(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+CREATED = 1763857025.75  # 2025-11-23 00:17:05.75 UTC
+
+
+@pytest.mark.usefixtures("utc")
+def test_sizes_and_times_for_humans_and_raw_with_json() -> None:
+    info = {"imageId": IMAGE_ID, "size": 20 * GiB, "allocated": 200704, "created": CREATED,
+            "depth": 1}
+    assert clirender.render_result("getImageInfo", info) == "\n".join([
+        f"imageId: {IMAGE_ID}", "size: 20 GiB (21474836480 bytes)",
+        "allocated: 196 KiB (200704 bytes)", "created: 2025-11-23 00:17:05+00:00", "depth: 1",
+    ])
+    assert json.loads(clirender.render_result("getImageInfo", info, True) or "") == info
+    rows = [{"imageId": IMAGE_ID, "kind": "disk", "size": 512, "status": "optimized",
+             "prepared": False, "parentId": None, "created": CREATED}]
+    table = clirender.render_result("listImages", rows) or ""
+    assert table.splitlines()[1].split()[-4:] == ["no", "-", "2025-11-23", "00:17:05+00:00"]
+    assert "512 B" in table
+    assert json.loads(clirender.render_result("listImages", rows, True) or "") == rows
+    repo = {"capacity": 1 << 40, "free": 3 * GiB // 2, "images": {"disk": 2, "snapshot": 0}}
+    assert clirender.render_result("getStorageRepositoryInfo", repo) == "\n".join([
+        "capacity: 1 TiB (1099511627776 bytes)", "free: 1.5 GiB (1610612736 bytes)",
+        "images: disk=2 snapshot=0"])
+    assert clirender.render_result("getHostInfo", {"uptime": 3723.5}) == (
+        "uptime: 3723.5 s (1 h 2 min)")
+    assert clirender.render_result("getHostInfo", {"uptime": 0.179}) == "uptime: 0.179 s"
+
+
+@pytest.mark.usefixtures("paris")
+def test_times_are_local() -> None:
+    assert clirender.time_text(CREATED) == "2025-11-23 01:17:05+01:00"
+    assert clirender.time_text("not a time") == "not a time"
+    assert clirender.time_text(None) == "-"
 
 
 def test_remote_error_line() -> None:
