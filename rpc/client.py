@@ -76,6 +76,7 @@ exit codes:
 keeping a repository healthy:
   strata-client fixStorageRepository repositoryId=R --all [--types clean,merge]
       applies every fix checkStorageRepository proposes, in a safe order, following each
+      (one line per fix on stdout, its progress on stderr as with --watch)
 """
 
 
@@ -165,7 +166,8 @@ def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
         types = fixall.parse_types(args.types)
     except ValueError as e:
         raise clierrors.UsageError(str(e)) from None
-    _, failed, manual = fixall.fix_all(agent.call, params["repositoryId"], types, sys.stdout)
+    _, failed, manual = fixall.fix_all(agent.call, params["repositoryId"], types, sys.stdout,
+                                       progress=cliwatch.Progress(sys.stderr))
     return EXIT_OK if not failed and not manual else EXIT_WATCH_FAILED
 
 

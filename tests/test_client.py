@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 
-from rpc import cliagent, client, clierrors, clihelp, cliparams, clirender, cliwatch, transport
+from rpc import (
+    cliagent,
+    client,
+    clierrors,
+    clihelp,
+    cliparams,
+    clirender,
+    cliwatch,
+    fixall,
+    transport,
+)
 
 GiB = 1 << 30
 IMAGE_ID = "0b7c1a52-52a3-4a4f-9d27-1b7d7a0c7f10"
@@ -585,3 +595,62 @@ def test_module_docstring_documents_exit_codes() -> None:
     epilog = client.build_parser().format_help()
     for code in ("0", "1", "2", "3", "4"):
         assert f"\n  {code}  " in epilog
+
+
+# -- fixStorageRepository --all -------------------------------------------------------------------
+
+
+def test_fix_all_shows_each_fix_progress() -> None:
+    mend = {"type": "mend", "imageIds": [IMAGE_ID], "description": "resume copyImage",
+            "data": "m1"}
+    merge = {"type": "merge", "imageIds": ["d1", "gone"], "description": "fold", "data": "g1"}
+    checks = iter([[mend, merge], [merge], []])
+    statuses = {
+        IMAGE_ID: iter([status("broken", "1/2", 0), status("broken", "1/2", 0),
+                        status("broken", "1/2", 60), status("optimized", "2/2", 100, False)]),
+        "d1": iter([status("degraded", "1/3", 10), status("optimized", "2/2", 100, False)]),
+    }
+    calls: list[str] = []
+
+    def call(method: str, params: Mapping[str, Any]) -> Any:
+        calls.append(method)
+        if method == "checkStorageRepository":
+            return next(checks)
+        if method == "fixStorageRepository":
+            return {}
+        if params["imageId"] == "gone":
+            raise transport.RemoteError(1200, "gone", {"name": "ImageNotFound"})
+        return next(statuses[params["imageId"]])
+
+    out, err = io.StringIO(), io.StringIO()
+    assert fixall.fix_all(call, "r", None, out, lambda _: None,
+                          cliwatch.Progress(err)) == (2, 0, 0)
+    assert out.getvalue().splitlines() == [
+        "mend     resume copyImage", "merge    fold",
+        "2 fix(es) applied, 0 failed, 0 finding(s) need a person"]
+    shown = [line.split("]")[1].split()[:2] for line in err.getvalue().splitlines()]
+    # Each change once (no TTY here), the second fix's from its start.
+    assert shown == [["0%", "broken"], ["60%", "broken"], ["100%", "optimized"],
+                     ["10%", "degraded"], ["100%", "optimized"]]
+
+
+def test_fix_all_progress_redraws_on_a_tty() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    fix = {"type": "mend", "imageIds": [IMAGE_ID], "description": "d", "data": "m"}
+    checks = iter([[fix], []])
+    answers = iter([status("broken", "1/2", 5), status("broken", "1/2", 50),
+                    status("optimized", "2/2", 100, False)])
+
+    def call(method: str, params: Mapping[str, Any]) -> Any:
+        if method == "checkStorageRepository":
+            return next(checks)
+        return {} if method == "fixStorageRepository" else next(answers)
+
+    err = Tty()
+    fixall.fix_all(call, "r", None, io.StringIO(), lambda _: None, cliwatch.Progress(err))
+    text = err.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
+    assert " 50%" in text and "100%  optimized" in text
