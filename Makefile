@@ -27,7 +27,7 @@ define debs
 	fi
 endef
 
-.PHONY: run test lint bench deps clean install
+.PHONY: run test lint bench deps clean install install-unit
 
 deps: $(VENV)/.installed
 
@@ -68,13 +68,19 @@ clean:
 # strata-agent.
 PREFIX ?= /usr/local
 OPT    ?= /opt/strata
-install: $(VENV)/.debs
+SYSTEMD_DIR ?= /etc/systemd/system
+install: $(VENV)/.debs install-unit
 	$(PYTHON) -m venv --system-site-packages $(OPT)
 	$(OPT)/bin/pip install -q --upgrade pip
 	$(OPT)/bin/pip install -q .
-	install -d $(PREFIX)/bin /etc/strata/conf.d /etc/systemd/system
+	install -d $(PREFIX)/bin /etc/strata/conf.d
 	ln -sf $(OPT)/bin/strata-agent $(PREFIX)/bin/strata-agent
 	ln -sf $(OPT)/bin/strata-client $(PREFIX)/bin/strata-client
-	sed 's#^ExecStart=/usr/bin/strata-agent#ExecStart=$(PREFIX)/bin/strata-agent#' \
-	    systemd/strata-agent.service > /etc/systemd/system/strata-agent.service
 	[ -e /etc/strata/agent.conf ] || install -m 0644 systemd/strata-agent.conf.example /etc/strata/agent.conf
+
+# The unit as installed: ExecStart names the agent where install links it (tests/
+# test_systemd_unit.py runs systemd-analyze verify on exactly this output).
+install-unit:
+	install -d $(SYSTEMD_DIR)
+	sed 's#^ExecStart=/usr/bin/strata-agent#ExecStart=$(PREFIX)/bin/strata-agent#' \
+	    systemd/strata-agent.service > $(SYSTEMD_DIR)/strata-agent.service
