@@ -9,9 +9,10 @@ DEB_PACKAGES := qemu-utils sanlock python3-sanlock python3-venv
 DEB_PROBES := /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/sanlock \
               /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
 # Only the tests and the benchmark need these: they make XFS and btrfs file systems on loop files,
-# and cut a qemu-img at a chosen system call (strace's fault injection).
-TEST_DEB_PACKAGES := xfsprogs btrfs-progs strace
-TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs /usr/bin/strace
+# cut a qemu-img at a chosen system call (strace's fault injection), and run the README's command
+# blocks, which pick JSON apart with jq.
+TEST_DEB_PACKAGES := xfsprogs btrfs-progs strace jq
+TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs /usr/bin/strace /usr/bin/jq
 
 # $(call debs,PROBES,PACKAGES,EXTRA-CHECK,NOT-ROOT): apt-get install PACKAGES (as root) when a
 # probe is missing or EXTRA-CHECK fails; not root, say so and run NOT-ROOT (exit 1, or true).
