@@ -20,7 +20,7 @@ until it is optimized or degraded, or failed.
 Exit codes:
     0    success
     1    the agent answered with an error (one line on stderr: NAME (code): message)
-    2    usage error: bad arguments, unknown method or param, bad size
+    2    usage error: bad arguments, unknown method or param, a param given twice, bad size
     3    cannot reach the agent (the socket path or address and the OS error on stderr)
     4    a watched operation failed (the image is broken with last_error), or with --all:
          a fix failed or a finding needs a person
@@ -68,7 +68,7 @@ values:
 exit codes:
   0    success
   1    the agent answered with an error
-  2    usage error: bad arguments, unknown method or param, bad size
+  2    usage error: bad arguments, unknown method or param, a param given twice, bad size
   3    cannot reach the agent
   4    a watched operation failed; with --all, a fix failed or needs a person
   130  interrupted
