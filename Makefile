@@ -9,9 +9,10 @@ DEB_PACKAGES := qemu-utils sanlock python3-sanlock python3-venv
 DEB_PROBES := /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/sanlock \
               /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
 # Only the tests and the benchmark need these: they make XFS and btrfs file systems on loop files,
-# and cut a qemu-img at a chosen system call (strace's fault injection).
-TEST_DEB_PACKAGES := xfsprogs btrfs-progs strace
-TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs /usr/bin/strace
+# cut a qemu-img at a chosen system call (strace's fault injection), and run the README's command
+# blocks, which pick JSON apart with jq.
+TEST_DEB_PACKAGES := xfsprogs btrfs-progs strace jq
+TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs /usr/bin/strace /usr/bin/jq
 
 # $(call debs,PROBES,PACKAGES,EXTRA-CHECK,NOT-ROOT): apt-get install PACKAGES (as root) when a
 # probe is missing or EXTRA-CHECK fails; not root, say so and run NOT-ROOT (exit 1, or true).
@@ -27,7 +28,7 @@ define debs
 	fi
 endef
 
-.PHONY: run test lint bench deps clean install
+.PHONY: run test lint bench deps clean install install-unit
 
 deps: $(VENV)/.installed
 
@@ -68,13 +69,19 @@ clean:
 # strata-agent.
 PREFIX ?= /usr/local
 OPT    ?= /opt/strata
-install: $(VENV)/.debs
+SYSTEMD_DIR ?= /etc/systemd/system
+install: $(VENV)/.debs install-unit
 	$(PYTHON) -m venv --system-site-packages $(OPT)
 	$(OPT)/bin/pip install -q --upgrade pip
 	$(OPT)/bin/pip install -q .
-	install -d $(PREFIX)/bin /etc/strata/conf.d /etc/systemd/system
+	install -d $(PREFIX)/bin /etc/strata/conf.d
 	ln -sf $(OPT)/bin/strata-agent $(PREFIX)/bin/strata-agent
 	ln -sf $(OPT)/bin/strata-client $(PREFIX)/bin/strata-client
-	sed 's#^ExecStart=/usr/bin/strata-agent#ExecStart=$(PREFIX)/bin/strata-agent#' \
-	    systemd/strata-agent.service > /etc/systemd/system/strata-agent.service
 	[ -e /etc/strata/agent.conf ] || install -m 0644 systemd/strata-agent.conf.example /etc/strata/agent.conf
+
+# The unit as installed: ExecStart names the agent where install links it (tests/
+# test_systemd_unit.py runs systemd-analyze verify on exactly this output).
+install-unit:
+	install -d $(SYSTEMD_DIR)
+	sed 's#^ExecStart=/usr/bin/strata-agent#ExecStart=$(PREFIX)/bin/strata-agent#' \
+	    systemd/strata-agent.service > $(SYSTEMD_DIR)/strata-agent.service

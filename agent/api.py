@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 from agent import errors, fileio, host, repo, requests
 from agent.fix import check as checker
 from agent.fix import fixes
-from agent.image import model, runner, service
+from agent.image import model, operations, runner, service
+from agent.repo import localfs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,57 @@ class Api:
                 self.host.connect(c["repoId"], c["repoFormat"], c["connectionParameters"])
             except errors.Error as e:
                 log.warning("event=reconnect_failed repo=%s error=%r", c["repoId"], str(e))
+
+    def resume_interrupted(self) -> tuple[int, int]:
+        """Take up again, in every connected repository, the operations that were running when
+        the agent stopped or died, or were queued to run (``Operation.resumes_on_start``): each
+        through its own mend fix, the very path a client's fix call takes. What a client
+        stopped, what failed and AutoFix=false intents keep waiting for a mend, and so does a
+        copy whose source is in no connected repository (it could only fail). Returns
+        (resumed, left waiting); one log line for each, then a summary."""
+        resumed = waiting = 0
+        for conn in self.host.connections():
+            try:
+                mends = self._checker(conn.repo_id).check({fixes.FixType.MEND})
+            except (errors.Error, OSError) as e:
+                log.warning("event=resume_failed repo=%s error=%r", conn.repo_id, str(e))
+                continue
+            for fix in mends:
+                op_id = fix.facts.get("op")
+                op = conn.repo.get_operation(op_id) if op_id and not fix.manual else None
+                if op is None:
+                    continue  # a chain fault, or a finding for a person: not an operation
+                why = self._waits_because(conn.repo, op)
+                if why is not None:
+                    waiting += 1
+                    log.info("event=resume_waits repo=%s op=%s kind=%s image=%s reason=%r",
+                             conn.repo_id, op.id, op.kind.value, op.image_id, why)
+                    continue
+                try:
+                    # The path a client's fix call takes: claimed and derived again first.
+                    self._checker(conn.repo_id).apply(fix.to_dict())
+                except (errors.Error, OSError) as e:
+                    waiting += 1
+                    log.warning("event=resume_failed repo=%s op=%s image=%s error=%r",
+                                conn.repo_id, op.id, op.image_id, str(e))
+                    continue
+                resumed += 1
+                log.info("event=resumed repo=%s op=%s kind=%s image=%s step=%d state=%s",
+                         conn.repo_id, op.id, op.kind.value, op.image_id, op.step + 1,
+                         op.state.value)
+        log.info("event=resume_summary resumed=%d waiting=%d", resumed, waiting)
+        return resumed, waiting
+
+    def _waits_because(self, repository: localfs.LocalRepository,
+                       op: model.Operation) -> str | None:
+        if op.state == model.OpState.STOPPED:
+            return f"stopped: {op.progress.last_error or 'no error recorded'}"
+        if not op.resumes_on_start:
+            return "committed with AutoFix=false"
+        source = op.params.source()
+        if source is not None and operations.find_source(self.host, repository, op) is None:
+            return f"its source image {source} is not in any connected repository"
+        return None
 
     def _save_connections(self) -> None:
         if self._connections_file is None:

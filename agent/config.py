@@ -180,6 +180,8 @@ class Agent:
     # Seconds a data-changing call's options.requestId is remembered (a retry within it is
     # answered from the record): a day by default, up to a year.
     request_ttl: int = _key(_Int(1, 366 * 86400), 86400)
+    # Take up at start what was running when the agent stopped or died (a mend otherwise).
+    resume_on_start: bool = _key(_Bool(), True)
 
 
 @dataclasses.dataclass(frozen=True)

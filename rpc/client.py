@@ -26,7 +26,7 @@ repeated requestId with the first call's result and does nothing new).
 Exit codes:
     0    success
     1    the agent answered with an error (one line on stderr: NAME (code): message)
-    2    usage error: bad arguments, unknown method or param, bad size
+    2    usage error: bad arguments, unknown method or param, a param given twice, bad size
     3    cannot reach the agent (the socket path or address and the OS error on stderr)
     4    a watched operation failed (the image is broken with last_error), or with --all:
          a fix failed or a finding needs a person
@@ -84,7 +84,7 @@ values:
 exit codes:
   0    success
   1    the agent answered with an error
-  2    usage error: bad arguments, unknown method or param, bad size
+  2    usage error: bad arguments, unknown method or param, a param given twice, bad size
   3    cannot reach the agent
   4    a watched operation failed; with --all, a fix failed or needs a person
   5    no answer after the call was sent: it may have been carried out (stderr
@@ -98,6 +98,7 @@ retries:
 keeping a repository healthy:
   strata-client fixStorageRepository repositoryId=R --all [--types clean,merge]
       applies every fix checkStorageRepository proposes, in a safe order, following each
+      (one line per fix on stdout, its progress on stderr as with --watch)
 """
 
 
@@ -225,7 +226,7 @@ def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
     if args.request_id is not None:
         raise clierrors.UsageError("--request-id names one call; --all sends many (each with "
                                    "its own)")
-    params = dict(cliparams.split_pair(pair) for pair in args.params)
+    params = cliparams.split_pairs(args.params)
     if set(params) != {"repositoryId"}:
         raise clierrors.UsageError("with --all, give only repositoryId=R")
     try:
@@ -241,7 +242,8 @@ def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
         return agent.call(name, sent)
 
     try:
-        _, failed, manual = fixall.fix_all(call, params["repositoryId"], types, sys.stdout)
+        _, failed, manual = fixall.fix_all(call, params["repositoryId"], types, sys.stdout,
+                                           progress=cliwatch.Progress(sys.stderr))
     except cliagent.NoAnswer as e:
         raise cliagent.NoAnswer(
             f"{e}: the fix being applied may have been carried out; run the same command "

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
-from rpc import clierrors
+from rpc import clierrors, clirender
 
 Doc = dict[str, Any]  # a piece of the OpenRPC document: a method, a param, a schema
 
@@ -52,20 +52,45 @@ def takes_only_strings(schema: Doc) -> bool:
 def convert(param: Doc, raw: str) -> Any:
     """The value of ``name=raw`` for this param of the document."""
     if is_size_param(param):
-        return size_value(param["name"], raw)
+        return size_value(param, raw)
     value = parse_value(raw)
     if takes_only_strings(param.get("schema", {})) and not isinstance(value, str):
         return raw  # repoId=2024 is the name "2024", not a number the schema refuses
     return value
 
 
-def size_value(name: str, value: Any) -> Any:
-    if not isinstance(value, str):
-        return value  # a number from -f is already bytes; the agent checks the rest
+def size_value(param: Doc, value: Any) -> int:
+    """Integer bytes for a size param, from ``10G`` or from bytes (a number in ``-f``), checked
+    against the param's schema here: a bad size is a usage error (exit 2), never a call."""
+    name = param["name"]
     try:
-        return parse_size(value)
+        if isinstance(value, str):
+            size = parse_size(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        else:
+            raise ValueError(f"{json.dumps(value)} is not a size (bytes, or a string such as "
+                             "\"10G\")")
+        check_size(size, param.get("schema", {}))
     except ValueError as e:
         raise clierrors.UsageError(f"bad size for param {name!r}: {e}") from None
+    return size
+
+
+def check_size(size: int, schema: Doc) -> None:
+    """The schema's bounds and alignment, said in bytes and in binary units."""
+    low, high, step = schema.get("minimum"), schema.get("maximum"), schema.get("multipleOf")
+    if isinstance(low, int) and size < low:
+        raise ValueError(f"{_bytes(size)} is less than the minimum, {_bytes(low)}")
+    if isinstance(high, int) and size > high:
+        raise ValueError(f"{_bytes(size)} is more than the maximum, {_bytes(high)}")
+    if isinstance(step, int) and step > 0 and size % step:
+        raise ValueError(f"{_bytes(size)} is not a multiple of {step} bytes")
+
+
+def _bytes(n: int) -> str:
+    text = f"{n} bytes"
+    return text if abs(n) < 1024 else f"{text} ({clirender.human_size(n)})"
 
 
 def split_pair(pair: str) -> tuple[str, str]:
@@ -73,6 +98,20 @@ def split_pair(pair: str) -> tuple[str, str]:
     if not sep or not name:
         raise clierrors.UsageError(f"{pair!r} is not name=value")
     return name, raw
+
+
+def split_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    """``name=value`` pairs by name; a name given twice is refused rather than one of its values
+    silently dropped (``-f`` values may be overridden by a pair: that is what -f is for)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, raw = split_pair(pair)
+        if name in out:
+            raise clierrors.UsageError(
+                f"param {name!r} is given twice ({name}={out[name]} and {pair}): give it once"
+            )
+        out[name] = raw
+    return out
 
 
 def params_by_name(method: Doc) -> dict[str, Doc]:
@@ -101,12 +140,12 @@ def assemble_params(method: Doc, base: Mapping[str, Any], pairs: Sequence[str]) 
     known = params_by_name(method)
     check_names(method, base)
     out = dict(base)
+    split = split_pairs(pairs)
+    check_names(method, split)
     for name in out:
-        if is_size_param(known[name]):
-            out[name] = size_value(name, out[name])
-    split = [split_pair(p) for p in pairs]
-    check_names(method, (name for name, _ in split))
-    for name, raw in split:
+        if is_size_param(known[name]) and name not in split:
+            out[name] = size_value(known[name], out[name])
+    for name, raw in split.items():
         out[name] = convert(known[name], raw)
     check_required(method, out)
     return out

@@ -5,6 +5,7 @@ for objects, the bare value for strings, human-readable sizes, and the one-line 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,6 +13,9 @@ from typing import Any
 from rpc import clihelp, transport
 
 SIZE_KEYS = ("size", "capacity", "free", "allocated")  # integer bytes, shown human-readable too
+TIME_KEYS = ("created",)  # seconds since the epoch, shown as a local ISO date and time
+DURATION_KEYS = ("uptime",)  # seconds
+COUNT_KEYS = ("images",)  # {name: count}
 
 Row = Mapping[str, Any]
 
@@ -49,6 +53,30 @@ def scalar_text(value: Any) -> str:
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
+
+
+def time_text(value: Any) -> str:
+    """Seconds since the epoch -> the local date and time, ISO 8601 with the UTC offset:
+    1763857025.5 -> '2025-11-23 00:17:05+00:00' (with TZ=UTC)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            when = datetime.datetime.fromtimestamp(value).astimezone()
+        except (OverflowError, OSError, ValueError):
+            return scalar_text(value)
+        return when.isoformat(sep=" ", timespec="seconds")
+    return scalar_text(value)
+
+
+def duration_text(value: Any) -> str:
+    """Seconds -> '3723.5 s (1 h 2 min)'; under a minute, '12.5 s'."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return scalar_text(value)
+    if value < 60:
+        return f"{value} s"
+    days, rest = divmod(int(value // 60), 24 * 60)
+    hours, minutes = divmod(rest, 60)
+    parts = [f"{n} {unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "min")) if n]
+    return f"{value} s ({' '.join(parts)})"
 
 
 def size_text(value: Any) -> str:
@@ -89,6 +117,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("STATUS", field("status")),
         Column("PREPARED", field("prepared")),
         Column("PARENT", field("parentId", scalar_text, "parent")),
+        Column("CREATED", field("created", time_text)),
     ),
     "listStorageRepositories": (
         Column("REPO ID", field("repoId")),
@@ -119,14 +148,22 @@ def generic_columns(rows: Sequence[Row]) -> tuple[Column, ...]:
     return tuple(Column(k.upper(), field(k)) for k in keys)
 
 
+def object_value_text(key: str, value: Any) -> str:
+    """One value of a ``key: value`` line: sizes in binary units with the exact byte count,
+    times as local dates; everything else as it came (``--json`` shows it all raw)."""
+    if key in SIZE_KEYS and isinstance(value, int) and not isinstance(value, bool):
+        return human_size(value) if abs(value) < 1024 else f"{human_size(value)} ({value} bytes)"
+    if key in TIME_KEYS:
+        return time_text(value)
+    if key in DURATION_KEYS:
+        return duration_text(value)
+    if key in COUNT_KEYS and isinstance(value, dict):
+        return counts_text(value)
+    return scalar_text(value)
+
+
 def render_object(obj: Mapping[str, Any]) -> str:
-    lines = []
-    for key, value in obj.items():
-        text = scalar_text(value)
-        if key in SIZE_KEYS and isinstance(value, int) and not isinstance(value, bool):
-            text = f"{value} ({human_size(value)})"
-        lines.append(f"{key}: {text}")
-    return "\n".join(lines)
+    return "\n".join(f"{key}: {object_value_text(key, value)}" for key, value in obj.items())
 
 
 def render_list(method: str, rows: list[Any]) -> str:

@@ -80,6 +80,9 @@ class Progress:
         self._stream.flush()
 
     def finish(self) -> None:
+        """End the line; the next update starts afresh (fix --all follows one fix after
+        another: the next one's first line is shown even when it looks like the last)."""
+        self._last = None
         if self._drawn:
             self._stream.write("\n")
             self._stream.flush()

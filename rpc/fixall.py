@@ -5,6 +5,10 @@ is done: mend first (finish what was interrupted), then merge, then optimize, th
 reclaims what the others freed). After each fix the repository is checked again, because a fix
 changes what is left to do. A fix that fails is reported and not retried in the same run;
 findings that need a person are listed at the end.
+
+While a fix runs, its progress goes to ``progress``: the line ``--watch`` draws (cliwatch), on
+stderr; redrawn in place on a terminal, else one line each time it changes, so a log of the run
+shows it too. Stdout keeps one line per fix and the summary.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from rpc import transport
+from rpc import cliwatch, transport
 
 ORDER = {"mend": 0, "merge": 1, "optimize": 2, "clean": 3}
 TYPES = tuple(ORDER)
@@ -34,7 +38,8 @@ def parse_types(text: str | None) -> list[str] | None:
 
 
 def fix_all(call: Call, repo_id: str, types: list[str] | None, out: TextIO,
-            sleep: Callable[[float], None] = time.sleep) -> tuple[int, int, int]:
+            sleep: Callable[[float], None] = time.sleep,
+            progress: cliwatch.Progress | None = None) -> tuple[int, int, int]:
     """Return (applied, failed, needing a person)."""
     options: dict[str, Any] = {"types": types} if types else {}
     failed: set[str] = set()
@@ -57,7 +62,7 @@ def fix_all(call: Call, repo_id: str, types: list[str] | None, out: TextIO,
             out.write(f"         failed: {e.message}\n")
             failed.add(fix["data"])
             continue
-        error = _follow(call, repo_id, fix, sleep)
+        error = _follow(call, repo_id, fix, sleep, progress)
         if error:
             out.write(f"         failed: {error}\n")
             failed.add(fix["data"])
@@ -72,21 +77,30 @@ def fix_all(call: Call, repo_id: str, types: list[str] | None, out: TextIO,
 
 
 def _follow(call: Call, repo_id: str, fix: Mapping[str, Any],
-            sleep: Callable[[float], None]) -> str | None:
-    """Wait until nothing runs on the fix's images; the first last_error, if any."""
+            sleep: Callable[[float], None],
+            progress: cliwatch.Progress | None = None) -> str | None:
+    """Wait until nothing runs on the fix's images, showing each one's progress; the first
+    last_error, if any."""
     if fix["type"] == "clean":
         return None  # done when the call returned
-    for image_id in fix["imageIds"]:
-        while True:
-            try:
-                status = call("getImageStatus", {"repositoryId": repo_id, "imageId": image_id})
-            except transport.RemoteError as e:
-                if e.name == "ImageNotFound":
-                    break  # a removed image the fix folds away
-                raise
-            if not status.get("running"):
-                if status.get("last_error"):
-                    return str(status["last_error"])
-                break
-            sleep(POLL)
+    try:
+        for image_id in fix["imageIds"]:
+            while True:
+                try:
+                    status = call("getImageStatus",
+                                  {"repositoryId": repo_id, "imageId": image_id})
+                except transport.RemoteError as e:
+                    if e.name == "ImageNotFound":
+                        break  # a removed image the fix folds away
+                    raise
+                if progress is not None:
+                    progress.update(status)
+                if not status.get("running"):
+                    if status.get("last_error"):
+                        return str(status["last_error"])
+                    break
+                sleep(POLL)
+    finally:
+        if progress is not None:
+            progress.finish()
     return None

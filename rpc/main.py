@@ -1,7 +1,11 @@
 """``strata-agent``: the daemon's entry point.
 
-    strata-agent [--config FILE] [--show-config]
+    strata-agent [--config FILE] [--show-config] [--no-resume]
     strata-agent --dev DIR        everything under DIR, a localfs repository connected as "default"
+
+At start the agent connects the repositories it remembers (and, with --dev, DIR/repos/default),
+then takes up again the operations that were running when it stopped or died ([agent]
+resume_on_start, default true; --no-resume leaves them all for a mend fix).
 
 SIGTERM/SIGINT: stop accepting, let calls in flight finish, interrupt running operations so that
 they stay resumable (exactly as after a crash), exit 0.
@@ -10,6 +14,7 @@ they stay resumable (exactly as after a crash), exit 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -38,16 +43,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="development mode: socket, state and a 'default' repository under DIR")
     p.add_argument("--show-config", action="store_true",
                    help="print the effective configuration and exit")
+    p.add_argument("--no-resume", action="store_true",
+                   help="do not take up interrupted operations at start (as [agent] "
+                   "resume_on_start = false): each waits for a mend fix")
     return p.parse_args(argv)
 
 
+class UsageError(Exception):
+    """Arguments that do not go together: exit 2."""
+
+
 def load_config(args: argparse.Namespace) -> agent_config.Config:
+    if args.dev and args.config:
+        # --dev makes its whole configuration from DIR; reading FILE too would leave the reader
+        # guessing which of the two sets the socket and the state directory.
+        raise UsageError("--dev and --config do not go together: --dev DIR puts the socket, "
+                         "the state and a 'default' repository under DIR with every other key "
+                         "at its default; use --config FILE alone to set keys")
     if args.dev:
-        return agent_config.dev(os.path.abspath(args.dev))
-    path = args.config
-    if path is None and os.path.exists(DEFAULT_CONFIG):
-        path = DEFAULT_CONFIG
-    return agent_config.load(path)
+        cfg = agent_config.dev(os.path.abspath(args.dev))
+    else:
+        path = args.config
+        if path is None and os.path.exists(DEFAULT_CONFIG):
+            path = DEFAULT_CONFIG
+        cfg = agent_config.load(path)
+    if args.no_resume:
+        cfg = dataclasses.replace(
+            cfg, agent=dataclasses.replace(cfg.agent, resume_on_start=False)
+        )
+    return cfg
 
 
 def dev_repository(api: agent_api.Api, directory: str) -> None:
@@ -61,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args)
-    except errors.Error as e:
+    except (errors.Error, UsageError) as e:
         print(f"strata-agent: {e}", file=sys.stderr)
         return 2
     if args.show_config:
@@ -79,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         api.restore_connections()
         if args.dev:
             dev_repository(api, args.dev)
+        # Once every repository is back: a copy resumed in one may read from another.
+        if cfg.agent.resume_on_start:
+            api.resume_interrupted()
+        else:
+            log.info("event=resume_off reason=%r", "resume_on_start is false: run the mend fixes")
         srv = server.Server(cfg, api)
         srv.start()
     except (errors.Error, OSError) as e:

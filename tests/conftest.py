@@ -73,12 +73,15 @@ def engine(tmp_path: Any) -> Iterator[Engine]:
 
 
 class Daemon:
-    """The real strata-agent in --dev mode, as a child process."""
+    """The real strata-agent in --dev mode, as a child process. ``resume=False`` starts it with
+    --no-resume: interrupted operations then wait for a mend fix (the tests of that path)."""
 
-    def __init__(self, directory: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: str, env: dict[str, str] | None = None,
+                 resume: bool = True) -> None:
         self.dir = directory
         self.socket = os.path.join(directory, "agent.sock")
         self.env = env or {}
+        self.resume = resume
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = os.path.join(directory, "agent.log")
 
@@ -87,7 +90,8 @@ class Daemon:
         env = {**os.environ, "PYTHONPATH": ROOT, **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rpc.main", "--dev", self.dir],
+                [sys.executable, "-m", "rpc.main", "--dev", self.dir,
+                 *([] if self.resume else ["--no-resume"])],
                 stdout=log, stderr=log, env=env,
             )
         proc = self.proc

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 
-from rpc import cliagent, client, clierrors, clihelp, cliparams, clirender, cliwatch, transport
+from rpc import (
+    cliagent,
+    client,
+    clierrors,
+    clihelp,
+    cliparams,
+    clirender,
+    cliwatch,
+    fixall,
+    transport,
+)
 
 GiB = 1 << 30
 IMAGE_ID = "0b7c1a52-52a3-4a4f-9d27-1b7d7a0c7f10"
@@ -59,6 +70,71 @@ def test_bad_size_is_a_usage_error_naming_the_param(doc: dict[str, Any]) -> None
     with pytest.raises(clierrors.UsageError, match=r"'size'.*'12Q'"):
         cliparams.assemble_params(method(doc, "createVirtualDisk"), {},
                                   ["targetRepoId=default", "size=12Q"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("abc", "'abc' is not a size"),
+    ("-1", "'-1' is not a size"),
+    ("1.5.5G", "'1.5.5G' is not a size"),
+    ("10Q", "'10Q' is not a size"),
+    ("0x10", "'0x10' is not a size"),
+    ("1e9", "'1e9' is not a size"),
+    ("true", "'true' is not a size"),
+    ('{"a": 1}', "is not a size"),
+    ("1.5", "'1.5' is not a whole number of bytes"),
+    ("0", "0 bytes is less than the minimum, 512 bytes"),
+    ("1000", "1000 bytes is not a multiple of 512 bytes"),
+    ("0.75K", "768 bytes is not a multiple of 512 bytes"),
+    ("1.5M1", "is not a size"),
+    ("65T", "71468255805440 bytes (65 TiB) is more than the maximum, 70368744177664 bytes "
+            "(64 TiB)"),
+])
+def test_every_bad_size_is_a_usage_error(doc: dict[str, Any], text: str, message: str) -> None:
+    with pytest.raises(clierrors.UsageError) as e:
+        cliparams.assemble_params(method(doc, "createVirtualDisk"), {},
+                                  ["targetRepoId=default", f"size={text}"])
+    assert str(e.value).startswith("bad size for param 'size': ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"a": 1}, '{"a": 1} is not a size'),
+    ([1024], "[1024] is not a size"),
+    (True, "true is not a size"),
+    (None, "null is not a size"),
+    (1.5, "1.5 is not a size"),
+    (-1, "-1 bytes is less than the minimum"),
+    (4097, "4097 bytes (4 KiB) is not a multiple of 512 bytes"),
+    ("10Q", "'10Q' is not a size"),
+])
+def test_every_bad_size_from_a_file_is_a_usage_error(doc: dict[str, Any], value: Any,
+                                                     message: str) -> None:
+    with pytest.raises(clierrors.UsageError, match="bad size for param 'size': ") as e:
+        cliparams.assemble_params(method(doc, "createVirtualDisk"),
+                                  {"targetRepoId": "r1", "size": value}, [])
+    assert message in str(e.value)
+
+
+def test_a_bad_size_in_the_file_overridden_by_a_pair_is_not_used(doc: dict[str, Any]) -> None:
+    params = cliparams.assemble_params(method(doc, "createVirtualDisk"),
+                                       {"targetRepoId": "r1", "size": "oops"}, ["size=1G"])
+    assert params["size"] == GiB
+
+
+def test_bounds_are_sizes_too(doc: dict[str, Any]) -> None:
+    m = method(doc, "createVirtualDisk")
+    for text, size in (("512", 512), ("64T", 64 << 40), ("1.5K", 1536)):
+        assert cliparams.assemble_params(m, {}, ["targetRepoId=r", f"size={text}"])["size"] == size
+
+
+@pytest.mark.parametrize("pairs, name", [
+    (["targetRepoId=default", "size=1G", "size=2G"], "size"),
+    (["targetRepoId=default", "targetRepoId=default", "size=1G"], "targetRepoId"),
+])
+def test_a_repeated_param_is_a_usage_error(doc: dict[str, Any], pairs: list[str],
+                                           name: str) -> None:
+    with pytest.raises(clierrors.UsageError) as e:
+        cliparams.assemble_params(method(doc, "createVirtualDisk"), {}, pairs)
+    assert str(e.value).startswith(f"param {name!r} is given twice")
 
 
 def test_size_param_is_found_by_the_document(doc: dict[str, Any]) -> None:
@@ -315,9 +391,12 @@ def test_list_images_table() -> None:
          "prepared": True, "parentId": IMAGE_ID},
     ]
     assert clirender.render_result("listImages", rows) == "\n".join([
-        "IMAGE ID                              KIND      SIZE    STATUS     PREPARED  PARENT",
-        f"{IMAGE_ID}  snapshot  10 GiB  optimized  no        -",
-        f"9c3e                                  disk      64 MiB  broken     yes       {IMAGE_ID}",
+        "IMAGE ID                              KIND      SIZE    STATUS     PREPARED  PARENT"
+        "                                CREATED",
+        f"{IMAGE_ID}  snapshot  10 GiB  optimized  no        -"
+        "                                     -",
+        f"9c3e                                  disk      64 MiB  broken     yes       {IMAGE_ID}"
+        "  -",
     ])
 
 
@@ -347,12 +426,64 @@ def test_render_scalars_objects_and_json() -> None:
         "size": 64 << 20, "chain": ["a", "b"], "userData": {"k": 1}, "prepared": True,
         "last_error": None,
     }) == "\n".join([
-        "size: 67108864 (64 MiB)", "chain: a,b", 'userData: {"k":1}', "prepared: yes",
+        "size: 64 MiB (67108864 bytes)", "chain: a,b", 'userData: {"k":1}', "prepared: yes",
         "last_error: -",
     ])
     assert json.loads(
         clirender.render_result("createVirtualDisk", IMAGE_ID, True) or "") == IMAGE_ID
     assert clirender.render_result("removeImage", None, True) == "null"
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.fixture
+def paris(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+CREATED = 1763857025.75  # 2025-11-23 00:17:05.75 UTC
+
+
+@pytest.mark.usefixtures("utc")
+def test_sizes_and_times_for_humans_and_raw_with_json() -> None:
+    info = {"imageId": IMAGE_ID, "size": 20 * GiB, "allocated": 200704, "created": CREATED,
+            "depth": 1}
+    assert clirender.render_result("getImageInfo", info) == "\n".join([
+        f"imageId: {IMAGE_ID}", "size: 20 GiB (21474836480 bytes)",
+        "allocated: 196 KiB (200704 bytes)", "created: 2025-11-23 00:17:05+00:00", "depth: 1",
+    ])
+    assert json.loads(clirender.render_result("getImageInfo", info, True) or "") == info
+    rows = [{"imageId": IMAGE_ID, "kind": "disk", "size": 512, "status": "optimized",
+             "prepared": False, "parentId": None, "created": CREATED}]
+    table = clirender.render_result("listImages", rows) or ""
+    assert table.splitlines()[1].split()[-4:] == ["no", "-", "2025-11-23", "00:17:05+00:00"]
+    assert "512 B" in table
+    assert json.loads(clirender.render_result("listImages", rows, True) or "") == rows
+    repo = {"capacity": 1 << 40, "free": 3 * GiB // 2, "images": {"disk": 2, "snapshot": 0}}
+    assert clirender.render_result("getStorageRepositoryInfo", repo) == "\n".join([
+        "capacity: 1 TiB (1099511627776 bytes)", "free: 1.5 GiB (1610612736 bytes)",
+        "images: disk=2 snapshot=0"])
+    assert clirender.render_result("getHostInfo", {"uptime": 3723.5}) == (
+        "uptime: 3723.5 s (1 h 2 min)")
+    assert clirender.render_result("getHostInfo", {"uptime": 0.179}) == "uptime: 0.179 s"
+
+
+@pytest.mark.usefixtures("paris")
+def test_times_are_local() -> None:
+    assert clirender.time_text(CREATED) == "2025-11-23 01:17:05+01:00"
+    assert clirender.time_text("not a time") == "not a time"
+    assert clirender.time_text(None) == "-"
 
 
 def test_remote_error_line() -> None:
@@ -464,3 +595,62 @@ def test_module_docstring_documents_exit_codes() -> None:
     epilog = client.build_parser().format_help()
     for code in ("0", "1", "2", "3", "4"):
         assert f"\n  {code}  " in epilog
+
+
+# -- fixStorageRepository --all -------------------------------------------------------------------
+
+
+def test_fix_all_shows_each_fix_progress() -> None:
+    mend = {"type": "mend", "imageIds": [IMAGE_ID], "description": "resume copyImage",
+            "data": "m1"}
+    merge = {"type": "merge", "imageIds": ["d1", "gone"], "description": "fold", "data": "g1"}
+    checks = iter([[mend, merge], [merge], []])
+    statuses = {
+        IMAGE_ID: iter([status("broken", "1/2", 0), status("broken", "1/2", 0),
+                        status("broken", "1/2", 60), status("optimized", "2/2", 100, False)]),
+        "d1": iter([status("degraded", "1/3", 10), status("optimized", "2/2", 100, False)]),
+    }
+    calls: list[str] = []
+
+    def call(method: str, params: Mapping[str, Any]) -> Any:
+        calls.append(method)
+        if method == "checkStorageRepository":
+            return next(checks)
+        if method == "fixStorageRepository":
+            return {}
+        if params["imageId"] == "gone":
+            raise transport.RemoteError(1200, "gone", {"name": "ImageNotFound"})
+        return next(statuses[params["imageId"]])
+
+    out, err = io.StringIO(), io.StringIO()
+    assert fixall.fix_all(call, "r", None, out, lambda _: None,
+                          cliwatch.Progress(err)) == (2, 0, 0)
+    assert out.getvalue().splitlines() == [
+        "mend     resume copyImage", "merge    fold",
+        "2 fix(es) applied, 0 failed, 0 finding(s) need a person"]
+    shown = [line.split("]")[1].split()[:2] for line in err.getvalue().splitlines()]
+    # Each change once (no TTY here), the second fix's from its start.
+    assert shown == [["0%", "broken"], ["60%", "broken"], ["100%", "optimized"],
+                     ["10%", "degraded"], ["100%", "optimized"]]
+
+
+def test_fix_all_progress_redraws_on_a_tty() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    fix = {"type": "mend", "imageIds": [IMAGE_ID], "description": "d", "data": "m"}
+    checks = iter([[fix], []])
+    answers = iter([status("broken", "1/2", 5), status("broken", "1/2", 50),
+                    status("optimized", "2/2", 100, False)])
+
+    def call(method: str, params: Mapping[str, Any]) -> Any:
+        if method == "checkStorageRepository":
+            return next(checks)
+        return {} if method == "fixStorageRepository" else next(answers)
+
+    err = Tty()
+    fixall.fix_all(call, "r", None, io.StringIO(), lambda _: None, cliwatch.Progress(err))
+    text = err.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
+    assert " 50%" in text and "100%  optimized" in text

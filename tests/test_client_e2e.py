@@ -114,9 +114,13 @@ def test_create_watch_list_and_json(sock: str) -> None:
     p = cli(sock, "listImages", "repositoryId=default")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].split() == ["IMAGE", "ID", "KIND", "SIZE", "STATUS", "PREPARED", "PARENT"]
+    assert lines[0].split() == ["IMAGE", "ID", "KIND", "SIZE", "STATUS", "PREPARED", "PARENT",
+                                "CREATED"]
     row = next(line for line in lines if line.startswith(image))
-    assert row.split() == [image, "disk", "64", "MiB", "optimized", "no", "-"]
+    assert row.split()[:7] == [image, "disk", "64", "MiB", "optimized", "no", "-"]
+    day, clock = row.split()[7:]  # CREATED: the local date and time
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", day), row
+    assert re.fullmatch(r"\d\d:\d\d:\d\d[+-]\d\d:\d\d", clock), row
 
     p = cli(sock, "--json", "listImages", "repositoryId=default")
     assert p.returncode == 0, p.stderr
@@ -204,11 +208,49 @@ def test_bad_size_exits_2_and_changes_nothing(sock: str) -> None:
     assert image_ids(sock) == before
 
 
-def test_unaligned_size_is_refused_by_the_agent(sock: str) -> None:
-    p = cli(sock, "createVirtualDisk", "targetRepoId=default", "size=1000")
-    assert p.returncode == 1
-    line = one_error_line(p)
-    assert "(-32602)" in line and "'size'" in line
+@pytest.mark.parametrize("size", ["abc", "-1", "1.5.5G", "10Q", "0x10", '{"a": 1}', "0",
+                                  "1000", "1.5", "65T", "true", "[1]"])
+def test_every_bad_size_exits_2_and_changes_nothing(sock: str, size: str) -> None:
+    before = image_ids(sock)
+    p = cli(sock, "createVirtualDisk", "targetRepoId=default", f"size={size}")
+    assert p.returncode == 2, p
+    assert one_error_line(p).startswith("strata-client: bad size for param 'size': ")
+    assert image_ids(sock) == before
+
+
+@pytest.mark.parametrize("size", ['{"a": 1}', "-1", "true", "1000", '"12Q"', "null", "1.5"])
+def test_every_bad_size_in_a_params_file_exits_2(sock: str, size: str) -> None:
+    before = image_ids(sock)
+    p = cli(sock, "createVirtualDisk", "-f", "-",
+            stdin=f'{{"targetRepoId": "default", "size": {size}}}')
+    assert p.returncode == 2, p
+    assert one_error_line(p).startswith("strata-client: bad size for param 'size': ")
+    assert image_ids(sock) == before
+
+
+def test_a_repeated_param_exits_2_naming_it(sock: str) -> None:
+    before = image_ids(sock)
+    p = cli(sock, "createVirtualDisk", "targetRepoId=default", "size=1G", "size=2G")
+    assert p.returncode == 2, p
+    assert one_error_line(p) == ("strata-client: param 'size' is given twice (size=1G and "
+                                 "size=2G): give it once")
+    assert image_ids(sock) == before
+    p = cli(sock, "fixStorageRepository", "repositoryId=default", "repositoryId=r2", "--all")
+    assert p.returncode == 2 and "param 'repositoryId' is given twice" in one_error_line(p)
+
+
+def test_human_output_and_raw_json(sock: str) -> None:
+    disk = create_disk(sock, "1536M")
+    p = cli(sock, "getImageInfo", "repositoryId=default", f"imageId={disk}")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert "size: 1.5 GiB (1610612736 bytes)" in lines
+    [created] = [line for line in lines if line.startswith("created: ")]
+    assert re.fullmatch(r"created: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d", created)
+    p = cli(sock, "--json", "getImageInfo", "repositoryId=default", f"imageId={disk}")
+    raw = json.loads(p.stdout)
+    assert raw["size"] == 1610612736 and isinstance(raw["created"], float)
+    assert abs(raw["created"] - time.time()) < 600
 
 
 def test_watched_operation_failure_exits_4(sock: str) -> None:

@@ -39,6 +39,7 @@ def test_defaults() -> None:
     assert cfg.agent.state_dir == "/var/lib/strata"
     assert cfg.agent.workers == 4
     assert cfg.agent.rpc_threads == 16
+    assert cfg.agent.resume_on_start is True
     assert cfg.log.level == "INFO"
     assert cfg.log.file == ""
 
@@ -187,7 +188,7 @@ def test_unknown_key(conf: pathlib.Path) -> None:
         config.load(str(conf))
     assert str(e.value) == (
         f"{conf}: [agent] worker: unknown key; known keys: "
-        "max_chain_depth, request_ttl, rpc_threads, state_dir, workers"
+        "max_chain_depth, request_ttl, resume_on_start, rpc_threads, state_dir, workers"
     )
     assert e.value.data == {"file": str(conf), "section": "agent", "key": "worker"}
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from tests import qemu
-from tests.conftest import ROOT, Daemon, settle
+from tests.conftest import ROOT, Daemon, settle, source_snapshot
 
 pytestmark = pytest.mark.e2e
 MiB = qemu.MiB
@@ -63,3 +64,22 @@ def test_all_reports_findings_for_a_person_and_bad_usage(daemon: Daemon) -> None
     assert cli(daemon, "fixStorageRepository", "repositoryId=default", "--all",
                "--types", "tidy").returncode == 2
     assert cli(daemon, "listImages", "repositoryId=default", "--all").returncode == 2
+
+
+def test_all_shows_the_progress_of_each_fix(daemon: Daemon, tmp_path: Any) -> None:
+    snap, layout = source_snapshot(daemon, tmp_path, 1.0)
+    daemon.call("copyImage", "r2", snap, None, {}, {"AutoFix": False})  # waits for its mend
+    r = cli(daemon, "fixStorageRepository", "repositoryId=r2", "--all")
+    assert r.returncode == 0, r
+    assert r.stdout.splitlines()[0].startswith(f"mend     resume copyImage of snapshot {snap}")
+    assert "1 fix(es) applied, 0 failed" in r.stdout
+    # stderr is no terminal here: the --watch line, once per change, while the copy runs.
+    lines = r.stderr.splitlines()
+    assert lines and all(line.startswith("[") for line in lines), r.stderr
+    assert lines[-1].startswith("[" + "#" * 30 + "] 100%  optimized")
+    running = [line for line in lines if "stage 1/2" in line and "copyImage" in line]
+    assert running, r.stderr
+    percents = [int(line.split("]")[1].split("%")[0]) for line in running
+                if "?%" not in line]
+    assert percents == sorted(percents)
+    assert qemu.reads_layout(daemon.path("r2", snap), layout)

@@ -59,6 +59,36 @@ def runnable_copy(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
     return copy
 
 
+def test_verify_as_shipped() -> None:
+    """The unit file itself, unchanged. systemd-analyze also checks that ExecStart's program
+    exists: on a machine without /usr/bin/strata-agent that is the one line allowed, and it is
+    about this machine, not the unit (the installed unit is verified whole below)."""
+    returncode, ours = verify(UNIT)
+    agent = pathlib.Path("/usr/bin/strata-agent")
+    if agent.exists():
+        assert (returncode, ours) == (0, [])
+        return
+    assert ours == [f"{UNIT.name}: Command {agent} is not executable: No such file or directory"]
+
+
+def test_verify_as_installed(tmp_path: pathlib.Path) -> None:
+    """The unit exactly as `make install` writes it, with a PREFIX whose bin/strata-agent exists
+    here (a stub: systemd-analyze only checks that it is an executable file)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    prefix, units = tmp_path / "prefix", tmp_path / "units"
+    (prefix / "bin").mkdir(parents=True)
+    stub = prefix / "bin" / "strata-agent"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    subprocess.run(["make", "-s", "-C", str(UNIT.parent.parent), "install-unit",
+                    f"PREFIX={prefix}", f"SYSTEMD_DIR={units}"], check=True, timeout=60)
+    installed = units / UNIT.name
+    assert f"ExecStart={stub} --config /etc/strata/agent.conf" in installed.read_text()
+    returncode, ours = verify(installed)
+    assert (returncode, ours) == (0, [])
+
+
 def test_verify(tmp_path: pathlib.Path) -> None:
     returncode, ours = verify(runnable_copy(tmp_path, UNIT.read_text()))
     assert returncode == 0

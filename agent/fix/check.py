@@ -397,6 +397,7 @@ def _resume(runner: runner.Runner, repo: localfs.LocalRepository, op_id: str,
         if op is None:
             raise errors.StaleFix(f"operation {op_id} finished meanwhile")
         op.state = model.OpState.PENDING
+        op.auto_fix = True  # asked for now: a restart before it runs takes it up again
         op.progress.last_error = None
         claim.check()
         repo.put_operation(op)

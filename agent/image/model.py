@@ -51,7 +51,7 @@ class OpKind(enum.StrEnum):
 
 
 class OpState(enum.StrEnum):
-    PENDING = "pending"  # committed, not yet picked up (AutoFix false, or queued)
+    PENDING = "pending"  # committed, not yet picked up (AutoFix false, or queued: auto_fix says)
     RUNNING = "running"
     STOPPED = "stopped"  # a client stopped it, or it failed; last_error says which
     ABORTED = "aborted"  # its image was removed; the journal only waits for clean
@@ -189,15 +189,34 @@ class Operation:
     step: int = 0  # index of the next step to run; all steps before it are done
     progress: Progress = dataclasses.field(default_factory=Progress)
     created: float = dataclasses.field(default_factory=time.time)
+    # Whether the work may start without a fix call: false for an intent committed with
+    # AutoFix=false until a mend starts it. A PENDING operation is either such an intent or one
+    # queued to run; only this field tells them apart when the agent starts again.
+    auto_fix: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def resumes_on_start(self) -> bool:
+        """Whether a starting agent takes this operation up again by itself: it was running (a
+        crash, a kill, a shutdown interrupted it) or queued to run. Not what a client stopped,
+        what failed (both STOPPED, last_error says which), nor an AutoFix=false intent."""
+        if self.state == OpState.RUNNING:
+            return True
+        return self.state == OpState.PENDING and self.auto_fix
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Operation:
         op = _from(cls, d)
         op.kind = OpKind(op.kind)
         op.state = OpState(op.state)
+        if "auto_fix" not in d:
+            # A journal from before the field: an older agent never started anything by itself,
+            # and its PENDING meant an AutoFix=false intent as often as a queued one. Only what
+            # it was running is sure to have been meant to run.
+            op.auto_fix = op.state == OpState.RUNNING
+        op.auto_fix = bool(op.auto_fix)
         op.params = OpParams.from_dict(d.get("params") or {})
         op.progress = _from(Progress, d.get("progress") or {})
         return op

@@ -104,6 +104,7 @@ class ImageService:
         image: model.Image,
         options: model.Options,
     ) -> str:
+        op.auto_fix = options.auto_fix
         repo.put_intent(op, image)
         log.info("event=intent op=%s kind=%s image=%s auto_fix=%s", op.id, op.kind, image.id,
                  options.auto_fix)
