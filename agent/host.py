@@ -124,20 +124,34 @@ class Host:
         conns = (
             [self.connection(r) for r in candidates] if candidates else self.connections()
         )
+        damaged: errors.RecordDamaged | None = None
         for conn in conns:
-            img = conn.repo.get_image(image_id)
+            try:
+                img = conn.repo.get_image(image_id)
+            except errors.RecordDamaged as e:
+                damaged = e  # that repository's record cannot be read: look on elsewhere
+                continue
             if img is not None and (include_removed or not img.removed):
                 return Found(conn.repo_id, conn.repo, img)
+        if damaged is not None:
+            raise damaged
         where = "participating repositories" if candidates else "connected repositories"
         raise errors.ImageNotFound(
             f"image {image_id} is not in any of the {where}", imageId=image_id
         )
 
     def find_volume(self, vol_id: str) -> tuple[localfs.LocalRepository, model.Volume] | None:
+        damaged: errors.RecordDamaged | None = None
         for conn in self.connections():
-            vol = conn.repo.get_volume(vol_id)
+            try:
+                vol = conn.repo.get_volume(vol_id)
+            except errors.RecordDamaged as e:
+                damaged = e
+                continue
             if vol is not None:
                 return conn.repo, vol
+        if damaged is not None:
+            raise damaged
         return None
 
     def close(self) -> None:

@@ -8,7 +8,6 @@ first write, so a refused call changes nothing.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from typing import Any
 
@@ -230,6 +229,7 @@ class ImageService:
         repo = self._repo(target_repo_id)
         src = self.host.find_image(image_id, options)
         self._usable(src.image)
+        self._sound(src.repo, src.image, strict=False)
         if src.image.kind == model.Kind.DISK and src.image.prepared_by:
             raise errors.ImageBusy(
                 f"disk {image_id} is in use (prepared); copy a snapshot of it instead",
@@ -265,6 +265,7 @@ class ImageService:
                         param="baseImageId",
                     )
                 self._usable(base)
+                self._sound(repo, base, strict=False)
                 if base.size > src.image.size:
                     raise errors.InvalidArgument(
                         f"base {base_image_id} is larger than image {image_id}",
@@ -291,7 +292,7 @@ class ImageService:
                    for v in (op.params.rewrites, op.params.lower_volume_id)}
         whole = fault is None and snap.operation_id is None and snap.volume_id not in touched \
             and not snap.absorbing \
-            and all(os.path.exists(repo.volume_path(v.id, v.format)) for v in vols)
+            and all(localfs.file_problem(repo.volume_path(v.id, v.format)) is None for v in vols)
         if not whole:
             raise errors.ImageBusy(
                 f"a removed copy of {snap.id} in {repo_id!r} is being reclaimed or merged; "
@@ -404,10 +405,25 @@ class ImageService:
     def _walk(self, repo: localfs.LocalRepository, img: model.Image
               ) -> tuple[list[model.Volume], str | None, dict[str, localfs.LocalRepository]]:
         """The image's chain, following backing volumes into other connected repositories;
-        which volumes live elsewhere, and where."""
+        which volumes live elsewhere, and where. A fault of the records, else of the files
+        (chain.files_fault), but for layers a fix is rewriting."""
         lookup = chain.Lookup(repo.get_volume, self.host.find_volume)
         vols, fault = chain.walk(img.volume_id, lookup, repo.get_image)
+        if fault is None and img.operation_id is None:
+            fault = chain.files_fault(repo, vols, lookup.foreign)
+            if fault is not None and chain.rewritten(repo):
+                fault = chain.files_fault(repo, vols, lookup.foreign, chain.rewritten(repo))
         return vols, fault, lookup.foreign
+
+    def _sound(self, repo: localfs.LocalRepository, img: model.Image, strict: bool) -> None:
+        """Refuse a broken image (ImageBroken): a fault of its records or of its files.
+        ``strict``: even a layer a fix rewrites (after _give_way, none may be left)."""
+        lookup = chain.Lookup(repo.get_volume, self.host.find_volume)
+        vols, fault = chain.walk(img.volume_id, lookup, repo.get_image)
+        if fault is not None:
+            raise errors.ImageBroken(f"image {img.id} cannot be used: {fault}", imageId=img.id)
+        chain.check_files(repo, img.id, vols, lookup.foreign,
+                          frozenset() if strict else chain.rewritten(repo))
 
     def _facts(self, repo: localfs.LocalRepository, img: model.Image,
                vols: list[model.Volume], fault: str | None,
@@ -451,20 +467,29 @@ class ImageService:
             "prepared": bool(img.prepared_by),
         }
 
-    def list_images(self, repo_id: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    def list_images(self, repo_id: str, options: dict[str, Any]
+                    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """The images; with ``withWarnings``, ``{"images": [...], "warnings": [...]}``, the
+        warnings naming each record that cannot be read (skipped, and logged, either way)."""
         repo = self._repo(repo_id)
         inv = inventory.Inventory(repo, set(), self.host.find_volume)
         kind = options.get("kind")
         include_weak = bool(options.get("includeIncomplete", False))
         out = []
+        files: dict[str, chain.FileFault | None] = {}
         for img in inv.images.values():
             if img.removed or (not img.strong and not include_weak):
                 continue
             if kind and img.kind.value != kind:
                 continue
             vols, fault = inv.chains[img.id]
+            if fault is None and img.operation_id is None:
+                fault = chain.files_fault(repo, vols, inv.foreign.get(img.id), inv.rewritten,
+                                          files)
             out.append(self._summary(repo, img, vols, fault, inv.ops, img.id in inv.foreign))
         out.sort(key=lambda d: (d["created"], d["imageId"]))
+        if options.get("withWarnings"):
+            return {"images": out, "warnings": [d.to_dict() for d in inv.damage]}
         return out
 
     def image_info(self, repo_id: str, image_id: str) -> dict[str, Any]:
@@ -507,6 +532,9 @@ class ImageService:
                                          imageId=image_id)
             self._give_way(repo, img, vols)
             img = self._image(repo, image_id, repo_id)  # _give_way may have written it
+            # Only regular files of their repositories whose headers name what the records
+            # say are handed to a consumer (a planted file is never followed).
+            chain.check_files(repo, image_id, vols, elsewhere)
             if self.host.host_id not in img.prepared_by:
                 img.prepared_by.append(self.host.host_id)
                 repo.put_image(img)
