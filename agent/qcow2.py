@@ -97,6 +97,8 @@ def read_header(path: str) -> Header | None:
         if len(head) < 72 or head[:4] != MAGIC:
             return None
         version, backing_off, backing_len = struct.unpack(">IQI", head[4:20])
+        if version >= 3 and len(head) < 104:
+            return None  # cut inside its header: not a qcow2 qemu would open
         (size,) = struct.unpack(">Q", head[24:32])
         incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 \
             else 0

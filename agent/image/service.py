@@ -429,10 +429,18 @@ class ImageService:
                vols: list[model.Volume], fault: str | None,
                journal: dict[str, model.Operation] | None = None,
                foreign: bool = False) -> status.Facts:
-        op = self._op(repo, img.operation_id, journal)
-        fix = self._op(repo, img.fix_id, journal)
-        if (img.operation_id is not None and op is None) or (img.fix_id is not None
-                                                             and fix is None):
+        journal_error = None
+        try:
+            op = self._op(repo, img.operation_id, journal)
+        except errors.RecordDamaged as e:  # the image is broken; its status says why
+            op, journal_error = None, e.message
+        try:
+            fix = self._op(repo, img.fix_id, journal)
+        except errors.RecordDamaged as e:
+            fix, fault = None, fault or e.message
+        if journal_error is None and (
+                (img.operation_id is not None and op is None)
+                or (img.fix_id is not None and fix is None)):
             # The operation finished between reading the image and reading its journal (the
             # seal writes the image, then deletes the journal): read the image again.
             fresh = repo.get_image(img.id)
@@ -443,7 +451,8 @@ class ImageService:
         running = any(o is not None and self.runner.is_active(o.id) for o in (op, fix))
         if img.operation_id is not None:
             fault = None  # an image being made has no chain yet: its operation says it all
-        return status.Facts(img, op, fix, running, fault, len(vols), self.max_depth, foreign)
+        return status.Facts(img, op, fix, running, fault, len(vols), self.max_depth, foreign,
+                            journal_error)
 
     def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
