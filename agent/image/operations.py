@@ -63,8 +63,9 @@ def materialize(
 
 
 def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> None:
-    """An independent copy of a single-volume image: a reflink where the file system can."""
-    if ctx.repo.reflink:
+    """An independent copy of a single-volume image, always a qcow2 (what its record says): a
+    reflink where the file system can and the source is a qcow2 too."""
+    if ctx.repo.reflink and src_fmt == model.VolumeFormat.QCOW2:
         try:
             fileio.clone(src, dst)  # one ioctl: a `cp --reflink` process costs more than it
             log.info("event=reflink dst=%s", dst)
@@ -75,7 +76,7 @@ def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> Non
             log.info("event=reflink_refused dst=%s error=%r", dst, e.strerror)
             fileio.remove(dst)
             ctx.persist()
-    qemuimg.convert(src, dst, src_fmt.value, src_fmt=src_fmt.value, progress=ctx.report,
+    qemuimg.convert(src, dst, "qcow2", src_fmt=src_fmt.value, progress=ctx.report,
                     cancel=ctx.cancel, direct=ctx.direct)
 
 
