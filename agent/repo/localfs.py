@@ -171,7 +171,8 @@ class LocalRepository:
         real = os.path.realpath(root)
         for other in connected:
             for a, b in ((root, other), (real, os.path.realpath(other))):
-                if os.path.commonpath([a, b]) in (a, b):
+                # The very same path is not empty: RepositoryNotEmpty says so below.
+                if a != b and os.path.commonpath([a, b]) in (a, b):
                     raise errors.InvalidArgument(
                         f"connectionParameters.path {root} is inside, or contains, the "
                         f"connected repository at {other}", param="path")
