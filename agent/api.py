@@ -222,7 +222,8 @@ class Api:
         self, repoFormat: str, connectionParameters: dict[str, Any], options: dict[str, Any]
     ) -> dict[str, Any]:
         def call(_: requests.Attempt) -> dict[str, Any]:
-            repo_uuid = self.host.driver(repoFormat).format(connectionParameters)
+            connected = tuple(c.repo.root for c in self.host.connections())
+            repo_uuid = self.host.driver(repoFormat).format(connectionParameters, connected)
             log.info("event=formatted format=%s uuid=%s", repoFormat, repo_uuid)
             return {"repoUUID": repo_uuid, "repoFormat": repoFormat}
 
@@ -377,7 +378,8 @@ class Api:
         conn = self.host.connection(repoId)
         capacity, free = conn.repo.capacity()
         counts = {"disk": 0, "snapshot": 0, "incomplete": 0, "removed": 0}
-        for img in conn.repo.images():
+        images, damage = conn.repo.scan_images()
+        for img in images:
             if img.removed:
                 counts["removed"] += 1
             elif not img.strong:
@@ -393,6 +395,9 @@ class Api:
             "capacity": capacity,
             "free": free,
             "images": counts,
+            # Image records that cannot be read, so not counted (checkStorageRepository lists
+            # every damaged record as a finding).
+            "warnings": [d.to_dict() for d in damage],
         }
         with self._info_lock:
             self._last_info[repoId] = info
@@ -496,7 +501,8 @@ class Api:
             self.note_failure(self.name_failure(e, repositoryId), e.message)
             raise
 
-    def listImages(self, repositoryId: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    def listImages(self, repositoryId: str, options: dict[str, Any]
+                   ) -> list[dict[str, Any]] | dict[str, Any]:
         return self.images.list_images(repositoryId, options)
 
     def getImageInfo(self, repositoryId: str, imageId: str) -> dict[str, Any]:

@@ -94,6 +94,15 @@ class ImageBroken(Error):
     name = "ImageBroken"
 
 
+class RecordDamaged(ImageBroken):
+    """A record on disk (image, volume, journal) that cannot be read: truncated, empty, of
+    the wrong types, an id that is not a bare UUID, not a regular file. ``data.file`` names it;
+    a person must repair or remove it. Calls about other images never see it."""
+
+    code = 1205
+    name = "RecordDamaged"
+
+
 class NoOperation(Error):
     code = 1204
     name = "NoOperation"
@@ -149,6 +158,7 @@ ALL: tuple[type[Error], ...] = (
     ImageBusy,
     WrongImageKind,
     ImageBroken,
+    RecordDamaged,
     NoOperation,
     NoSpace,
     LeaseHeld,

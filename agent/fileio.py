@@ -242,7 +242,7 @@ def is_temporary(name: str) -> bool:
 
 def allocated_bytes(path: str) -> int:
     try:
-        return os.stat(path).st_blocks * 512
+        return os.lstat(path).st_blocks * 512  # a planted symlink is never followed
     except FileNotFoundError:
         return 0
 

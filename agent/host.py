@@ -151,6 +151,7 @@ class Host:
             [self.connection(r) for r in candidates] if candidates else self.connections()
         )
         failed: list[errors.RepositoryUnavailable] = []
+        damaged: errors.RecordDamaged | None = None
         for conn in conns:
             try:
                 img = conn.repo.get_image(image_id)
@@ -158,16 +159,22 @@ class Host:
                 # A failed repository must not fail a lookup another one answers.
                 failed.append(e)
                 continue
+            except errors.RecordDamaged as e:
+                damaged = e  # that repository's record cannot be read: look on elsewhere
+                continue
             if img is not None and (include_removed or not img.removed):
                 return Found(conn.repo_id, conn.repo, img)
         if failed:
             raise failed[0]  # it may be there: not found would be a guess
+        if damaged is not None:
+            raise damaged
         where = "participating repositories" if candidates else "connected repositories"
         raise errors.ImageNotFound(
             f"image {image_id} is not in any of the {where}", imageId=image_id
         )
 
     def find_volume(self, vol_id: str) -> tuple[localfs.LocalRepository, model.Volume] | None:
+        damaged: errors.RecordDamaged | None = None
         for conn in self.connections():
             try:
                 vol = conn.repo.get_volume(vol_id)
@@ -177,10 +184,15 @@ class Host:
                 # the others. A chain leaning on a volume there reads as a missing parent, a
                 # manual finding the checker reports and never acts on.
                 log.debug("event=volume_lookup_skipped volume=%s repo=%s error=%r",
-                            vol_id, conn.repo_id, str(e))
+                          vol_id, conn.repo_id, str(e))
+                continue
+            except errors.RecordDamaged as e:
+                damaged = e
                 continue
             if vol is not None:
                 return conn.repo, vol
+        if damaged is not None:
+            raise damaged
         return None
 
     def close(self) -> None:

@@ -17,7 +17,10 @@ that moves data stays with qemu-img.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import os
+import stat
 import struct
 
 from agent import errors, fileio
@@ -54,36 +57,62 @@ _FEATURE_NAMES = (
 )
 
 
+# Incompatible feature bit 2: the guest data lives in another file the header names. Strata never
+# makes one; a planted one could make qemu read or write any file: such a volume is refused.
+EXTERNAL_DATA_FILE = 1 << 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Header:
     version: int
     size: int
     backing: str | None
     backing_format: str | None
+    incompatible_features: int = 0
+
+
+def _open_regular(path: str) -> io.BufferedReader:
+    """Open a file for reading without following a symlink and without blocking on a FIFO;
+    OSError unless it is a regular file (planted files are never followed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def is_qcow2(path: str) -> bool:
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         return f.read(4) == MAGIC
 
 
 def read_header(path: str) -> Header | None:
-    """The header of a qcow2 file, or None when the file is not qcow2."""
-    with open(path, "rb") as f:
+    """The header of a qcow2 file, or None when the file is not qcow2 (or too short to be one).
+    OSError when it is not a regular file (a symlink is never followed)."""
+    with _open_regular(path) as f:
         head = f.read(_HEADER_READ)
         if len(head) < 72 or head[:4] != MAGIC:
             return None
         version, backing_off, backing_len = struct.unpack(">IQI", head[4:20])
+        if version >= 3 and len(head) < 104:
+            return None  # cut inside its header: not a qcow2 qemu would open
         (size,) = struct.unpack(">Q", head[24:32])
+        incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 \
+            else 0
         backing = None
         if backing_off and backing_len:
-            if backing_off + backing_len > len(head):
+            if backing_len > _MAX_BACKING_NAME:
+                raw = b"\0" * backing_len  # qemu refuses it too; never a real name
+            elif backing_off + backing_len > len(head):
                 f.seek(backing_off)
                 raw = f.read(backing_len)
             else:
                 raw = head[backing_off : backing_off + backing_len]
             backing = raw.decode("utf-8", errors="replace")
-    return Header(version, size, backing, _backing_format(head, version))
+    return Header(version, size, backing, _backing_format(head, version), incompatible)
 
 
 def _backing_format(head: bytes, version: int) -> str | None:
@@ -112,7 +141,7 @@ def _check_backing(path: str, fmt: str) -> None:
     """Refuse to write an overlay on a backing file that cannot be read, as qemu-img create
     does: an image on a missing or foreign base would read wrong, and look fine."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             magic = f.read(len(MAGIC))
     except OSError as e:
         raise errors.ImageBroken(f"cannot open backing file {path}: {e.strerror}") from e

@@ -1,7 +1,9 @@
 """qemu-img, the only tool that moves image data (empty images: ``qcow2.create``).
 
 Backing references are always passed relative to the image's directory so a repository can be
-mounted anywhere. All calls block; run them on a real thread.
+mounted anywhere. Every image is named with its format (``-f``, and ``-F`` for a backing file), so
+qemu-img never probes one: a planted raw file that looks like a qcow2 is read as what the records
+say. All calls block; run them on a real thread.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from agent import command
 QEMU_IMG = "/usr/bin/qemu-img"
 
 
-def resize(path: str, size: int, fmt: str = "qcow2") -> None:
+def resize(path: str, size: int, fmt: str) -> None:
     """Grow an image's virtual size (never shrink: callers only grow)."""
     command.run([QEMU_IMG, "resize", "-q", "-f", fmt, path, str(size)])
 
@@ -23,6 +25,8 @@ def convert(
     src: str,
     dst: str,
     dst_fmt: str,
+    *,
+    src_fmt: str,
     backing: str | None = None,
     backing_fmt: str | None = None,
     progress: command.ProgressCallback | None = None,
@@ -34,7 +38,7 @@ def convert(
     # Reading the source through the page cache was tried: 2.4x faster once the source is warm,
     # but on this 2-core machine it raised the status p99 during a copy from 3 ms to 17 ms, for
     # a bare server as much as for the agent (make bench, figure 6); VDSM chose O_DIRECT too.
-    argv = [QEMU_IMG, "convert", "-p", *_cache(direct), "-W", "-O", dst_fmt]
+    argv = [QEMU_IMG, "convert", "-p", *_cache(direct), "-W", "-f", src_fmt, "-O", dst_fmt]
     if backing is not None:
         argv += ["-B", backing, "-F", backing_fmt or "qcow2"]
     if dst_fmt == "qcow2":
@@ -62,10 +66,8 @@ def rebase(
     command.run(argv, progress=progress, cancel=cancel)
 
 
-def info(path: str, fmt: str | None = None, chain: bool = False) -> Any:
-    argv = [QEMU_IMG, "info", "--output=json", "-U"]
-    if fmt:
-        argv += ["-f", fmt]
+def info(path: str, fmt: str, chain: bool = False) -> Any:
+    argv = [QEMU_IMG, "info", "--output=json", "-U", "-f", fmt]
     if chain:
         argv.append("--backing-chain")
     argv.append(path)

@@ -386,18 +386,20 @@ def test_a_failure_the_full_repository_cannot_record_is_still_told(engine: Engin
     d = disk_with_data(engine)
     path = engine.path("r1", d)
     journal = os.path.join(engine.roots["r1"], "journal")
-    # The disk's volume becomes a FIFO: the snapshot's step blocks opening it until the test
-    # has made the journal immutable, then reads bytes that are not qcow2 and fails.
+    # The disk's volume becomes a file that is not qcow2, under a snapshot committed without
+    # being started (a FIFO, which once held the step back, is now refused before it is
+    # opened); the journal is made immutable, then the runner starts the step, which fails.
     os.rename(path, path + ".away")
-    os.mkfifo(path)
+    with open(path, "wb") as f:
+        f.write(b"not a qcow2 image")
     try:
-        s = engine.call("createSnapshot", "r1", d)
+        s = engine.call("createSnapshot", "r1", d, {}, {"AutoFix": False})
         if subprocess.run(["chattr", "+i", journal], capture_output=True).returncode != 0:
-            with open(path, "wb") as fifo:  # let the step go before skipping
-                fifo.write(b"x")
             pytest.skip("this file system has no immutable attribute")
-        with open(path, "wb") as fifo:
-            fifo.write(b"not a qcow2 image")
+        repo = engine.api.host.connection("r1").repo
+        img = repo.get_image(s)
+        assert img is not None and img.operation_id is not None
+        engine.api.runner.submit(repo, img.operation_id)
         st = engine.settle("r1", s)
         assert st["status"] == "broken" and not st["running"]
         assert "is not a qcow2 image" in st["last_error"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,8 +86,9 @@ def test_auto_fix_is_journaled(engine: Engine) -> None:
     ("aborted", True, False),
 ])
 def test_what_resumes_on_start(state: str, auto_fix: bool, resumes: bool) -> None:
-    op = model.Operation.from_dict({"id": "x", "kind": "copyImage", "image_id": "y",
-                                    "params": {}, "state": state, "auto_fix": auto_fix})
+    op = model.Operation.from_dict({"id": str(uuid.uuid4()), "kind": "copyImage",
+                                    "image_id": str(uuid.uuid4()), "params": {}, "state": state,
+                                    "auto_fix": auto_fix})
     assert op.resumes_on_start is resumes
 
 
@@ -94,8 +96,8 @@ def test_what_resumes_on_start(state: str, auto_fix: bool, resumes: bool) -> Non
                                              ("stopped", False)])
 def test_a_journal_from_before_the_field(state: str, auto_fix: bool) -> None:
     # An older agent never started anything by itself: only what it ran is sure to be wanted.
-    op = model.Operation.from_dict({"id": "x", "kind": "copyImage", "image_id": "y",
-                                    "params": {}, "state": state})
+    op = model.Operation.from_dict({"id": str(uuid.uuid4()), "kind": "copyImage",
+                                    "image_id": str(uuid.uuid4()), "params": {}, "state": state})
     assert op.auto_fix is auto_fix
 
 

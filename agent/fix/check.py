@@ -49,14 +49,20 @@ class Checker:
             lambda: [c.repo for c in self.host.connections() if c.repo is not self.repo],
         )
         out: list[fixes.Fix] = []
+        # The deep pass first: what it finds (corruption, a volume it cannot read) makes those
+        # images broken (repo.findings), which every other pass then sees.
+        leaks = self._leaks(inv) if deep and fixes.FixType.OPTIMIZE in wanted else []
         if fixes.FixType.MEND in wanted:
+            out += self._damaged(inv)
             out += self._mends(inv)
             out += self._faults(inv)
+        elif deep:
+            out += [_manual(inv.images[i], f.message) for i, f in inv.faults.items()
+                    if f.volume_id in self.repo.findings]
         if fixes.FixType.OPTIMIZE in wanted:
             out += self._localize(inv)
             out += self._flattens(inv)
-            if deep:
-                out += self._leaks(inv)
+            out += leaks
         if fixes.FixType.MERGE in wanted:
             out += self._merges(inv)
         if fixes.FixType.CLEAN in wanted:
@@ -96,30 +102,31 @@ class Checker:
             return "committed, waiting to be started"
         return f"interrupted on host {op.progress.host_id}"
 
+    def _damaged(self, inv: inventory.Inventory) -> list[fixes.Fix]:
+        """Records that cannot be read: a person must repair or remove each (it names its
+        file); meanwhile nothing they might need is cleaned."""
+        out = []
+        for d in inv.damage:
+            ids = [d.rec_id] if d.kind == localfs.IMAGES and d.rec_id is not None else []
+            out.append(fixes.Fix(
+                fixes.FixType.MEND, ids,
+                f"{d.message}; a person must repair or remove it (until then clean keeps "
+                "whatever it might name)",
+                {"manual": d.message, "file": d.path}, manual=True))
+        return out
+
     def _faults(self, inv: inventory.Inventory) -> list[fixes.Fix]:
         """Chain faults of usable images: a mend where it is safe, else a manual finding."""
         out = []
-        header_cache: dict[str, inventory.Fault | None] = {}
-        for img in inv.images.values():
-            if img.removed or img.operation_id is not None or self._skip(img.id):
-                continue  # images being made are the mends' business
-            vols, fault = inv.chains[img.id]
-            if fault is not None:
-                out.append(_manual(img, fault))
+        for image_id, found in inv.faults.items():
+            img = inv.images[image_id]
+            if self._skip(img.id):
                 continue
-            found = None
-            elsewhere = inv.foreign.get(img.id, {})
-            for vol in vols:
-                if vol.id in elsewhere:
-                    break  # that repository's own checker looks after its volumes
-                if vol.id not in header_cache:
-                    header_cache[vol.id] = inv.header_fault(img, [vol])
-                if header_cache[vol.id] is not None:
-                    found = header_cache[vol.id]
-                    break
-            if found is None:
+            if found.volume_id is None:
+                out.append(_manual(img, found.message))
                 continue
-            if found.relink_to is None or found.volume_id in inv.in_use:
+            if found.relink_to is None or found.volume_id in inv.in_use \
+                    or found.volume_id not in inv.volumes:
                 out.append(_manual(img, found.message))
                 continue
             vol = inv.volumes[found.volume_id or ""]
@@ -145,7 +152,8 @@ class Checker:
             if img.removed or self._skip(img.id):
                 continue
             vols, fault = inv.chains[img.id]
-            if fault is not None or len(vols) <= self.max_depth or img.id in inv.foreign:
+            if fault is not None or img.id in inv.faults or len(vols) <= self.max_depth \
+                    or img.id in inv.foreign:
                 continue  # (a chain leaning on another repository is brought home first)
             top, bottom = vols[0], vols[-1]
             if not self._quiet(inv, img, top.id):
@@ -171,7 +179,7 @@ class Checker:
         for img in inv.images.values():
             elsewhere = inv.foreign.get(img.id)
             if img.removed or self._skip(img.id) or not elsewhere \
-                    or inv.chains[img.id][1] is not None:
+                    or inv.chains[img.id][1] is not None or img.id in inv.faults:
                 continue
             vols = inv.chains[img.id][0]
             k = next(i for i, v in enumerate(vols) if v.id in elsewhere)
@@ -198,19 +206,40 @@ class Checker:
         return out
 
     def _leaks(self, inv: inventory.Inventory) -> list[fixes.Fix]:
+        """qemu-img check of each image's top volume. A corrupt volume, or one qemu-img cannot
+        read, becomes a finding (repo.findings: its images are broken until a deep check finds
+        it sound again) and the check goes on with the next."""
         out = []
+        checked: dict[str, Any] = {}
         for img in inv.images.values():
             if img.removed or img.operation_id is not None or self._skip(img.id):
                 continue
             vol = inv.volumes.get(img.volume_id)
             if vol is None or vol.format != model.VolumeFormat.QCOW2:
                 continue
-            report = qemuimg.check(self.repo.volume_path(vol.id, vol.format))
-            if report.get("corruptions", 0):
-                out.append(_manual(img, (
-                    f"qemu-img check finds {report['corruptions']} corruption(s) in volume "
-                    f"{vol.id}; repairing them may lose data, a person must decide")))
-            elif report.get("leaks", 0) and self._quiet(inv, img, vol.id):
+            if vol.id not in checked:
+                self.repo.findings.pop(vol.id, None)
+                if inv.header_fault(img, [vol]) is not None:
+                    checked[vol.id] = None  # never handed to qemu-img: a finding already
+                    continue
+                try:
+                    checked[vol.id] = qemuimg.check(self.repo.volume_file(vol))
+                except errors.Error as e:
+                    log.warning("event=deep_check_failed volume=%s error=%r", vol.id, str(e))
+                    self.repo.findings[vol.id] = (
+                        f"qemu-img check cannot read volume {vol.id}: {e}; a person must decide")
+                    checked[vol.id] = None
+                    continue
+                report = checked[vol.id]
+                if isinstance(report, dict) and report.get("corruptions", 0):
+                    self.repo.findings[vol.id] = (
+                        f"qemu-img check finds {report['corruptions']} corruption(s) in volume "
+                        f"{vol.id}; repairing them may lose data, a person must decide")
+            report = checked[vol.id]
+            if not isinstance(report, dict) or vol.id in self.repo.findings:
+                continue
+            if report.get("leaks", 0) and self._quiet(inv, img, vol.id) \
+                    and img.id not in inv.faults:
                 out.append(fixes.Fix(
                     fixes.FixType.OPTIMIZE,
                     [img.id],
@@ -232,14 +261,19 @@ class Checker:
                 continue
             if lower_id in inv.needed_elsewhere or lower_id in inv.pending_volumes:
                 continue  # another repository's chain, or an unfinished operation, reads it
+            if lower_id in inv.damaged_volumes:
+                continue
             if any(not i.removed for i in inv.tops.get(lower_id, [])):
                 continue  # another image still has this volume as its own
             deps = inv.dependants.get(lower_id, [])
             if len(deps) != 1:
                 continue  # several layers need it: it must stay
             upper_id = deps[0]
+            if inv.header_dependants.get(lower_id, set()) - {upper_id}:
+                continue  # a file the records do not know reads through it: it must stay
             owners = [i for i in inv.tops.get(upper_id, []) if not i.removed]
-            if len(owners) != 1 or not self._quiet(inv, owners[0], lower_id, upper_id):
+            if len(owners) != 1 or not self._quiet(inv, owners[0], lower_id, upper_id) \
+                    or owners[0].id in inv.faults:
                 continue
             target = owners[0]
             lower, upper = inv.volumes[lower_id], inv.volumes[upper_id]
@@ -410,4 +444,4 @@ def _relink_backing(repo: localfs.LocalRepository, vol: model.Volume, ref: str,
     fmt = parent.format.value if parent else "qcow2"
     with repo.meta_lock:
         claim.check()
-        qemuimg.rebase(repo.volume_path(vol.id, vol.format), ref, fmt, safe=False)
+        qemuimg.rebase(repo.volume_file(vol), ref, fmt, safe=False)

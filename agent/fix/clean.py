@@ -4,6 +4,12 @@ Everything not needed by a live image or an unfinished operation goes: volumes o
 that nothing depends on any more, orphan volumes, journals of finished or aborted operations,
 leftover temporary and partial files. A volume is needed while any image that is not removed has it
 in its chain, or an unfinished operation names it.
+
+Clean never deletes what a damaged or missing record might still need: every volume a kept
+volume's readable qcow2 header names is kept too, whatever the records say (one lost volume record
+must not cost the layer below it); while an image or volume record cannot be read, no volume data
+goes at all (the record could name any of it); while a journal cannot be read, no partial file
+goes; a journal whose image record cannot be read stays.
 """
 
 from __future__ import annotations
@@ -49,22 +55,28 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
     now = time.time() if now is None else now
     repo = inv.repo
     needed = inv.needed
+    keep = inv.kept_by_headers(needed | set(inv.damaged_volumes))
+    hold = any(d.kind in (localfs.IMAGES, localfs.VOLUMES) for d in inv.damage)
+    hold_partials = any(d.kind == localfs.JOURNAL for d in inv.damage)
     p = Plan()
-    p.volumes = [v for v in inv.volumes.values() if v.id not in needed]
+    if not hold:
+        p.volumes = [v for v in inv.volumes.values() if v.id not in keep]
     # A removed image's record goes with its volume, or when a live image owns that volume
     # outright (a removed snapshot absorbed by a merge, or removed before its switch).
     live_tops = {i.volume_id for i in inv.images.values() if not i.removed}
     p.images = [i.id for i in inv.images.values()
-                if i.removed and (i.volume_id not in needed or i.volume_id in live_tops)]
+                if i.removed and ((not hold and i.volume_id not in keep)
+                                  or i.volume_id in live_tops)]
     live_ids = {op.id for op in inv.live_ops}
-    p.journals = [op_id for op_id in inv.ops if op_id not in live_ids]
+    p.journals = [op_id for op_id, op in inv.ops.items()
+                  if op_id not in live_ids and op.image_id not in inv.damaged_images]
     for vol_id, path in repo.volume_files().items():
-        if vol_id not in needed and vol_id not in inv.volumes:
+        if not hold and vol_id not in keep and vol_id not in inv.volumes:
             p.orphan_files.append(path)
     for path in repo.stray_files():
         name = os.path.basename(path)
         if name.endswith(localfs.PARTIAL):
-            if name.split(".", 1)[0] in needed:
+            if hold_partials or name.split(".", 1)[0] in keep:
                 continue  # an unfinished operation's data in the making
         elif now - _mtime(path) < TEMP_GRACE:
             continue

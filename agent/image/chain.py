@@ -6,9 +6,10 @@ once), so getImageStatus on one image and the checker on 10,000 use the same rul
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from agent import errors
+from agent import errors, qcow2
 from agent.image import model
 from agent.repo import localfs
 
@@ -30,12 +31,19 @@ def walk(
         if vol_id in seen or len(out) > MAX_DEPTH:
             return out, f"the chain loops at volume {vol_id}"
         seen.add(vol_id)
-        vol = get_volume(vol_id)
+        try:
+            vol = get_volume(vol_id)
+        except errors.RecordDamaged as e:
+            return out, f"the record of volume {vol_id} of the chain is damaged: {e.message}"
         if vol is None:
             below = f" (below volume {out[-1].id})" if out else ""
             return out, f"volume {vol_id} of the chain has no record{below}: unknown parent"
         if get_image is not None and vol.parent_image_id is not None:
-            parent = get_image(vol.parent_image_id)
+            try:
+                parent = get_image(vol.parent_image_id)
+            except errors.RecordDamaged as e:
+                return out, f"the record of parent image {vol.parent_image_id} is damaged: " \
+                    f"{e.message}"
             if parent is not None and parent.kind == model.Kind.DISK and not parent.removed:
                 return out, (
                     f"volume {vol.id} is backed by a layer of disk {parent.id}; only "
@@ -82,3 +90,101 @@ def image_ids(chain: list[model.Volume], top_image_id: str) -> list[str]:
         if vol.parent_image_id and vol.parent_image_id != out[-1]:
             out.append(vol.parent_image_id)
     return out
+
+
+# (what is wrong, the backing reference to write when re-pointing the header is safe, else None)
+FileFault = tuple[str, "str | None"]
+
+
+def file_fault(repo: localfs.LocalRepository, vol: model.Volume, parent: model.Volume | None,
+               parent_repo: localfs.LocalRepository | None = None) -> FileFault | None:
+    """Compare a volume's data file with its record: a regular file of its repository (never
+    followed), of the recorded format, without an external data file, whose backing reference
+    names exactly the volume the records say (``parent``, in ``parent_repo`` when that is
+    another repository), with its format. None when it is sound."""
+    path = repo.volume_path(vol.id, vol.format)
+    problem = localfs.file_problem(path)
+    if problem is not None:
+        return f"the data file of volume {vol.id} ({path}) {problem}", None
+    finding = repo.findings.get(vol.id)
+    if finding is not None:
+        return finding, None
+    if vol.format == model.VolumeFormat.RAW:
+        if vol.parent_volume_id is not None:
+            return f"raw volume {vol.id} is recorded with a backing volume; a person must " \
+                "decide which record is right", None
+        return None  # raw content is guest data: never probed
+    try:
+        header = qcow2.read_header(path)
+    except OSError as e:
+        return f"the data file of volume {vol.id} ({path}) cannot be read: {e.strerror}", None
+    if header is None:
+        return (f"volume {vol.id} is recorded as qcow2 but its file is not qcow2; a person "
+                "must decide which is right"), None
+    if header.incompatible_features & qcow2.EXTERNAL_DATA_FILE:
+        return f"volume {vol.id} keeps its data in an external file, which Strata never " \
+            "makes; a person must decide", None
+    expected = fmt = None
+    if parent is not None:
+        fmt = parent.format.value
+        expected = (repo.backing_reference(parent.id, parent.format)
+                    if parent_repo is None or parent_repo is repo
+                    else parent_repo.volume_path(parent.id, parent.format))
+    if header.backing == expected:
+        if expected is None or header.backing_format == fmt:
+            return None
+        if header.backing_format is None:  # qemu would probe the backing file's format
+            return (f"volume {vol.id} does not say its backing file's format "
+                    f"({fmt})"), expected
+        return (f"volume {vol.id} says its backing file is {header.backing_format}, but the "
+                f"records say {fmt}; a person must decide which is right"), None
+    if (expected is not None and header.backing is not None
+            and os.path.basename(header.backing) == os.path.basename(expected)):
+        # Same volume, named another way (an absolute path from another mount): re-pointing
+        # the header at it is safe; until then the image is not handed out.
+        return (f"volume {vol.id} names its backing file {header.backing!r} instead of "
+                f"{expected!r}"), expected
+    return (f"volume {vol.id}'s backing file is {header.backing!r} but the records say "
+            f"{expected!r}; a person must decide which chain is right"), None
+
+
+def files_fault(repo: localfs.LocalRepository, vols: list[model.Volume],
+                foreign: dict[str, localfs.LocalRepository] | None = None,
+                skip: set[str] | frozenset[str] = frozenset(),
+                cache: dict[str, FileFault | None] | None = None) -> str | None:
+    """What is wrong with the first volume of a walked chain (top first) whose file does not
+    match its record, None when all do. ``skip``: volumes an unfinished fix rewrites in place
+    (their header names the new backing before the record does); ``cache``: results by volume
+    id, for a listing whose images share layers."""
+    foreign = foreign or {}
+    for i, vol in enumerate(vols):
+        if vol.id in skip:
+            continue
+        if cache is not None and vol.id in cache:
+            fault = cache[vol.id]
+        else:
+            parent = vols[i + 1] if i + 1 < len(vols) else None
+            fault = file_fault(foreign.get(vol.id, repo), vol, parent,
+                               foreign.get(parent.id, repo) if parent is not None else None)
+            if cache is not None:
+                cache[vol.id] = fault
+        if fault is not None:
+            message, relink = fault
+            return message + ("; the mend fix re-points it" if relink is not None else "")
+    return None
+
+
+def rewritten(repo: localfs.LocalRepository) -> set[str]:
+    """Volumes an unfinished fix of ``repo`` rewrites in place."""
+    return {op.params.rewrites for op in repo.operations()
+            if op.kind.is_fix and op.params.rewrites is not None}
+
+
+def check_files(repo: localfs.LocalRepository, image_id: str, vols: list[model.Volume],
+                foreign: dict[str, localfs.LocalRepository] | None = None,
+                skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Refuse (ImageBroken) a chain whose files do not match its records: nothing is handed
+    to a consumer or to qemu-img otherwise."""
+    fault = files_fault(repo, vols, foreign, skip)
+    if fault is not None:
+        raise errors.ImageBroken(f"image {image_id} cannot be used: {fault}", imageId=image_id)

@@ -36,9 +36,16 @@ class Inventory:
                  elsewhere: Elsewhere | None = None,
                  others: Callable[[], list[localfs.LocalRepository]] | None = None) -> None:
         self.repo = repo
-        self.images = {i.id: i for i in repo.images()}
-        self.volumes = {v.id: v for v in repo.volumes()}
-        self.ops = {op.id: op for op in repo.operations()}
+        images, bad_images = repo.scan_images()
+        volumes, bad_volumes = repo.scan_volumes()
+        ops, bad_ops = repo.scan_operations()
+        self.images = {i.id: i for i in images}
+        self.volumes = {v.id: v for v in volumes}
+        self.ops = {op.id: op for op in ops}
+        # Records that cannot be read: findings, and reasons for clean to hold back.
+        self.damage: list[localfs.Damage] = bad_images + bad_volumes + bad_ops
+        self.damaged_volumes = {d.rec_id: d for d in bad_volumes if d.rec_id is not None}
+        self.damaged_images = {d.rec_id: d for d in bad_images if d.rec_id is not None}
         self.active = active
         self._elsewhere = elsewhere
         self._others = others  # the other connected repositories, for needed_elsewhere
@@ -74,9 +81,21 @@ class Inventory:
 
     # -- chains --------------------------------------------------------------------------------
 
+    def _volume(self, vol_id: str) -> model.Volume | None:
+        damaged = self.damaged_volumes.get(vol_id)
+        if damaged is not None:
+            raise damaged.error()
+        return self.volumes.get(vol_id)
+
+    def _image(self, image_id: str) -> model.Image | None:
+        damaged = self.damaged_images.get(image_id)
+        if damaged is not None:
+            raise damaged.error()
+        return self.images.get(image_id)
+
     def chain(self, image: model.Image) -> tuple[list[model.Volume], str | None]:
-        lookup = chain.Lookup(self.volumes.get, self._elsewhere)
-        walked = chain.walk(image.volume_id, lookup, self.images.get)
+        lookup = chain.Lookup(self._volume, self._elsewhere)
+        walked = chain.walk(image.volume_id, lookup, self._image)
         if lookup.foreign:
             self._foreign[image.id] = lookup.foreign
         return walked
@@ -148,40 +167,88 @@ class Inventory:
                 out.update(v.id for v in self.chains[img.id][0])
         return out
 
+    @functools.cached_property
+    def faults(self) -> dict[str, Fault]:
+        """Image id -> what is wrong with its chain (records first, then files), for images
+        that are not removed nor being made; layers a fix rewrites are that fix's business,
+        layers in another repository that repository's."""
+        out: dict[str, Fault] = {}
+        cache: dict[str, Fault | None] = {}
+        for img in self.images.values():
+            if img.removed or img.operation_id is not None:
+                continue  # images being made are the mends' business
+            vols, fault = self.chains[img.id]
+            if fault is not None:
+                out[img.id] = Fault(img.id, None, fault)
+                continue
+            elsewhere = self.foreign.get(img.id, {})
+            for vol in vols:
+                if vol.id in elsewhere:
+                    break
+                if vol.id in self.rewritten:
+                    continue
+                if vol.id not in cache:
+                    cache[vol.id] = self.header_fault(img, [vol])
+                found = cache[vol.id]
+                if found is not None:
+                    out[img.id] = dataclasses.replace(found, image_id=img.id)
+                    break
+        return out
+
+    @functools.cached_property
+    def backing_names(self) -> dict[str, str]:
+        """Volume file id -> the volume its readable qcow2 header names as backing file, for
+        every volume file of the repository, whatever the records say (or whether there are
+        any): what a consumer really reads through. Named by the file's basename, wherever
+        the reference points: keeping too much is always safe."""
+        out: dict[str, str] = {}
+        for vol_id, path in self.repo.volume_files().items():
+            try:
+                header = qcow2.read_header(path)
+            except OSError:
+                continue
+            if header is None or not header.backing:
+                continue
+            stem = os.path.basename(header.backing).partition(".")[0]
+            if stem != vol_id:
+                out[vol_id] = stem
+        return out
+
+    @functools.cached_property
+    def header_dependants(self) -> dict[str, set[str]]:
+        """Volume id -> the volume files whose header names it as backing file."""
+        out: dict[str, set[str]] = {}
+        for vol_id, backing in self.backing_names.items():
+            out.setdefault(backing, set()).add(vol_id)
+        return out
+
+    def kept_by_headers(self, keep: set[str]) -> set[str]:
+        """``keep`` and every volume the headers of kept volumes name, all the way down."""
+        out = set(keep)
+        todo = list(keep)
+        while todo:
+            backing = self.backing_names.get(todo.pop())
+            if backing is not None and backing not in out:
+                out.add(backing)
+                todo.append(backing)
+        return out
+
     # -- on-disk checks ------------------------------------------------------------------------
 
     def header_fault(self, image: model.Image, vols: list[model.Volume]) -> Fault | None:
-        """Compare each volume file with its record: exists, format, backing reference."""
+        """Compare each volume file with its record: a regular file, its format, its backing
+        reference (chain.file_fault)."""
         for vol in vols:
-            path = self.repo.volume_path(vol.id, vol.format)
-            try:
-                header = qcow2.read_header(path)
-            except FileNotFoundError:
-                return Fault(image.id, vol.id, f"the data file of volume {vol.id} is missing")
-            if vol.format == model.VolumeFormat.RAW:
-                continue  # raw content is guest data: never probed
-            if header is None:
-                return Fault(image.id, vol.id,
-                             f"volume {vol.id} is recorded as qcow2 but its file is not qcow2; "
-                             "a person must decide which is right")
-            parent = self.volumes.get(vol.parent_volume_id) if vol.parent_volume_id else None
-            expected = (self.repo.backing_reference(parent.id, parent.format)
-                        if parent is not None else None)
-            if parent is None and vol.parent_volume_id and self._elsewhere is not None:
-                found = self._elsewhere(vol.parent_volume_id)
-                if found is not None:  # a backing volume in another repository, by its path
-                    expected = found[0].volume_path(found[1].id, found[1].format)
-            if header.backing == expected:
-                continue
-            if (expected is not None and header.backing is not None
-                    and os.path.basename(header.backing) == expected):
-                # Same volume, named another way (an absolute path from another mount): safe.
-                return Fault(image.id, vol.id,
-                             f"volume {vol.id} names its backing file {header.backing!r} instead "
-                             f"of {expected!r}", relink_to=expected)
-            return Fault(image.id, vol.id,
-                         f"volume {vol.id}'s backing file is {header.backing!r} but the records "
-                         f"say {expected!r}; a person must decide which chain is right")
+            parent, parent_repo = None, None
+            if vol.parent_volume_id is not None:
+                parent = self.volumes.get(vol.parent_volume_id)
+                if parent is None and self._elsewhere is not None:
+                    found = self._elsewhere(vol.parent_volume_id)
+                    if found is not None:  # a backing volume in another repository
+                        parent_repo, parent = found
+            fault = chain.file_fault(self.repo, vol, parent, parent_repo)
+            if fault is not None:
+                return Fault(image.id, vol.id, fault[0], relink_to=fault[1])
         return None
 
     def allocated(self, vol_id: str) -> int:

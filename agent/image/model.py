@@ -2,12 +2,19 @@
 
 Records are plain dataclasses; ``to_dict``/``from_dict`` are the only place their on-disk shape
 is spelled. Unknown keys are kept out on read so old agents can read newer records' known fields.
+
+What is read from disk is untrusted: ``from_dict`` checks every known field against its declared
+type, and every id (``id``, ``*_id``, ``rewrites``) is a bare lower-case UUID before anything can
+make a path of it; anything else raises ``Damaged``, which the repository turns into a finding
+naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import re
 import time
 from typing import Any, TypeVar
 
@@ -62,9 +69,80 @@ class Strategy(enum.StrEnum):
     PERFORMANCE = "performance"
 
 
-def _from(cls: type[T], d: dict[str, Any]) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in d.items() if k in names})
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class Damaged(ValueError):
+    """A record whose content no record of its kind can hold (the repository names the file)."""
+
+
+def is_id(value: object) -> bool:
+    """A bare canonical UUID, as the agent makes them: the only ids that may become paths."""
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
+
+
+def _is_id_field(name: str) -> bool:
+    return name == "id" or name.endswith("_id") or name == "rewrites"
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_PLAIN: dict[str, Any] = {
+    "str": lambda v: isinstance(v, str),
+    "int": _int,
+    "float": lambda v: (_int(v) or isinstance(v, float)) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, bool),
+    "dict[str, Any]": lambda v: isinstance(v, dict),
+    "list[int]": lambda v: isinstance(v, list) and all(_int(i) for i in v),
+}
+
+
+# Integer fields that cannot be negative (percent may be -1: unknown).
+_COUNTS = frozenset({"size", "generation", "step", "host_id"})
+
+
+def _value(cls: type[Any], f: dataclasses.Field[Any], v: object) -> object:
+    declared = str(f.type)
+    nullable = declared.endswith(" | None")
+    base = declared.removesuffix(" | None")
+    where = f"{cls.__name__}.{f.name}"
+    if v is None:
+        if nullable:
+            return None
+        raise Damaged(f"{where} is null")
+    if _is_id_field(f.name) and base == "str":
+        if not is_id(v):
+            raise Damaged(f"{where} is {v!r}, not a bare UUID")
+        return v
+    nested = _NESTED.get(base)
+    if nested is not None:
+        return nested(v)
+    kind = _ENUMS.get(base)
+    if kind is not None:
+        if not isinstance(v, str):
+            raise Damaged(f"{where} is {v!r}, not one of {[k.value for k in kind]}")
+        try:
+            return kind(v)
+        except ValueError:
+            raise Damaged(f"{where} is {v!r}, not one of {[k.value for k in kind]}") from None
+    if not _PLAIN[base](v) or (f.name in _COUNTS and v < 0):  # type: ignore[operator]
+        raise Damaged(f"{where} is {v!r}, not a valid {base}")
+    return v
+
+
+def _from(cls: type[T], d: object) -> T:
+    """A record from its dict, every known field checked (see the module's docstring)."""
+    if not isinstance(d, dict):
+        raise Damaged(f"a {cls.__name__} record must be a JSON object, not {type(d).__name__}")
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in d:
+            kw[f.name] = _value(cls, f, d[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise Damaged(f"{cls.__name__}.{f.name} is missing")
+    return cls(**kw)
 
 
 @dataclasses.dataclass
@@ -101,10 +179,7 @@ class Image:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Image:
-        img = _from(cls, d)
-        img.kind = Kind(img.kind)
-        img.progress = _from(Progress, d.get("progress") or {})
-        return img
+        return _from(cls, d)
 
 
 @dataclasses.dataclass
@@ -121,9 +196,7 @@ class Volume:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Volume:
-        vol = _from(cls, d)
-        vol.format = VolumeFormat(vol.format)
-        return vol
+        return _from(cls, d)
 
 
 @dataclasses.dataclass
@@ -165,9 +238,7 @@ class OpParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OpParams:
-        params = _from(cls, d)
-        params.strategy = Strategy(params.strategy)
-        return params
+        return _from(cls, d)
 
 
 def need(value: T | None, what: str) -> T:
@@ -209,17 +280,22 @@ class Operation:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Operation:
         op = _from(cls, d)
-        op.kind = OpKind(op.kind)
-        op.state = OpState(op.state)
         if "auto_fix" not in d:
             # A journal from before the field: an older agent never started anything by itself,
             # and its PENDING meant an AutoFix=false intent as often as a queued one. Only what
             # it was running is sure to have been meant to run.
             op.auto_fix = op.state == OpState.RUNNING
-        op.auto_fix = bool(op.auto_fix)
-        op.params = OpParams.from_dict(d.get("params") or {})
-        op.progress = _from(Progress, d.get("progress") or {})
         return op
+
+
+_ENUMS: dict[str, type[enum.StrEnum]] = {
+    "Kind": Kind, "VolumeFormat": VolumeFormat, "OpKind": OpKind, "OpState": OpState,
+    "Strategy": Strategy,
+}
+_NESTED: dict[str, Any] = {
+    "Progress": lambda v: _from(Progress, v),
+    "OpParams": lambda v: _from(OpParams, v),
+}
 
 
 @dataclasses.dataclass

@@ -64,8 +64,9 @@ def materialize(
 
 
 def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> None:
-    """An independent copy of a single-volume image: a reflink where the file system can."""
-    if ctx.repo.reflink:
+    """An independent copy of a single-volume image, always a qcow2 (what its record says): a
+    reflink where the file system can and the source is a qcow2 too."""
+    if ctx.repo.reflink and src_fmt == model.VolumeFormat.QCOW2:
         try:
             fileio.clone(src, dst)  # one ioctl: a `cp --reflink` process costs more than it
             log.info("event=reflink dst=%s", dst)
@@ -76,19 +77,19 @@ def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> Non
             log.info("event=reflink_refused dst=%s error=%r", dst, e.strerror)
             fileio.remove(dst)
             ctx.persist()
-    qemuimg.convert(src, dst, src_fmt.value, progress=ctx.report, cancel=ctx.cancel,
-                    direct=ctx.direct)
+    qemuimg.convert(src, dst, "qcow2", src_fmt=src_fmt.value, progress=ctx.report,
+                    cancel=ctx.cancel, direct=ctx.direct)
 
 
 def _full_copy(top_repo: localfs.LocalRepository, vols: list[model.Volume], dst: str,
                ctx: Context) -> None:
     top = vols[0]
-    src = top_repo.volume_path(top.id, top.format)
+    src = top_repo.volume_file(top)
     if len(vols) == 1:
         _clone(src, dst, top.format, ctx)
     else:
-        qemuimg.convert(src, dst, "qcow2", progress=ctx.report, cancel=ctx.cancel,
-                        direct=ctx.direct)
+        qemuimg.convert(src, dst, "qcow2", src_fmt=top.format.value, progress=ctx.report,
+                        cancel=ctx.cancel, direct=ctx.direct)
 
 
 # -- createVirtualDisk ---------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def create_volume(ctx: Context) -> None:
             _full_copy(base_repo, base_chain, partial, ctx)
             header = qcow2.read_header(partial)
             if header is not None and header.size < p.size:
-                qemuimg.resize(partial, p.size)  # a disk may be larger than its snapshot
+                qemuimg.resize(partial, p.size, "qcow2")  # a disk may be larger than its snapshot
 
     materialize(ctx.repo, vol, produce)
 
@@ -197,7 +198,7 @@ def copy_data(ctx: Context) -> None:
         size=p.size,
     )
     top = src_chain[0]
-    top_path = src_repo.volume_path(top.id, top.format)
+    top_path = src_repo.volume_file(top)
 
     def produce(partial: str) -> None:
         if base_vol_id is None:
@@ -209,7 +210,8 @@ def copy_data(ctx: Context) -> None:
             # The source sits directly on (its copy of) the base snapshot, which has the same
             # id and so the same bits: copy only the top volume's clusters.
             qemuimg.convert(
-                top_path, partial, "qcow2", backing=base_ref, backing_fmt=base.format.value,
+                top_path, partial, "qcow2", src_fmt=top.format.value, backing=base_ref,
+                backing_fmt=base.format.value,
                 progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct,
             )
         else:
@@ -233,8 +235,10 @@ def commit_down(ctx: Context) -> None:
     """Merge by commit: the upper layer's clusters into the removed snapshot's volume."""
     p = ctx.op.params
     upper = _volume(ctx.repo, model.need(p.upper_volume_id, "upper volume"))
-    qemuimg.commit(ctx.repo.volume_path(upper.id, upper.format), progress=ctx.report,
-                   cancel=ctx.cancel, direct=ctx.direct)
+    lower = _volume(ctx.repo, model.need(p.lower_volume_id, "lower volume"))
+    ctx.repo.volume_file(lower)  # commit writes into what upper's header names: that, only
+    qemuimg.commit(_layer(ctx, upper), progress=ctx.report, cancel=ctx.cancel,
+                   direct=ctx.direct)
 
 
 def switch_down(ctx: Context) -> None:
@@ -264,12 +268,13 @@ def rebase_in_place(ctx: Context) -> None:
     """Merge by rebase, or flatten: the layer takes in what its old backing gave it."""
     p = ctx.op.params
     vol = _volume(ctx.repo, model.need(p.rewrites, "volume to rewrite"))
-    path = ctx.repo.volume_path(vol.id, vol.format)
+    path = ctx.repo.volume_file(vol)
     ref, fmt = _backing_of(ctx.repo, p.new_parent_volume_id)
     if ctx.op.kind in _MOVES_BACKING:
         # A header that already names the new backing does not prove the rebase done (see
         # restore_backing): start again from where the record says the layer stands.
         restore_backing(ctx.repo, ctx.op, ctx.cancel)
+        _layer(ctx, vol)  # the old chain it reads through is the one the records say
     else:
         header = qcow2.read_header(path)
         if header is not None and (header.backing or "") == ref:
@@ -295,6 +300,9 @@ def restore_backing(repo: localfs.LocalRepository, op: model.Operation,
     if vol is None:
         return
     path = repo.volume_path(vol.id, vol.format)
+    if not os.path.lexists(path):
+        return
+    path = repo.volume_file(vol)  # a planted symlink or FIFO is never followed
     try:
         header = qcow2.read_header(path)
     except FileNotFoundError:
@@ -349,8 +357,11 @@ def copy_backing(ctx: Context) -> None:
                 "connect the repository that holds it"
             )
         other, foreign = found
-        qemuimg.convert(other.volume_path(foreign.id, foreign.format), partial, "qcow2",
-                        progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
+        below = chain.volumes(other, foreign.id)
+        chain.check_files(other, ctx.op.image_id, below, skip=chain.rewritten(other))
+        qemuimg.convert(other.volume_file(foreign), partial, "qcow2",
+                        src_fmt=foreign.format.value, progress=ctx.report, cancel=ctx.cancel,
+                        direct=ctx.direct)
 
     materialize(ctx.repo, vol, produce)
 
@@ -358,7 +369,7 @@ def copy_backing(ctx: Context) -> None:
 def repair_leaks(ctx: Context) -> None:
     p = ctx.op.params
     vol = _volume(ctx.repo, model.need(p.rewrites, "volume to rewrite"))
-    _repair_leaks(ctx.repo.volume_path(vol.id, vol.format))
+    _repair_leaks(_layer(ctx, vol))
     ctx.report(100.0)
 
 
@@ -430,6 +441,25 @@ def seal(ctx: Context) -> None:
         ctx.repo.delete_operation(ctx.op.id, durable=False)
 
 
+def _layer(ctx: Context, vol: model.Volume) -> str:
+    """The path of a layer a fix hands to qemu-img, once its file is a regular file whose
+    header names the backing its record says (ImageBroken otherwise)."""
+    parent: model.Volume | None = None
+    parent_repo: localfs.LocalRepository | None = None
+    if vol.parent_volume_id is not None:
+        parent = ctx.repo.get_volume(vol.parent_volume_id)
+        if parent is None:
+            found = ctx.host.find_volume(vol.parent_volume_id)
+            if found is None:
+                raise errors.ImageBroken(f"backing volume {vol.parent_volume_id} of volume "
+                                         f"{vol.id} has no record")
+            parent_repo, parent = found
+    fault = chain.file_fault(ctx.repo, vol, parent, parent_repo)
+    if fault is not None:
+        raise errors.ImageBroken(fault[0])
+    return ctx.repo.volume_path(vol.id, vol.format)
+
+
 def _volume(repo: localfs.LocalRepository, vol_id: str) -> model.Volume:
     vol = repo.get_volume(vol_id)
     if vol is None:
@@ -466,7 +496,11 @@ def _source_chain(
                 "tear it down, or copy a snapshot of it",
                 imageId=source_id,
             )
-        return src_repo, chain.volumes(src_repo, img.volume_id)
+        vols = chain.volumes(src_repo, img.volume_id)
+        # What qemu-img reads through: only regular files of the repository whose headers
+        # name what the records say (never a planted file outside it).
+        chain.check_files(src_repo, img.id, vols, skip=chain.rewritten(src_repo))
+        return src_repo, vols
     raise errors.ImageNotFound(
         f"source image {source_id} is not in any connected repository; "
         "the operation resumes when it is connected again",

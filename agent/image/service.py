@@ -10,7 +10,6 @@ runner does the data work. A refused call changes nothing.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -258,6 +257,7 @@ class ImageService:
         with self.claims.claim("a copyImage call", [(repo, target_id)], reads) as claim:
             src = self._image(hint.repo, image_id, hint.repo_id)  # under the claim
             self._usable(src)
+            self._sound(hint.repo, src, strict=False)
             if src.kind == model.Kind.DISK and src.prepared_by:
                 raise errors.ImageBusy(
                     f"disk {image_id} is in use (prepared); copy a snapshot of it instead",
@@ -306,6 +306,7 @@ class ImageService:
                 param="baseImageId",
             )
         self._usable(base)
+        self._sound(repo, base, strict=False)
         if base.size > src.size:
             raise errors.InvalidArgument(
                 f"base {base_id} is larger than image {src.id}", param="baseImageId",
@@ -322,7 +323,7 @@ class ImageService:
                                      [v.id for v in vols])
         whole = fault is None and snap.operation_id is None and not busy \
             and not snap.absorbing \
-            and all(os.path.exists(repo.volume_path(v.id, v.format)) for v in vols)
+            and all(localfs.file_problem(repo.volume_path(v.id, v.format)) is None for v in vols)
         if not whole:
             raise errors.ImageBusy(
                 f"a removed copy of {snap.id} in {repo_id!r} is being reclaimed or merged"
@@ -435,19 +436,42 @@ class ImageService:
     def _walk(self, repo: localfs.LocalRepository, img: model.Image
               ) -> tuple[list[model.Volume], str | None, dict[str, localfs.LocalRepository]]:
         """The image's chain, following backing volumes into other connected repositories;
-        which volumes live elsewhere, and where."""
+        which volumes live elsewhere, and where. A fault of the records, else of the files
+        (chain.files_fault), but for layers a fix is rewriting."""
         lookup = chain.Lookup(repo.get_volume, self.host.find_volume)
         vols, fault = chain.walk(img.volume_id, lookup, repo.get_image)
+        if fault is None and img.operation_id is None:
+            fault = chain.files_fault(repo, vols, lookup.foreign)
+            if fault is not None and chain.rewritten(repo):
+                fault = chain.files_fault(repo, vols, lookup.foreign, chain.rewritten(repo))
         return vols, fault, lookup.foreign
+
+    def _sound(self, repo: localfs.LocalRepository, img: model.Image, strict: bool) -> None:
+        """Refuse a broken image (ImageBroken): a fault of its records or of its files.
+        ``strict``: even a layer a fix rewrites (after _give_way, none may be left)."""
+        lookup = chain.Lookup(repo.get_volume, self.host.find_volume)
+        vols, fault = chain.walk(img.volume_id, lookup, repo.get_image)
+        if fault is not None:
+            raise errors.ImageBroken(f"image {img.id} cannot be used: {fault}", imageId=img.id)
+        chain.check_files(repo, img.id, vols, lookup.foreign,
+                          frozenset() if strict else chain.rewritten(repo))
 
     def _facts(self, repo: localfs.LocalRepository, img: model.Image,
                vols: list[model.Volume], fault: str | None,
                journal: dict[str, model.Operation] | None = None,
                foreign: bool = False) -> status.Facts:
-        op = self._op(repo, img.operation_id, journal)
-        fix = self._op(repo, img.fix_id, journal)
-        if (img.operation_id is not None and op is None) or (img.fix_id is not None
-                                                             and fix is None):
+        journal_error = None
+        try:
+            op = self._op(repo, img.operation_id, journal)
+        except errors.RecordDamaged as e:  # the image is broken; its status says why
+            op, journal_error = None, e.message
+        try:
+            fix = self._op(repo, img.fix_id, journal)
+        except errors.RecordDamaged as e:
+            fix, fault = None, fault or e.message
+        if journal_error is None and (
+                (img.operation_id is not None and op is None)
+                or (img.fix_id is not None and fix is None)):
             # The operation finished between reading the image and reading its journal (the
             # seal writes the image, then deletes the journal): read the image again.
             fresh = repo.get_image(img.id)
@@ -458,7 +482,8 @@ class ImageService:
         running = any(o is not None and self.runner.is_active(o.id) for o in (op, fix))
         if img.operation_id is not None:
             fault = None  # an image being made has no chain yet: its operation says it all
-        return status.Facts(img, op, fix, running, fault, len(vols), self.max_depth, foreign)
+        return status.Facts(img, op, fix, running, fault, len(vols), self.max_depth, foreign,
+                            journal_error)
 
     def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
@@ -482,20 +507,29 @@ class ImageService:
             "prepared": bool(img.prepared_by),
         }
 
-    def list_images(self, repo_id: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    def list_images(self, repo_id: str, options: dict[str, Any]
+                    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """The images; with ``withWarnings``, ``{"images": [...], "warnings": [...]}``, the
+        warnings naming each record that cannot be read (skipped, and logged, either way)."""
         repo = self._repo(repo_id)
         inv = inventory.Inventory(repo, set(), self.host.find_volume)
         kind = options.get("kind")
         include_weak = bool(options.get("includeIncomplete", False))
         out = []
+        files: dict[str, chain.FileFault | None] = {}
         for img in inv.images.values():
             if img.removed or (not img.strong and not include_weak):
                 continue
             if kind and img.kind.value != kind:
                 continue
             vols, fault = inv.chains[img.id]
+            if fault is None and img.operation_id is None:
+                fault = chain.files_fault(repo, vols, inv.foreign.get(img.id), inv.rewritten,
+                                          files)
             out.append(self._summary(repo, img, vols, fault, inv.ops, img.id in inv.foreign))
         out.sort(key=lambda d: (d["created"], d["imageId"]))
+        if options.get("withWarnings"):
+            return {"images": out, "warnings": [d.to_dict() for d in inv.damage]}
         return out
 
     def image_info(self, repo_id: str, image_id: str) -> dict[str, Any]:
@@ -544,6 +578,9 @@ class ImageService:
             self._in_the_way(repo, img, mode, claim, consumers, [v.id for v in vols],
                              give_way=True)
             img = self._image(repo, image_id, repo_id)  # a fix given way may have written it
+            # Only regular files of their repositories whose headers name what the records
+            # say are handed to a consumer (a planted file is never followed).
+            chain.check_files(repo, image_id, vols, elsewhere)
             if self.host.host_id not in img.prepared_by:
                 img.prepared_by.append(self.host.host_id)
                 repo.put_image(img)

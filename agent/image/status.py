@@ -20,6 +20,7 @@ class Facts:
     depth: int = 1
     max_depth: int = 10
     foreign: bool = False  # a backing volume lives in another repository
+    journal_error: str | None = None  # why the operation's journal cannot be read
 
 
 def describe(f: Facts) -> dict[str, Any]:
@@ -28,7 +29,8 @@ def describe(f: Facts) -> dict[str, Any]:
     if img.operation_id is not None:
         if f.op is None:
             return _out(img, model.Status.BROKEN, model.Progress(
-                last_error=f"the journal of operation {img.operation_id} is missing"), None, False)
+                last_error=f.journal_error
+                or f"the journal of operation {img.operation_id} is missing"), None, False)
         return _out(img, model.Status.BROKEN, f.op.progress, f.op.kind.value, f.running)
     if f.fault is not None:
         return _out(img, model.Status.BROKEN, model.Progress(

@@ -12,14 +12,24 @@ On-disk layout (everything a host needs to resume any operation is here)::
 Writers hold ``meta_lock`` (a process-local lock) for each read-modify-write of a record; the
 fcntl lock on ``ROOT/lock`` keeps a second agent out of the whole repository, as VDSM does for
 local storage domains. A local repository needs no sanlock daemon.
+
+Everything read from disk is untrusted (DESIGN.md, "Ownership: one claim model"): a record is
+read only as a regular file (never through a symlink), only under a name that is a bare UUID,
+and its content must be a record of its kind whose ``id`` is that name; paths are made from the
+validated id alone. Anything else is a ``Damage`` naming the file: listings skip it and say so,
+the checker reports it, clean deletes nothing it might need.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import json
+import logging
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Callable
@@ -34,7 +44,60 @@ JOURNAL = "journal"
 PARTIAL = ".partial"
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
+# Far larger than any record the agent writes (user data included): a bigger "record" is planted.
+MAX_RECORD = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Damage:
+    """A record file that cannot be read, and why."""
+
+    path: str
+    reason: str
+    kind: str  # images, volumes, journal
+    rec_id: str | None  # the id its file name gives, when that is a bare UUID
+
+    @property
+    def message(self) -> str:
+        return f"record {self.path} cannot be read: {self.reason}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"file": self.path, "error": self.reason}
+
+    def error(self) -> errors.RecordDamaged:
+        return errors.RecordDamaged(
+            f"{self.message}; a person must repair or remove it", file=self.path)
+
+
+class _Damaged(Exception):
+    def __init__(self, damage: Damage) -> None:
+        super().__init__(damage.message)
+        self.damage = damage
+
+
+def file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a volume's data file (None: a regular file, not followed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "is missing"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory"
+            if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "not a regular file")
+    return f"is {what}, not a regular file (never followed)"
+
+
+
+def _checked(rec_id: str) -> str:
+    """An id that is about to become a path: a bug if it is not a bare UUID (every id read
+    from disk was validated on the way in)."""
+    if not model.is_id(rec_id):
+        raise ValueError(f"not a bare UUID: {rec_id!r}")
+    return rec_id
 
 
 class LocalRepository:
@@ -57,6 +120,10 @@ class LocalRepository:
         # file system when it was disconnected, finds it closed when it wakes and stops there,
         # as a crash would have stopped it, instead of writing to a repository nobody serves.
         self.closed = False
+        self._warned: set[str] = set()
+        # Volume id -> what the last deep check found wrong with it (corruption, unreadable):
+        # until a deep check finds it sound again, its images are broken.
+        self.findings: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -70,8 +137,11 @@ class LocalRepository:
         return os.path.normpath(path)
 
     @classmethod
-    def format(cls, params: dict[str, Any]) -> str:
+    def format(cls, params: dict[str, Any], connected: tuple[str, ...] = ()) -> str:
+        """``connected``: the roots of the connected repositories, which the new one may
+        neither be inside of nor contain."""
         root = cls.parse_parameters(params)
+        cls._not_nested(root, connected)
         try:
             os.makedirs(root, exist_ok=True)
         except OSError as e:
@@ -82,6 +152,9 @@ class LocalRepository:
         for name in os.listdir(root):
             path = os.path.join(root, name)
             if name not in ours or not os.path.isdir(path) or os.listdir(path):
+                if name == "repository.json":
+                    raise errors.RepositoryNotEmpty(
+                        f"{root} is already a formatted repository", path=root)
                 raise errors.RepositoryNotEmpty(
                     f"{root} is not empty; formatting needs an empty directory", path=root
                 )
@@ -94,6 +167,29 @@ class LocalRepository:
             {"format": cls.FORMAT, "uuid": repo_uuid, "version": cls.VERSION},
         )
         return repo_uuid
+
+    @staticmethod
+    def _not_nested(root: str, connected: tuple[str, ...]) -> None:
+        """A repository inside another (or under its own directories) would have its files
+        taken for the other's planted files, and clean of one could delete the other's."""
+        real = os.path.realpath(root)
+        for other in connected:
+            for a, b in ((root, other), (real, os.path.realpath(other))):
+                # The very same path is not empty: RepositoryNotEmpty says so below.
+                if a != b and os.path.commonpath([a, b]) in (a, b):
+                    raise errors.InvalidArgument(
+                        f"connectionParameters.path {root} is inside, or contains, the "
+                        f"connected repository at {other}", param="path")
+        for path in {root, real}:
+            parent = os.path.dirname(path)
+            while True:
+                if os.path.lexists(os.path.join(parent, "repository.json")):
+                    raise errors.InvalidArgument(
+                        f"connectionParameters.path {root} is inside the repository at "
+                        f"{parent}; a repository cannot hold another", param="path")
+                if parent == os.path.dirname(parent):
+                    break
+                parent = os.path.dirname(parent)
 
     @classmethod
     def open(cls, params: dict[str, Any]) -> LocalRepository:
@@ -207,7 +303,18 @@ class LocalRepository:
         return os.path.join(self.root, sub, name)
 
     def volume_path(self, vol_id: str, fmt: model.VolumeFormat) -> str:
-        return self._path(VOLUMES, f"{vol_id}.{fmt.value}")
+        return self._path(VOLUMES, f"{_checked(vol_id)}.{model.VolumeFormat(fmt).value}")
+
+    def volume_file(self, vol: model.Volume) -> str:
+        """The path of a volume's data file, once it is known to be a regular file of this
+        repository (a symlink, a FIFO, a directory there is never followed): what may be read,
+        handed to qemu-img or to a consumer."""
+        path = self.volume_path(vol.id, vol.format)
+        problem = file_problem(path)
+        if problem is not None:
+            raise errors.ImageBroken(f"the data file of volume {vol.id} ({path}) {problem}",
+                                     file=path)
+        return path
 
     def volume_partial_path(self, vol_id: str, fmt: model.VolumeFormat) -> str:
         return self.volume_path(vol_id, fmt) + PARTIAL
@@ -221,31 +328,115 @@ class LocalRepository:
     # Three kinds, one shape: ``<sub>/<id>.json`` holding a model record's dict.
 
     def _record_path(self, sub: str, rec_id: str) -> str:
-        return self._path(sub, f"{rec_id}.json")
+        return self._path(sub, f"{_checked(rec_id)}.json")
+
+    def _read(self, sub: str, rec_id: str, parse: Callable[[dict[str, Any]], R]) -> R | None:
+        """The one reader of records (see the module's docstring); None when there is none."""
+        if not model.is_id(rec_id):
+            return None  # no record can have that name
+        path = self._record_path(sub, rec_id)
+
+        def damaged(reason: str) -> _Damaged:
+            return _Damaged(Damage(path, reason, sub, rec_id))
+
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise damaged("it is a symbolic link (never followed)") from None
+            self._failed(path, e)  # EIO and the like: the repository fails, not the record
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise damaged("it is not a regular file")
+            if st.st_size > MAX_RECORD:
+                raise damaged(f"it is {st.st_size} bytes, larger than any record")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read(MAX_RECORD + 1)
+        except OSError as e:
+            self._failed(path, e)
+            raise
+        finally:
+            os.close(fd)
+        try:
+            d = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise damaged(f"not JSON ({'empty file' if not raw else e})") from None
+        try:
+            rec = parse(d)
+        except model.Damaged as e:
+            raise damaged(str(e)) from None
+        if getattr(rec, "id", None) != rec_id:
+            raise damaged("its id does not match its file name")
+        return rec
 
     def _get(self, sub: str, rec_id: str, parse: Callable[[dict[str, Any]], R]) -> R | None:
         self._check_open()
         try:
-            return parse(fileio.read_json(self._record_path(sub, rec_id)))
-        except FileNotFoundError:
-            return None
+            return self._read(sub, rec_id, parse)
+        except _Damaged as e:
+            self._warn(e.damage)
+            raise e.damage.error() from None
+
+    def _scan(self, sub: str, parse: Callable[[dict[str, Any]], R]
+              ) -> tuple[list[R], list[Damage]]:
+        """Every readable record of a kind, and the damage found instead of the others."""
+        out, damage = [], []
+        for entry in self._entries(sub):
+            name = entry.name
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            stem = name[: -len(".json")]
+            if not model.is_id(stem):
+                damage.append(Damage(entry.path, "its name is not <uuid>.json", sub, None))
+                continue
+            try:
+                rec = self._read(sub, stem, parse)
+            except _Damaged as e:
+                damage.append(e.damage)
+                continue
+            if rec is not None:  # removed since the scan: fine
+                out.append(rec)
+        for d in damage:
+            self._warn(d)
+        return out, damage
 
     def _all(self, sub: str, parse: Callable[[dict[str, Any]], R]) -> list[R]:
-        out = []
-        for name in self._names(sub):
-            if name.endswith(".json") and not name.startswith("."):
-                rec = self._get(sub, name[: -len(".json")], parse)
-                if rec is not None:  # removed since the scan: fine
-                    out.append(rec)
-        return out
+        return self._scan(sub, parse)[0]
 
-    def _names(self, sub: str) -> list[str]:
+    def _warn(self, d: Damage) -> None:
+        # Once per file and connection: a listing polled every second must not flood the log.
+        if d.path not in self._warned:
+            self._warned.add(d.path)
+            log.warning("event=record_damaged repo=%s file=%s error=%r", self.uuid, d.path,
+                        d.reason)
+
+    def damage(self) -> list[Damage]:
+        """Every record of this repository that cannot be read."""
+        return [d for sub, parse in ((IMAGES, model.Image.from_dict),
+                                     (VOLUMES, model.Volume.from_dict),
+                                     (JOURNAL, model.Operation.from_dict))
+                for d in self._scan(sub, parse)[1]]  # type: ignore[arg-type]
+
+    def scan_images(self) -> tuple[list[model.Image], list[Damage]]:
+        return self._scan(IMAGES, model.Image.from_dict)
+
+    def scan_volumes(self) -> tuple[list[model.Volume], list[Damage]]:
+        return self._scan(VOLUMES, model.Volume.from_dict)
+
+    def scan_operations(self) -> tuple[list[model.Operation], list[Damage]]:
+        return self._scan(JOURNAL, model.Operation.from_dict)
+
+    def _entries(self, sub: str) -> list[os.DirEntry[str]]:
         """The entries of one of the repository's directories."""
         self._check_open()
         directory = os.path.join(self.root, sub)
         try:
             with os.scandir(directory) as it:
-                return [entry.name for entry in it]
+                return list(it)
         except OSError as e:
             self._failed(directory, e)
             raise
@@ -318,19 +509,24 @@ class LocalRepository:
         return self._all(JOURNAL, model.Operation.from_dict)
 
     def stray_files(self) -> list[str]:
-        """Files that are neither records nor volume data: leftover temporary and partial files."""
+        """Files that are neither records nor volume data: leftover temporary and partial files
+        (regular files only: whatever else is planted there is left alone)."""
         out = []
         for sub in (IMAGES, VOLUMES, JOURNAL):
-            for name in self._names(sub):
-                if fileio.is_temporary(name) or name.endswith(PARTIAL):
-                    out.append(self._path(sub, name))
+            for entry in self._entries(sub):
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if fileio.is_temporary(entry.name) or entry.name.endswith(PARTIAL):
+                    out.append(entry.path)
         return out
 
     def volume_files(self) -> dict[str, str]:
-        """Volume data files by volume id, whether or not a record names them."""
+        """Volume data files by volume id, whether or not a record names them: regular files
+        named ``<uuid>.qcow2`` or ``<uuid>.raw``, nothing else."""
         out = {}
-        for name in self._names(VOLUMES):
-            stem, _, ext = name.partition(".")
-            if ext in ("qcow2", "raw"):
-                out[stem] = self._path(VOLUMES, name)
+        for entry in self._entries(VOLUMES):
+            stem, _, ext = entry.name.partition(".")
+            if ext in ("qcow2", "raw") and model.is_id(stem) \
+                    and entry.is_file(follow_symlinks=False):
+                out[stem] = entry.path
         return out
