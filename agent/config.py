@@ -164,6 +164,14 @@ class Rpc:
     tls_ca: str = _key(_Path(optional=True), "")
     plain_tcp: bool = _key(_Bool(), False)
     max_request_bytes: int = _key(_Int(1024, 1 << 30), 1 << 20)
+    # What one careless or hostile client may hold (see rpc/connections.py); seconds and counts.
+    handshake_timeout: int = _key(_Int(1, 3600), 10)
+    header_timeout: int = _key(_Int(1, 3600), 10)
+    body_timeout: int = _key(_Int(1, 3600), 30)
+    idle_timeout: int = _key(_Int(1, 86400), 60)
+    max_connections: int = _key(_Int(1, 100_000), 1000)
+    max_batch: int = _key(_Int(1, 10_000), 100)
+    max_response_bytes: int = _key(_Int(1 << 20, 1 << 30), 64 << 20)
 
 
 @dataclasses.dataclass(frozen=True)
