@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import gevent
 import jsonrpcserver
 from jsonrpcserver import dispatcher as jrs_dispatcher
 from jsonrpcserver import response as jrs_response
@@ -45,6 +46,9 @@ RESPONSE_TOO_LARGE = -32001
 # here); larger ones on a thread, in pieces of about this size.
 INLINE_BYTES = 64 << 10
 PIECE_BYTES = 64 << 10
+# A batch of calls that run on the hub (getImageStatus, rpc.discover) lets other clients in at
+# least this often, in seconds.
+BATCH_SLICE = 0.002
 
 Submit = Callable[..., Any]  # runs fn(*args, **kwargs) on a real thread and returns its result
 
@@ -67,51 +71,59 @@ class Dispatcher:
         }
         self._methods["rpc.discover"] = lambda: jsonrpcserver.Success(apidoc.document())
 
-    def handle(self, body: bytes) -> bytes | None:
-        """Answer one HTTP body; None when there is nothing to send (notifications only)."""
+    def handle(self, body: bytes) -> list[bytes] | None:
+        """Answer one HTTP body, in chunks to send one after the other; None when there is
+        nothing to send (notifications only)."""
         try:
             request = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
-            return encode(error_body(PARSE_ERROR, f"Parse error: {e}"))
+            return [encode(error_body(PARSE_ERROR, f"Parse error: {e}"))]
         except RecursionError:
-            return encode(error_body(PARSE_ERROR, "Parse error: nested too deeply"))
+            return [encode(error_body(PARSE_ERROR, "Parse error: nested too deeply"))]
         if isinstance(request, list):
             if not request:
-                return encode(error_body(INVALID_REQUEST, "Invalid Request: empty batch"))
+                return [encode(error_body(INVALID_REQUEST, "Invalid Request: empty batch"))]
             if len(request) > self._max_batch:
-                return encode(error_body(
+                return [encode(error_body(
                     INVALID_REQUEST,
                     f"Invalid Request: a batch of {len(request)} requests; at most "
                     f"{self._max_batch} are allowed ([rpc] max_batch)",
-                ))
+                ))]
             return self._batch(request)
         answer = self._one(request)
         if answer is None:
             return None
         return self._encode_answer(answer, self._max_response)[0]
 
-    def _batch(self, requests: list[Any]) -> bytes | None:
+    def _batch(self, requests: list[Any]) -> list[bytes] | None:
         """The batch's answers, within max_response_bytes: the call whose answer does not fit
         gets an error instead (it was carried out), and the calls after it are not carried out
         (each with an id gets an error saying so), so that no answer is built past the limit."""
-        pieces: list[bytes] = []
+        out = _Chunks()
         room = self._max_response - 2  # the brackets
         full = False
+        slice_start = time.monotonic()
         for request in requests:
+            if time.monotonic() - slice_start > BATCH_SLICE:
+                _let_others_in()
+                slice_start = time.monotonic()
             if full:
                 answer = self._not_carried_out(request)
                 if answer is not None:
                     # Short errors, at most max_batch of them: they may go past the limit.
-                    pieces.append(encode(answer))
+                    out.add(b"," if out.size else b"[", encode(answer))
                 continue
             answer = self._one(request)
             if answer is None:
                 continue
-            data, fits = self._encode_answer(answer, room - (1 if pieces else 0), batch=True)
+            chunks, fits = self._encode_answer(answer, room - 1, batch=True)
             full = not fits
-            pieces.append(data)
-            room -= len(data) + 1
-        return b"[" + b",".join(pieces) + b"]" if pieces else None
+            out.add(b"," if out.size else b"[", *chunks)
+            room -= 1 + sum(len(c) for c in chunks)
+        if not out.size:
+            return None
+        out.add(b"]")
+        return out.done()
 
     def _not_carried_out(self, request: Any) -> dict[str, Any] | None:
         try:
@@ -129,30 +141,33 @@ class Dispatcher:
         )
 
     def _encode_answer(self, answer: dict[str, Any], room: int,
-                       batch: bool = False) -> tuple[bytes, bool]:
-        """The answer encoded, and whether it fit in ``room`` bytes (if not: an error in its
-        place, saying the call was carried out)."""
+                       batch: bool = False) -> tuple[list[bytes], bool]:
+        """The answer encoded, in chunks, and whether it fit in ``room`` bytes (if not: an
+        error in its place, saying the call was carried out)."""
         try:
             if _estimate(answer, INLINE_BYTES) <= INLINE_BYTES:
-                data: bytes | None = encode(answer)
+                chunks: list[bytes] | None = [encode(answer)]
             else:
                 # The C encoder holds the GIL for its whole run, so a thread alone would not
                 # keep the hub serving: the pieces let it switch (see _encode_in_pieces).
-                data = self._submit(_encode_in_pieces, obj=answer, limit=room)
-        except (ValueError, TypeError):  # NaN or a lone surrogate in a result: never send bad JSON
-            log.exception("event=unencodable_answer id=%r", answer.get("id"))
-            return encode(error_body(
-                INTERNAL_ERROR, "Internal error; the agent's log has the details")), True
-        if data is not None and len(data) <= room:
-            return data, True
+                chunks = self._submit(_encode_in_pieces, obj=answer, limit=room)
+        except (ValueError, TypeError):  # NaN or a lone surrogate in a result: never bad JSON
+            log.exception("event=unencodable_answer id=%s", _loggable(answer.get("id")))
+            return [encode(error_body(INTERNAL_ERROR,
+                                      "Internal error; the agent's log has the details",
+                                      answer.get("id")))], True
+        if chunks is not None and sum(len(c) for c in chunks) <= room:
+            return chunks, True
+        log.info("event=response_too_large id=%s room=%d max_response_bytes=%d",
+                 _loggable(answer.get("id")), room, self._max_response)
         where = (f"the {room} bytes left of the {self._max_response} bytes a batch's answers"
                  if batch else f"the {self._max_response} bytes an answer")
-        return encode(error_body(
+        return [encode(error_body(
             RESPONSE_TOO_LARGE,
             f"Response too large: the answer to this call does not fit in {where} may take "
             "([rpc] max_response_bytes); the call was carried out",
             answer.get("id"),
-        )), False
+        ))], False
 
     def _one(self, request: Any) -> dict[str, Any] | None:
         try:
@@ -181,18 +196,19 @@ class Dispatcher:
                            else jrs_response.to_serializable_one(response))
         except Exception:
             # Never lose the other answers of a batch to one request's surprise.
-            log.exception("event=internal_error method=%s", _loggable(request["method"]))
+            log.exception("event=internal_error method=%s", _loggable(request.get("method")))
             answer = error_body(INTERNAL_ERROR, "Internal error; the agent's log has the details",
                                 request.get("id"))
         error = (answer or {}).get("error", {}).get("code")
         method = request["method"]
+        name = method if method in self._methods else _loggable(method)
         # Every call that changes something, and every error, is logged at INFO; reads (a
         # cluster manager polls getImageStatus many times a second) only at DEBUG.
         level = logging.DEBUG if method in READS and error is None else logging.INFO
         log.log(
             level,
             "event=call method=%s id=%s ms=%.1f error=%s",
-            _loggable(method),
+            name,
             _loggable(request.get("id")),
             (time.monotonic() - started) * 1000,
             error,
@@ -350,25 +366,38 @@ def _estimate(obj: Any, cap: int) -> int:
     return size
 
 
+def _let_others_in() -> None:
+    """Yield to the hub until it has polled for I/O and run due timers. Not gevent.sleep(0):
+    that only queues a callback, and the hub checks for I/O only every 50 callbacks, so a
+    batch yielding every 2 ms held everyone else off for 100 ms at a time (measured)."""
+    hub = gevent.get_hub()
+    with hub.loop.timer(0) as timer:
+        hub.wait(timer)
+
+
 class _Full(Exception):
     pass
 
 
-def _encode_in_pieces(obj: Any, limit: int) -> bytes | None:
-    """``obj`` as strict JSON (as ``encode`` gives it), or None as soon as it passes ``limit``
-    bytes: a too large answer is never built whole. Run on a thread: json's C encoder holds the
-    GIL for all of one call (measured: a 12 MB dumps on a thread stopped the main thread for the
-    whole 110 ms), so containers larger than PIECE_BYTES are split, and between pieces the hub
-    gets the GIL back."""
-    out: list[str] = []
-    size = 0
+def _encode_in_pieces(obj: Any, limit: int) -> list[bytes] | None:
+    """``obj`` as strict JSON (as ``encode`` gives it) in chunks, or None as soon as it passes
+    ``limit`` bytes: a too large answer is never built whole. Run on a thread: json's C encoder
+    holds the GIL for all of one call (measured: a 12 MB dumps on a thread stopped the main
+    thread for the whole 110 ms), so containers larger than PIECE_BYTES are split, and between
+    pieces the hub gets the GIL back."""
+    out = _Chunks()
+    part: list[str] = []
+    part_size = 0
 
     def add(text: str) -> None:
-        nonlocal size
-        size += len(text)
-        if size > limit:
+        nonlocal part, part_size
+        part.append(text)
+        part_size += len(text)
+        if out.size + part_size > limit:
             raise _Full()
-        out.append(text)
+        if part_size >= PIECE_BYTES:
+            out.add("".join(part).encode())  # a lone surrogate fails here, as in encode()
+            part, part_size = [], 0
 
     def piece(item: Any) -> None:
         if isinstance(item, dict) and item and _estimate(item, PIECE_BYTES) > PIECE_BYTES:
@@ -391,7 +420,36 @@ def _encode_in_pieces(obj: Any, limit: int) -> bytes | None:
         piece(obj)
     except _Full:
         return None
-    return "".join(out).encode()
+    out.add("".join(part).encode())
+    return out.done() if out.size <= limit else None
+
+
+class _Chunks:
+    """Bytes to send, gathered into chunks of about PIECE_BYTES: never one join of a whole
+    answer (joining 42 MB held the hub for 80 ms here), nor one send per small answer."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._chunks: list[bytes] = []
+        self._part: list[bytes] = []
+        self._part_size = 0
+
+    def add(self, *pieces: bytes) -> None:
+        for p in pieces:
+            self._part.append(p)
+            self._part_size += len(p)
+            self.size += len(p)
+        if self._part_size >= PIECE_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._part:
+            self._chunks.append(b"".join(self._part))
+            self._part, self._part_size = [], 0
+
+    def done(self) -> list[bytes]:
+        self._flush()
+        return self._chunks
 
 
 def _json_key(key: Any) -> str:

@@ -78,9 +78,10 @@ class Server:
             return [b""]
         start_response(
             "200 OK",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))],
+            [("Content-Type", "application/json"),
+             ("Content-Length", str(sum(len(chunk) for chunk in answer)))],
         )
-        return [answer]
+        return answer
 
     # -- listeners ---------------------------------------------------------------------------
 
