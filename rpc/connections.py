@@ -32,7 +32,7 @@ import gevent.pywsgi
 import gevent.ssl
 
 from agent import config as agent_config
-from rpc import dispatch
+from rpc import dispatch, encoding
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _peer(address: Any) -> str:
 
 
 def _busy_response(max_connections: int) -> bytes:
-    body = dispatch.encode(dispatch.error_body(
+    body = encoding.encode(dispatch.error_body(
         dispatch.SERVER_BUSY,
         f"Server busy: {max_connections} connections are open on this listener "
         "([rpc] max_connections); retry later",

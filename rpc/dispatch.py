@@ -10,7 +10,7 @@ agent declares safe, getImageStatus, runs on the hub itself: see Api.runs_inline
 Whatever a client sends, the answer is strict JSON: request objects are checked here (a method
 that is not a string, an id JSON cannot carry), strings in params must be text (no NUL, no lone
 surrogate), and encoding refuses NaN and lone surrogates. Batches are bounded in count and their
-answers in bytes; a large answer is encoded on a thread, in pieces (see ``_encode_in_pieces``).
+answers in bytes; a large answer is encoded on a thread, in pieces (rpc/encoding.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from jsonrpcserver import sentinels as jrs_sentinels
 
 from agent import api as agent_api
 from agent import errors, logctx
-from rpc import apidoc
+from rpc import apidoc, encoding
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ INTERNAL_ERROR = -32603
 # Server errors of the transport, in the range JSON-RPC 2.0 leaves to implementations.
 SERVER_BUSY = -32000
 RESPONSE_TOO_LARGE = -32001
-# Answers estimated up to this size are encoded on the hub (64 KiB is ~0.5 ms of json.dumps
-# here); larger ones on a thread, in pieces of about this size.
-INLINE_BYTES = 64 << 10
-PIECE_BYTES = 64 << 10
 # A batch of calls that run on the hub (getImageStatus, rpc.discover) lets other clients in at
 # least this often, in seconds.
 BATCH_SLICE = 0.002
@@ -57,6 +53,10 @@ _request_ids = itertools.count(1)
 
 def error_body(code: int, message: str, req_id: Any = None) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": req_id}
+
+
+def _error(code: int, message: str, req_id: Any = None) -> bytes:
+    return encoding.encode(error_body(code, message, req_id))
 
 
 class Dispatcher:
@@ -77,18 +77,18 @@ class Dispatcher:
         try:
             request = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
-            return [encode(error_body(PARSE_ERROR, f"Parse error: {e}"))]
+            return [_error(PARSE_ERROR, f"Parse error: {e}")]
         except RecursionError:
-            return [encode(error_body(PARSE_ERROR, "Parse error: nested too deeply"))]
+            return [_error(PARSE_ERROR, "Parse error: nested too deeply")]
         if isinstance(request, list):
             if not request:
-                return [encode(error_body(INVALID_REQUEST, "Invalid Request: empty batch"))]
+                return [_error(INVALID_REQUEST, "Invalid Request: empty batch")]
             if len(request) > self._max_batch:
-                return [encode(error_body(
+                return [_error(
                     INVALID_REQUEST,
                     f"Invalid Request: a batch of {len(request)} requests; at most "
                     f"{self._max_batch} are allowed ([rpc] max_batch)",
-                ))]
+                )]
             return self._batch(request)
         answer = self._one(request)
         if answer is None:
@@ -99,7 +99,7 @@ class Dispatcher:
         """The batch's answers, within max_response_bytes: the call whose answer does not fit
         gets an error instead (it was carried out), and the calls after it are not carried out
         (each with an id gets an error saying so), so that no answer is built past the limit."""
-        out = _Chunks()
+        out = encoding.Chunks()
         room = self._max_response - 2  # the brackets
         full = False
         slice_start = time.monotonic()
@@ -111,7 +111,7 @@ class Dispatcher:
                 answer = self._not_carried_out(request)
                 if answer is not None:
                     # Short errors, at most max_batch of them: they may go past the limit.
-                    out.add(b"," if out.size else b"[", encode(answer))
+                    out.add(b"," if out.size else b"[", encoding.encode(answer))
                 continue
             answer = self._one(request)
             if answer is None:
@@ -146,29 +146,28 @@ class Dispatcher:
         error in its place, saying the call was carried out)."""
         try:
             # Errors are short; results are measured (a walk of a status costs ~3 us).
-            if "error" in answer or _estimate(answer, INLINE_BYTES) <= INLINE_BYTES:
-                chunks: list[bytes] | None = [encode(answer)]
+            if "error" in answer or encoding.small(answer):
+                chunks: list[bytes] | None = [encoding.encode(answer)]
             else:
                 # The C encoder holds the GIL for its whole run, so a thread alone would not
-                # keep the hub serving: the pieces let it switch (see _encode_in_pieces).
-                chunks = self._submit(_encode_in_pieces, obj=answer, limit=room)
+                # keep the hub serving: the pieces let it switch (see encoding.in_pieces).
+                chunks = self._submit(encoding.in_pieces, obj=answer, limit=room)
         except (ValueError, TypeError):  # NaN or a lone surrogate in a result: never bad JSON
             log.exception("event=unencodable_answer id=%s", _loggable(answer.get("id")))
-            return [encode(error_body(INTERNAL_ERROR,
-                                      "Internal error; the agent's log has the details",
-                                      answer.get("id")))], True
+            return [_error(INTERNAL_ERROR, "Internal error; the agent's log has the details",
+                           answer.get("id"))], True
         if chunks is not None and sum(len(c) for c in chunks) <= room:
             return chunks, True
         log.info("event=response_too_large id=%s room=%d max_response_bytes=%d",
                  _loggable(answer.get("id")), room, self._max_response)
         where = (f"the {room} bytes left of the {self._max_response} bytes a batch's answers"
                  if batch else f"the {self._max_response} bytes an answer")
-        return [encode(error_body(
+        return [_error(
             RESPONSE_TOO_LARGE,
             f"Response too large: the answer to this call does not fit in {where} may take "
             "([rpc] max_response_bytes); the call was carried out",
             answer.get("id"),
-        ))], False
+        )], False
 
     def _one(self, request: Any) -> dict[str, Any] | None:
         try:
@@ -340,33 +339,6 @@ def _loggable(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def encode(obj: Any) -> bytes:
-    """Strict JSON: ValueError for NaN or infinity, and (UnicodeEncodeError) for a lone
-    surrogate, which ensure_ascii would have escaped into text strict parsers refuse."""
-    return json.dumps(obj, allow_nan=False, ensure_ascii=False).encode()
-
-
-def _estimate(obj: Any, cap: int) -> int:
-    """Roughly the size of ``obj`` in JSON, counted until it passes ``cap``."""
-    size = 0
-    stack = [obj]
-    while stack and size <= cap:
-        item = stack.pop()
-        if isinstance(item, str):
-            size += len(item) + 2
-        elif isinstance(item, dict):
-            size += 2
-            for key, child in item.items():
-                size += (len(key) if isinstance(key, str) else 8) + 4
-                stack.append(child)
-        elif isinstance(item, list | tuple):
-            size += 2 + len(item)
-            stack.extend(item)
-        else:
-            size += 8
-    return size
-
-
 def _let_others_in() -> None:
     """Yield to the hub until it has polled for I/O and run due timers. Not gevent.sleep(0):
     that only queues a callback, and the hub checks for I/O only every 50 callbacks, so a
@@ -374,89 +346,3 @@ def _let_others_in() -> None:
     hub = gevent.get_hub()
     with hub.loop.timer(0) as timer:
         hub.wait(timer)
-
-
-class _Full(Exception):
-    pass
-
-
-def _encode_in_pieces(obj: Any, limit: int) -> list[bytes] | None:
-    """``obj`` as strict JSON (as ``encode`` gives it) in chunks, or None as soon as it passes
-    ``limit`` bytes: a too large answer is never built whole. Run on a thread: json's C encoder
-    holds the GIL for all of one call (measured: a 12 MB dumps on a thread stopped the main
-    thread for the whole 110 ms), so containers larger than PIECE_BYTES are split, and between
-    pieces the hub gets the GIL back."""
-    out = _Chunks()
-    part: list[str] = []
-    part_size = 0
-
-    def add(text: str) -> None:
-        nonlocal part, part_size
-        part.append(text)
-        part_size += len(text)
-        if out.size + part_size > limit:
-            raise _Full()
-        if part_size >= PIECE_BYTES:
-            out.add("".join(part).encode())  # a lone surrogate fails here, as in encode()
-            part, part_size = [], 0
-
-    def piece(item: Any) -> None:
-        if isinstance(item, dict) and item and _estimate(item, PIECE_BYTES) > PIECE_BYTES:
-            add("{")
-            for i, (key, child) in enumerate(item.items()):
-                add((", " if i else "") + json.dumps(_json_key(key), ensure_ascii=False) + ": ")
-                piece(child)
-            add("}")
-        elif isinstance(item, list | tuple) and item and _estimate(item, PIECE_BYTES) > PIECE_BYTES:
-            add("[")
-            for i, child in enumerate(item):
-                if i:
-                    add(", ")
-                piece(child)
-            add("]")
-        else:
-            add(json.dumps(item, allow_nan=False, ensure_ascii=False))
-
-    try:
-        piece(obj)
-    except _Full:
-        return None
-    out.add("".join(part).encode())
-    return out.done() if out.size <= limit else None
-
-
-class _Chunks:
-    """Bytes to send, gathered into chunks of about PIECE_BYTES: never one join of a whole
-    answer (joining 42 MB held the hub for 80 ms here), nor one send per small answer."""
-
-    def __init__(self) -> None:
-        self.size = 0
-        self._chunks: list[bytes] = []
-        self._part: list[bytes] = []
-        self._part_size = 0
-
-    def add(self, *pieces: bytes) -> None:
-        for p in pieces:
-            self._part.append(p)
-            self._part_size += len(p)
-            self.size += len(p)
-        if self._part_size >= PIECE_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._part:
-            self._chunks.append(b"".join(self._part))
-            self._part, self._part_size = [], 0
-
-    def done(self) -> list[bytes]:
-        self._flush()
-        return self._chunks
-
-
-def _json_key(key: Any) -> str:
-    # What json.dumps makes of a dict key.
-    if isinstance(key, str):
-        return key
-    if key is None or isinstance(key, bool | int | float):
-        return json.dumps(key, allow_nan=False)
-    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")

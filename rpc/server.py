@@ -23,7 +23,7 @@ import gevent.threadpool
 
 from agent import api as agent_api
 from agent import config as agent_config
-from rpc import connections, dispatch
+from rpc import connections, dispatch, encoding
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Server:
 def _refuse(start_response: StartResponse, status: str, message: str) -> Iterable[bytes]:
     """An HTTP error with a JSON-RPC error body, closing the connection (what is left of the
     request was not read)."""
-    body = dispatch.encode(dispatch.error_body(dispatch.INVALID_REQUEST, message))
+    body = encoding.encode(dispatch.error_body(dispatch.INVALID_REQUEST, message))
     start_response(status, [("Content-Type", "application/json"),
                             ("Content-Length", str(len(body))), ("Connection", "close")])
     return [body]

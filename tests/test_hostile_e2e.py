@@ -447,16 +447,16 @@ def test_nul_bytes_lone_surrogates_and_nan_in_params_are_refused(agent: Agent) -
 def test_answers_encoded_in_pieces_are_the_same_bytes() -> None:
     # In-process: the thread's piecewise encoding gives exactly what one json.dumps gives, and
     # stops at the limit instead of building the rest.
-    from rpc import apidoc, dispatch
+    from rpc import apidoc, encoding
 
     rows = [{"imageId": str(i), "userData": {"pad": "p" * 3000, "x": [1.5, None, "\u00e9"]},
              7: True} for i in range(400)]
     for obj in ([apidoc.document()] * 5, {"result": rows, "id": 1}, rows, "s" * 100_000, []):
-        expected = dispatch.encode(obj)
-        chunks = dispatch._encode_in_pieces(obj, len(expected))
+        expected = encoding.encode(obj)
+        chunks = encoding.in_pieces(obj, len(expected))
         assert chunks is not None and b"".join(chunks) == expected
-        assert len(chunks) > 1 or len(expected) < 2 * dispatch.PIECE_BYTES
-        assert dispatch._encode_in_pieces(obj, len(expected) - 1) is None
+        assert len(chunks) > 1 or len(expected) < 2 * encoding.PIECE_BYTES
+        assert encoding.in_pieces(obj, len(expected) - 1) is None
     for bad in ([{"a": float("nan")}] * 3000, [{"b": "\ud800" * 100}] * 3000):
         with pytest.raises(ValueError):
-            dispatch._encode_in_pieces(bad, 1 << 30)
+            encoding.in_pieces(bad, 1 << 30)
