@@ -168,6 +168,14 @@ class Rpc:
     # hangs holds only its own; a call waits at most the timeout (seconds) for its answer.
     repository_threads: int = _key(_Int(1, 64), 4)
     repository_call_timeout: int = _key(_Int(1, 3600), 30)
+    # What one careless or hostile client may hold (see rpc/connections.py); seconds and counts.
+    handshake_timeout: int = _key(_Int(1, 3600), 10)
+    header_timeout: int = _key(_Int(1, 3600), 10)
+    body_timeout: int = _key(_Int(1, 3600), 30)
+    idle_timeout: int = _key(_Int(1, 86400), 60)
+    max_connections: int = _key(_Int(1, 100_000), 1000)
+    max_batch: int = _key(_Int(1, 10_000), 100)
+    max_response_bytes: int = _key(_Int(1 << 20, 1 << 30), 64 << 20)
 
 
 @dataclasses.dataclass(frozen=True)

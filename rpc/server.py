@@ -3,7 +3,8 @@
 Listeners are gevent sockets (a stdlib socket would block the hub): always the Unix socket
 (mode 0660), and TCP when configured, with TLS and client-certificate verification unless plain
 TCP on loopback was asked for explicitly. TCP_NODELAY is set because pywsgi sends headers and body
-separately and Nagle plus delayed ACK would add ~40 ms to every keep-alive call.
+separately and Nagle plus delayed ACK would add ~40 ms to every keep-alive call. What one client may
+hold (handshake, deadlines, open connections) is rpc/connections.py's business.
 """
 
 from __future__ import annotations
@@ -11,31 +12,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import socket as stdsocket
 import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import gevent.pywsgi
 import gevent.socket
 import gevent.threadpool
 
 from agent import api as agent_api
 from agent import config as agent_config
 from agent import errors, fileio
-from rpc import dispatch, executors
+from rpc import connections, dispatch, encoding, executors
 
 log = logging.getLogger(__name__)
 
 PATH = "/jsonrpc"
 StartResponse = Callable[..., Any]
-
-
-class _QuietLog:
-    """pywsgi's access log goes to our logger at debug level, in our key=value style."""
-
-    def write(self, line: str) -> None:
-        log.debug("event=http %s", line.strip())
 
 
 class Server:
@@ -46,8 +40,11 @@ class Server:
         # disconnect, formatting). Calls about a repository run on its own executor.
         self.pool = gevent.threadpool.ThreadPool(cfg.agent.rpc_threads)
         self._executors: dict[str, executors.Executor] = {}
-        self.dispatcher = dispatch.Dispatcher(api, self._run_in_thread)
-        self._servers: list[gevent.pywsgi.WSGIServer] = []
+        self.dispatcher = dispatch.Dispatcher(
+            api, self._run_in_thread, max_batch=cfg.rpc.max_batch,
+            max_response_bytes=cfg.rpc.max_response_bytes,
+        )
+        self._servers: list[connections.Server] = []
 
     # -- where a call runs -------------------------------------------------------------------
 
@@ -126,50 +123,38 @@ class Server:
                           [("Allow", "POST")])
         limit = self._cfg.rpc.max_request_bytes
         try:
-            length = int(environ.get("CONTENT_LENGTH") or -1)
-        except ValueError:
-            length = -1
-        if length > limit:
-            return self._too_large(start_response, limit)
-        body = environ["wsgi.input"].read(limit + 1)
-        if len(body) > limit:
-            return self._too_large(start_response, limit)
+            body = connections.read_body(environ, limit)
+        except connections.TooLarge:
+            return _refuse(start_response, "413 Request Entity Too Large",
+                           f"Invalid Request: body larger than {limit} bytes")
+        except connections.Cut as e:
+            return _refuse(start_response, "408 Request Timeout",
+                           f"Invalid Request: the body did not arrive within {e.seconds:g} s")
         answer = self.dispatcher.handle(body)
         if answer is None:
             start_response("204 No Content", [])
             return [b""]
         start_response(
             "200 OK",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))],
+            [("Content-Type", "application/json"),
+             ("Content-Length", str(sum(len(chunk) for chunk in answer)))],
         )
-        return [answer]
-
-    @staticmethod
-    def _too_large(start_response: StartResponse, limit: int) -> Iterable[bytes]:
-        body = dispatch._encode(
-            dispatch.error_body(
-                dispatch.INVALID_REQUEST, f"Invalid Request: body larger than {limit} bytes"
-            )
-        )
-        start_response(
-            "413 Request Entity Too Large",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-             ("Connection", "close")],
-        )
-        return [body]
+        return answer
 
     # -- listeners ---------------------------------------------------------------------------
 
     def start(self) -> None:
         rpc = self._cfg.rpc
-        self._servers.append(self._serve(_unix_listener(rpc.socket)))
+        self._servers.append(self._serve(_unix_listener(rpc.socket), "unix"))
         log.info("event=listening socket=%s", rpc.socket)
         if rpc.tcp_address:
             listener = _tcp_listener(rpc.tcp_address, rpc.tcp_port)
-            ctx = None if rpc.plain_tcp else _tls_context(rpc.tls_cert, rpc.tls_key, rpc.tls_ca)
-            self._servers.append(self._serve(listener, ctx))
+            ctx = (None if rpc.plain_tcp
+                   else connections.tls_context(rpc.tls_cert, rpc.tls_key, rpc.tls_ca))
+            self._servers.append(self._serve(listener, "tcp", ctx))
             log.info("event=listening tcp=%s:%d tls=%s", rpc.tcp_address,
                      listener.getsockname()[1], ctx is not None)
+        _raise_nofile(len(self._servers) * (rpc.max_connections + connections.REFUSING))
 
     def tcp_port(self) -> int | None:
         for s in self._servers[1:]:
@@ -177,11 +162,9 @@ class Server:
             return port
         return None
 
-    def _serve(self, listener: Any, ctx: ssl.SSLContext | None = None) -> Any:
-        kwargs: dict[str, Any] = {"log": _QuietLog(), "error_log": _QuietLog()}
-        if ctx is not None:
-            kwargs["ssl_context"] = ctx
-        server = gevent.pywsgi.WSGIServer(listener, self.app, **kwargs)
+    def _serve(self, listener: Any, name: str,
+               ctx: ssl.SSLContext | None = None) -> connections.Server:
+        server = connections.Server(listener, self.app, self._cfg.rpc, ctx, name)
         server.start()
         return server
 
@@ -196,6 +179,35 @@ class Server:
         for ex in self._executors.values():
             ex.retire()
         self.pool.kill()
+
+
+def _refuse(start_response: StartResponse, status: str, message: str) -> Iterable[bytes]:
+    """An HTTP error with a JSON-RPC error body, closing the connection (what is left of the
+    request was not read)."""
+    body = encoding.encode(dispatch.error_body(dispatch.INVALID_REQUEST, message))
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body))), ("Connection", "close")])
+    return [body]
+
+
+# Descriptors the agent needs besides its connections: repositories' locks and journals, log
+# file, qemu-img pipes, udev.
+OWN_FILES = 1024
+
+
+def _raise_nofile(connections_max: int) -> None:
+    """Make room for every connection the caps allow: raise the soft RLIMIT_NOFILE toward the
+    hard one (systemd's default soft limit is 1024), and say so when even that is too low."""
+    need = connections_max + OWN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("event=nofile_low limit=%d need=%d hint=%s", soft, need,
+                    "raise LimitNOFILE= or lower [rpc] max_connections")
 
 
 def _plain(start_response: StartResponse, status: str, text: str,
@@ -239,11 +251,3 @@ def _tcp_listener(address: str, port: int) -> Any:
     sock.bind((address, port))
     sock.listen(128)
     return sock
-
-
-def _tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
-    ctx.load_cert_chain(cert, key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx

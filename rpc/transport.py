@@ -88,8 +88,10 @@ class Client:
         try:
             self._conn.request("POST", PATH, body, {"Content-Type": "application/json"})
             resp = self._conn.getresponse()
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-            # The agent closed an idle keep-alive connection: one retry on a fresh one.
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            # The agent closed an idle keep-alive connection ([rpc] idle_timeout; over TLS the
+            # close is a TLS alert or EOF): one retry on a fresh one.
             self._conn.close()
             self._conn.request("POST", PATH, body, {"Content-Type": "application/json"})
             resp = self._conn.getresponse()

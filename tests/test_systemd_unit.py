@@ -6,6 +6,9 @@ import subprocess
 
 import pytest
 
+from agent import config
+from rpc import connections, server
+
 UNIT = pathlib.Path(__file__).parent.parent / "systemd" / "strata-agent.service"
 EXEC_START = "ExecStart=/usr/bin/strata-agent --config /etc/strata/agent.conf"
 
@@ -124,3 +127,11 @@ def test_no_hardening_that_blocks_mounts(unit: dict[str, dict[str, list[str]]]) 
     for key in ("PrivateDevices", "ProtectKernelModules", "MountFlags", "DevicePolicy"):
         assert key not in service, key
     assert "AF_NETLINK" in service["RestrictAddressFamilies"][0].split()
+
+
+def test_limit_nofile_leaves_room_for_the_connection_caps(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    # Both listeners full at the default cap, their refusals under way, and the agent's own files.
+    need = 2 * (config.Rpc().max_connections + connections.REFUSING) + server.OWN_FILES
+    assert int(unit["Service"]["LimitNOFILE"][0]) >= need
