@@ -407,6 +407,20 @@ class Api:
 
     # -- images --------------------------------------------------------------------------------
 
+    def _create(self, method: str, params: dict[str, Any],
+                make: Callable[[model.Options, str | None], str]) -> str:
+        """A call that makes an image, at most once per requestId: a retry of an attempt cut
+        short after its commit finds the image it reserved the id of."""
+        target = params["targetRepoId"]
+
+        def call(attempt: requests.Attempt) -> str:
+            if attempt.retry and self._made(target, attempt.reserved_id):
+                return attempt.reserved_id
+            return make(model.Options.parse(params["options"]), attempt.reserved_id)
+
+        result: str = self._once(method, params, call)
+        return result
+
     def createVirtualDisk(
         self,
         targetRepoId: str,
@@ -415,21 +429,13 @@ class Api:
         userData: dict[str, Any],
         options: dict[str, Any],
     ) -> str:
-        def call(attempt: requests.Attempt) -> str:
-            if attempt.retry and self._made(targetRepoId, attempt.reserved_id):
-                return attempt.reserved_id
-            return self.images.create_virtual_disk(
-                targetRepoId, size, baseSnapshotId, userData, model.Options.parse(options),
-                new_image_id=attempt.reserved_id,
-            )
-
-        result: str = self._once(
+        return self._create(
             "createVirtualDisk",
             {"targetRepoId": targetRepoId, "size": size, "baseSnapshotId": baseSnapshotId,
              "userData": userData, "options": options},
-            call,
+            lambda opts, reserved: self.images.create_virtual_disk(
+                targetRepoId, size, baseSnapshotId, userData, opts, new_image_id=reserved),
         )
-        return result
 
     def createSnapshot(
         self,
@@ -438,21 +444,13 @@ class Api:
         userData: dict[str, Any],
         options: dict[str, Any],
     ) -> str:
-        def call(attempt: requests.Attempt) -> str:
-            if attempt.retry and self._made(targetRepoId, attempt.reserved_id):
-                return attempt.reserved_id
-            return self.images.create_snapshot(
-                targetRepoId, baseVirtualDiskId, userData, model.Options.parse(options),
-                new_image_id=attempt.reserved_id,
-            )
-
-        result: str = self._once(
+        return self._create(
             "createSnapshot",
             {"targetRepoId": targetRepoId, "baseVirtualDiskId": baseVirtualDiskId,
              "userData": userData, "options": options},
-            call,
+            lambda opts, reserved: self.images.create_snapshot(
+                targetRepoId, baseVirtualDiskId, userData, opts, new_image_id=reserved),
         )
-        return result
 
     def copyImage(
         self,
@@ -462,23 +460,15 @@ class Api:
         userData: dict[str, Any],
         options: dict[str, Any],
     ) -> str:
-        def call(attempt: requests.Attempt) -> str:
-            # A snapshot's copy keeps its id and a copy already there is a no-op: only a disk's
-            # copy gets the reserved id.
-            if attempt.retry and self._made(targetRepoId, attempt.reserved_id):
-                return attempt.reserved_id
-            return self.images.copy_image(
-                targetRepoId, imageId, baseImageId, userData, model.Options.parse(options),
-                new_image_id=attempt.reserved_id,
-            )
-
-        result: str = self._once(
+        # A snapshot's copy keeps its id and a copy already there is a no-op: only a disk's
+        # copy gets the reserved id.
+        return self._create(
             "copyImage",
             {"targetRepoId": targetRepoId, "imageId": imageId, "baseImageId": baseImageId,
              "userData": userData, "options": options},
-            call,
+            lambda opts, reserved: self.images.copy_image(
+                targetRepoId, imageId, baseImageId, userData, opts, new_image_id=reserved),
         )
-        return result
 
     def removeImage(self, repositoryId: str, imageId: str, options: dict[str, Any]) -> None:
         def call(attempt: requests.Attempt) -> None:

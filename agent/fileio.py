@@ -26,8 +26,12 @@ _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def fsync_dir(path: str) -> None:
+    _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync_path(path: str, flags: int) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, flags)
         try:
             os.fsync(fd)
         finally:
@@ -225,15 +229,7 @@ def remove(path: str, durable: bool = True) -> bool:
 
 
 def fsync_file(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise_unavailable(path, e)
-        raise
+    _fsync_path(path, os.O_RDONLY)
 
 
 def is_temporary(name: str) -> bool:

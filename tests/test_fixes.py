@@ -360,3 +360,85 @@ def test_a_fix_never_starts_on_an_image_prepared_while_it_was_checked(
         engine.call("fixStorageRepository", "r1", merge)
     monkeypatch.undo()
     assert engine.call("getImageInfo", "r1", d)["chain"] == [d, s]
+
+
+def test_the_same_merge_sent_again_after_a_consumer_wrote_is_stale(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry, or a second client, sends the merge it was given once more while a check that
+    began before the first one ended still sees it: it must not run again over what a consumer
+    wrote since (a commit run twice folds the old top over it)."""
+    from agent.fix import check
+
+    d = disk(engine)
+    qemu.write(engine.path("r1", d), 0x11, 0, 16 * MiB)
+    s = snapshot(engine, d)
+    qemu.write(engine.path("r1", d), 0x22, 0, MiB)
+    engine.call("removeImage", "r1", s)
+    [merge] = fixes(engine)
+    assert "commit" in merge["description"]
+    stale = engine.api._checker("r1").check()  # what a slow check derived before the merge
+    engine.call("fixStorageRepository", "r1", merge)
+    engine.settle("r1", d)
+    qemu.write(engine.path("r1", d), 0x33, 0, MiB)  # the consumer goes on writing
+    real = check.Checker.check
+    looks: list[bool] = []
+
+    def slow_first_look(self: check.Checker, *a: Any, **k: Any) -> Any:
+        if not looks:  # the second sender's look began before the first merge ended
+            looks.append(True)
+            return stale
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(check.Checker, "check", slow_first_look)
+    with pytest.raises(errors.StaleFix):
+        engine.call("fixStorageRepository", "r1", merge)
+    monkeypatch.undo()
+    assert qemu.reads(engine.path("r1", d), 0x33, 0, MiB)
+    assert qemu.reads(engine.path("r1", d), 0x11, MiB, 15 * MiB)
+    converge(engine)
+    assert qemu.reads(engine.path("r1", d), 0x33, 0, MiB)
+
+
+def test_a_fix_must_come_back_whole(engine: Engine) -> None:
+    """Every field of a proposal is part of it: one changed, or one left out, and it is not the
+    fix the checker proposed."""
+    d = disk(engine)
+    s = snapshot(engine, d)
+    engine.call("removeImage", "r1", s)
+    [merge] = fixes(engine)
+    for field, value in (("description", merge["description"] + " please"),
+                         ("imageIds", [d]), ("imageIds", [d, s]), ("type", "optimize")):
+        with pytest.raises(errors.StaleFix):
+            engine.call("fixStorageRepository", "r1", {**merge, field: value})
+    assert engine.call("getImageInfo", "r1", d)["chain"] == [d, s]
+    engine.call("fixStorageRepository", "r1", merge)
+    assert engine.settle("r1", d)["last_error"] is None
+    assert engine.call("getImageInfo", "r1", d)["chain"] == [d]
+
+
+def test_applying_one_fix_looks_only_at_what_it_touches(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leak repair derived again before it runs checks its own volume with qemu-img, not the
+    volume of every image (a deep check of the whole repository per applied fix)."""
+    from agent import qemuimg
+
+    leaky = []
+    for _ in range(4):
+        d = disk(engine)
+        qemu.write(engine.path("r1", d), 0x11, 0, MiB)
+        qemu.leak_a_cluster(engine.path("r1", d))
+        leaky.append(d)
+    found = [f for f in fixes(engine, deep=True) if "leaks" in f["description"]]
+    assert sorted(i for f in found for i in f["imageIds"]) == sorted(leaky)
+    checked: list[str] = []
+    real = qemuimg.check
+
+    def counting(path: str, *a: Any, **k: Any) -> Any:
+        if k.get("repair") is None:
+            checked.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(qemuimg, "check", counting)
+    engine.call("fixStorageRepository", "r1", found[0])
+    assert len(checked) == 2, checked  # its volume: before the claim, and again under it
+    assert engine.settle("r1", found[0]["imageIds"][0])["last_error"] is None

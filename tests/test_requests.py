@@ -163,15 +163,23 @@ def test_concurrent_duplicates_make_one_image(engine: conftest.Engine) -> None:
     assert len(records(engine, "r1")) == 15
 
 
+def short_lived(tmp_path: Any, state_dir: str | None) -> tuple[agent_api.Api, dict[str, Any],
+                                                              str]:
+    """An agent that keeps request ids for 1 s, with repository r1, and a disk made with a
+    request id sent twice: (the agent, the options with that id, the disk)."""
+    api = agent_api.Api(1, 1, state_dir, request_ttl=1.0)
+    params = {"path": str(tmp_path / "r1")}
+    api.formatStorageRepository("localfs-1.0", params, {})
+    api.connectStorageRepository("r1", "localfs-1.0", params, {})
+    opts = rid()
+    first = api.createVirtualDisk("r1", 64 * MiB, None, {}, opts)
+    assert api.createVirtualDisk("r1", 64 * MiB, None, {}, dict(opts)) == first
+    return api, opts, first
+
+
 def test_an_expired_request_id_is_a_new_call(tmp_path: Any) -> None:
-    api = agent_api.Api(1, 1, str(tmp_path / "state"), request_ttl=1.0)
+    api, opts, first = short_lived(tmp_path, str(tmp_path / "state"))
     try:
-        params = {"path": str(tmp_path / "r1")}
-        api.formatStorageRepository("localfs-1.0", params, {})
-        api.connectStorageRepository("r1", "localfs-1.0", params, {})
-        opts = rid()
-        first = api.createVirtualDisk("r1", 64 * MiB, None, {}, opts)
-        assert api.createVirtualDisk("r1", 64 * MiB, None, {}, dict(opts)) == first
         record = tmp_path / "state" / "requests" / f"{opts['requestId']}.json"
         assert record.exists()
         time.sleep(1.3)
@@ -189,14 +197,8 @@ def test_an_expired_request_id_is_a_new_call(tmp_path: Any) -> None:
 
 
 def test_without_a_state_dir_request_ids_are_kept_in_memory(tmp_path: Any) -> None:
-    api = agent_api.Api(1, 1, request_ttl=1.0)
+    api, opts, first = short_lived(tmp_path, None)
     try:
-        params = {"path": str(tmp_path / "r1")}
-        api.formatStorageRepository("localfs-1.0", params, {})
-        api.connectStorageRepository("r1", "localfs-1.0", params, {})
-        opts = rid()
-        first = api.createVirtualDisk("r1", 64 * MiB, None, {}, opts)
-        assert api.createVirtualDisk("r1", 64 * MiB, None, {}, dict(opts)) == first
         with pytest.raises(errors.RequestIdReused):
             api.createVirtualDisk("r1", 128 * MiB, None, {}, opts)
         time.sleep(1.3)

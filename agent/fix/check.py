@@ -47,6 +47,7 @@ class Checker:
         inv = inventory.Inventory(
             self.repo, active, self.host.find_volume,
             lambda: [c.repo for c in self.host.connections() if c.repo is not self.repo],
+            focus,
         )
         out: list[fixes.Fix] = []
         # The deep pass first: what it finds (corruption, a volume it cannot read) makes those
@@ -370,11 +371,12 @@ class Checker:
         except ValueError:
             raise errors.InvalidArgument(f"unknown fix type {sent.get('type')!r}",
                                          param="fix") from None
-        focus = set(sent.get("imageIds") or [])
+        # Clean is about the whole repository: it is derived from all of it.
+        focus = None if wanted == fixes.FixType.CLEAN else set(sent.get("imageIds") or [])
         deep = wanted == fixes.FixType.OPTIMIZE
 
         def current() -> fixes.Fix:
-            for candidate in self.check({wanted}, deep=deep, focus=focus or None):
+            for candidate in self.check({wanted}, deep=deep, focus=focus):
                 if candidate.matches(sent):
                     return candidate
             raise errors.StaleFix(

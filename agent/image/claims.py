@@ -136,7 +136,7 @@ class Table:
                     raise errors.ImageBusy(
                         f"image {key[1]} is in use by {other.what}"
                         + ("" if lasting else f" (waited {wait:g} s)"),
-                        imageId=key[1],
+                        imageId=key[1], holder=other.owner,
                     )
                 # A call's claim is over in milliseconds; wake up on its release, and now and
                 # then to see whether this owner was stopped meanwhile.

@@ -34,8 +34,12 @@ class Fault:
 class Inventory:
     def __init__(self, repo: localfs.LocalRepository, active: set[str],
                  elsewhere: Elsewhere | None = None,
-                 others: Callable[[], list[localfs.LocalRepository]] | None = None) -> None:
+                 others: Callable[[], list[localfs.LocalRepository]] | None = None,
+                 focus: set[str] | None = None) -> None:
         self.repo = repo
+        # Only these images' files are looked at (what one applied fix derives again); None:
+        # every image's.
+        self.focus = focus
         images, bad_images = repo.scan_images()
         volumes, bad_volumes = repo.scan_volumes()
         ops, bad_ops = repo.scan_operations()
@@ -177,6 +181,8 @@ class Inventory:
         for img in self.images.values():
             if img.removed or img.operation_id is not None:
                 continue  # images being made are the mends' business
+            if self.focus is not None and img.id not in self.focus:
+                continue
             vols, fault = self.chains[img.id]
             if fault is not None:
                 out[img.id] = Fault(img.id, None, fault)
