@@ -889,3 +889,52 @@ def test_two_snapshots_of_one_disk_at_once(host: Host) -> None:
         return tally(one, two)
 
     run_seeds(host, "two snapshots", PAIRS, iteration)
+
+
+@budget(40)
+def test_remove_racing_the_merge_fix(host: Host) -> None:
+    """The disk a merge fix folds into is removed as the fix is sent: removed first (the fix
+    is stale), or the fix goes first (the removal stops it while its first step keeps every
+    byte whole, or waits for what is left); either way nothing is left half done."""
+    base, top = [(0x11, 0, 4 * MiB)], [(0x22, 0, 1 * MiB)]
+
+    def iteration(seed: int) -> str:
+        rng = random.Random(seed)
+        with Fresh(host, 1) as [a]:
+            d, _, fix, _ = folded_disk(host, a, base, top)
+            merged, removed = race(host.d, rng, 40, call_side("fixStorageRepository", a, fix),
+                                   call_side("removeImage", a, d))
+            allowed("fixStorageRepository", merged, STALE_FIX, IMAGE_BUSY, IMAGE_NOT_FOUND)
+            allowed("removeImage", removed, IMAGE_BUSY)
+            verify(host, {a: {d: [over(base, top)]}}, may_go=[(a, d)] if removed.ok else [])
+        return tally(merged, removed)
+
+    run_seeds(host, "remove vs merge", PAIRS, iteration)
+
+
+@budget(40)
+def test_a_merge_a_snapshot_and_a_consumer_at_once(host: Host) -> None:
+    """A merge fix, a createSnapshot of its disk and a consumer of the disk, all at once: the
+    consumer's write is kept, and a snapshot reads the disk's bytes from before or after it,
+    never a mix."""
+    base, top, mine = [(0x11, 0, 4 * MiB)], [(0x22, 0, 1 * MiB)], [(0x88, 0, 128 << 10)]
+
+    def iteration(seed: int) -> str:
+        rng = random.Random(seed)
+        with Fresh(host, 1) as [a]:
+            d, _, fix, _ = folded_disk(host, a, base, top)
+            wrote: list[str] = []
+            merged, snapped, _ = race(host.d, rng, 40,
+                                      call_side("fixStorageRepository", a, fix),
+                                      call_side("createSnapshot", a, d),
+                                      consumer(a, d, mine, wrote))
+            allowed("fixStorageRepository", merged, STALE_FIX, IMAGE_BUSY)
+            allowed("createSnapshot", snapped, IMAGE_BUSY)
+            assert wrote == [d]
+            images = {d: [over(base, top, mine)]}
+            if snapped.ok:
+                images[snapped.result] = [over(base, top), over(base, top, mine)]
+            verify(host, {a: images})
+        return tally(merged, snapped)
+
+    run_seeds(host, "merge, snapshot and consumer", PAIRS, iteration)
