@@ -28,7 +28,7 @@ define debs
 	fi
 endef
 
-.PHONY: run test lint bench deps clean install install-unit
+.PHONY: run test stress lint bench deps clean install install-unit
 
 deps: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ run: deps
 
 test: deps $(VENV)/.testdebs
 	$(VENV)/bin/tox -q
+
+# The race suite (tests/test_races_e2e.py) with STRESS times as many seeds as in make test.
+STRESS ?= 10
+stress: deps $(VENV)/.testdebs
+	STRATA_STRESS=$(STRESS) $(VENV)/bin/tox -q -e py -- tests/test_races_e2e.py
 
 lint: deps
 	$(VENV)/bin/tox -q -e lint
