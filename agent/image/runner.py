@@ -26,7 +26,10 @@ PROGRESS_INTERVAL = 1.0
 class Runner:
     def __init__(self, host: host.Host, workers: int) -> None:
         self.host = host
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="op")
+        # One pool per repository: operations stuck in a failed file system (frozen, a lost
+        # server) hold only their own repository's workers, never another's.
+        self._workers = workers
+        self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
         self._active: dict[str, tuple[command.Cancel, concurrent.futures.Future[None]]] = {}
         # The live record of each running operation: fresher than the journal, whose progress
@@ -55,7 +58,11 @@ class Runner:
                 return
             cancel = command.Cancel()
             self._unrecorded.pop(op_id, None)
-            future = self._pool.submit(self._run, repo, op_id, cancel)
+            pool = self._pools.get(repo.uuid)
+            if pool is None:
+                pool = self._pools[repo.uuid] = concurrent.futures.ThreadPoolExecutor(
+                    self._workers, thread_name_prefix=f"op-{repo.uuid[:8]}")
+            future = pool.submit(self._run, repo, op_id, cancel)
             self._active[op_id] = (cancel, future)
         future.add_done_callback(lambda _f: self._forget(op_id))
 
@@ -86,7 +93,10 @@ class Runner:
         for cancel, _ in entries:
             cancel.request("shutdown")
         concurrent.futures.wait([f for _, f in entries], timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- one operation -----------------------------------------------------------------------
 
