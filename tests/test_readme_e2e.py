@@ -103,7 +103,7 @@ def test_readme_blocks_run_in_order(daemon: Daemon, tmp_path: Any) -> None:
     progress = [line for line in p.stderr.splitlines() if line.startswith("[")]
     assert any("stage 1/2" in line and "copyImage" in line for line in progress), p.stderr
     # Every copy reads what the disk held when it was snapshotted.
-    written = [(0x5A, 0, GiB), (0xA5, GiB, GiB)]
+    written = [(0x5A, 0, GiB), (0x5A, GiB, GiB), (0xA5, 2 * GiB, GiB), (0xA5, 3 * GiB, GiB)]
     copy2 = daemon.path("r2", names["snap2"])
     for pattern, offset, length in written:
         assert qemu.reads(copy2, pattern, offset, length)
