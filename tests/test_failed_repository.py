@@ -78,13 +78,15 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def two_repositories(tmp_path: Any) -> Iterator[tuple[ConfigDaemon, str, str]]:
-    """The daemon with repository r1 on one XFS (returned: its mount point) and r2 on another;
-    every mount unfrozen, made writable again and unmounted afterwards, whatever happened."""
+def two_repositories(tmp_path: Any, mib: tuple[int, int] = (320, 320)
+                     ) -> Iterator[tuple[ConfigDaemon, str, str]]:
+    """The daemon with repository r1 on one XFS (returned: its mount point) and r2 on another,
+    of ``mib`` MiB each; every mount unfrozen, made writable again and unmounted afterwards,
+    whatever happened."""
     for sub in ("a", "b"):
         os.makedirs(tmp_path / sub)
-    with mounts.loop_mount(str(tmp_path / "a"), "xfs", 320) as a, \
-            mounts.loop_mount(str(tmp_path / "b"), "xfs", 320) as b:
+    with mounts.loop_mount(str(tmp_path / "a"), "xfs", mib[0]) as a, \
+            mounts.loop_mount(str(tmp_path / "b"), "xfs", mib[1]) as b:
         d = ConfigDaemon(str(tmp_path / "agent"))
         try:
             d.start()
@@ -270,35 +272,18 @@ def test_operations_stuck_in_a_frozen_repository_hold_only_its_own_workers(
         tmp_path: Any) -> None:
     """Copies into a repository that freezes under them wait in its file system; operations of
     the other repository still run at once (each repository has its own workers)."""
-    for sub in ("a", "b"):
-        os.makedirs(tmp_path / sub)
-    with mounts.loop_mount(str(tmp_path / "a"), "xfs", 1200) as a, \
-            mounts.loop_mount(str(tmp_path / "b"), "xfs", 400) as b:
-        d = ConfigDaemon(str(tmp_path / "agent"))
-        try:
-            d.start()
-            for name, mnt in (("r1", a), ("r2", b)):
-                params = {"path": os.path.join(mnt, "repo")}
-                d.call("formatStorageRepository", "localfs-1.0", params)
-                d.call("connectStorageRepository", name, "localfs-1.0", params)
-            src = d.within(PROMPT, "createVirtualDisk", "r2", 128 * MiB)
-            settle(d.call, "r2", src, timeout=PROMPT)
-            qemu.fill(d.path("r2", src), 100 / 1024)
-            # Eight copies of a disk (each its own image), more than the 4 workers of a pool.
-            copies = [d.within(PROMPT, "copyImage", "r1", src) for _ in range(8)]
-            subprocess.run(["fsfreeze", "-f", a], check=True)
-            stuck = [c for c in copies
-                     if d.within(PROMPT, "getImageStatus", "r1", c)["status"] != "optimized"]
-            assert len(stuck) >= 4, "the copies ended before the freeze: nothing was tested"
-            disk = d.within(PROMPT, "createVirtualDisk", "r2", 16 * MiB)
-            assert settle(d.call, "r2", disk, timeout=PROMPT)["status"] == "optimized"
-            subprocess.run(["fsfreeze", "-u", a], check=True)
-            for c in copies:
-                assert settle(d.call, "r1", c, timeout=60)["status"] == "optimized"
-        finally:
-            _run("fsfreeze", "-u", a)
-            if d.proc is not None and d.proc.poll() is None:
-                try:
-                    d.stop()
-                except subprocess.TimeoutExpired:
-                    d.kill()
+    with two_repositories(tmp_path, (1200, 400)) as (d, a, _b):
+        src = d.within(PROMPT, "createVirtualDisk", "r2", 128 * MiB)
+        settle(d.call, "r2", src, timeout=PROMPT)
+        qemu.fill(d.path("r2", src), 100 / 1024)
+        # Eight copies of a disk (each its own image), more than the 4 workers of a pool.
+        copies = [d.within(PROMPT, "copyImage", "r1", src) for _ in range(8)]
+        subprocess.run(["fsfreeze", "-f", a], check=True)
+        stuck = [c for c in copies
+                 if d.within(PROMPT, "getImageStatus", "r1", c)["status"] != "optimized"]
+        assert len(stuck) >= 4, "the copies ended before the freeze: nothing was tested"
+        disk = d.within(PROMPT, "createVirtualDisk", "r2", 16 * MiB)
+        assert settle(d.call, "r2", disk, timeout=PROMPT)["status"] == "optimized"
+        subprocess.run(["fsfreeze", "-u", a], check=True)
+        for c in copies:
+            assert settle(d.call, "r1", c, timeout=60)["status"] == "optimized"
