@@ -22,6 +22,7 @@ import io
 import os
 import stat
 import struct
+import time
 
 from agent import errors, fileio
 
@@ -87,6 +88,31 @@ def _open_regular(path: str) -> io.BufferedReader:
 def is_qcow2(path: str) -> bool:
     with _open_regular(path) as f:
         return f.read(4) == MAGIC
+
+
+# Headers read lately, by what identifies the file's content: a status poll reads the header
+# of every layer of a chain, which is most of its cost. Trusted only for a file whose mtime and
+# ctime are more than a second old: any change after it was read gives a newer time, even on a
+# file system whose timestamps are coarse.
+_HEADERS: dict[tuple[int, int, int, int, int], Header | None] = {}
+_HEADERS_MAX = 65536
+_SETTLED = 1_000_000_000  # ns
+
+
+def read_header_cached(path: str) -> Header | None:
+    """``read_header``, answered from memory while the file has not changed since."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return read_header(path)  # the error read_header gives
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _HEADERS:
+        return _HEADERS[key]
+    header = read_header(path)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED:
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        _HEADERS[key] = header
+    return header
 
 
 def read_header(path: str) -> Header | None:

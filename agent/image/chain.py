@@ -115,7 +115,7 @@ def file_fault(repo: localfs.LocalRepository, vol: model.Volume, parent: model.V
                 "decide which record is right", None
         return None  # raw content is guest data: never probed
     try:
-        header = qcow2.read_header(path)
+        header = qcow2.read_header_cached(path)
     except OSError as e:
         return f"the data file of volume {vol.id} ({path}) cannot be read: {e.strerror}", None
     if header is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import re
 import time
@@ -103,32 +104,57 @@ _PLAIN: dict[str, Any] = {
 _COUNTS = frozenset({"size", "generation", "step", "host_id"})
 
 
-def _value(cls: type[Any], f: dataclasses.Field[Any], v: object) -> object:
-    declared = str(f.type)
-    nullable = declared.endswith(" | None")
-    base = declared.removesuffix(" | None")
-    where = f"{cls.__name__}.{f.name}"
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """How one field of a record kind is checked, worked out once per kind (records are read
+    by the thousand: a status poll reads several)."""
+
+    name: str
+    where: str
+    nullable: bool
+    base: str
+    is_id: bool
+    required: bool
+
+
+@functools.cache
+def _specs(cls: type[Any]) -> tuple[_Spec, ...]:
+    out = []
+    for f in dataclasses.fields(cls):
+        declared = str(f.type)
+        base = declared.removesuffix(" | None")
+        out.append(_Spec(
+            f.name, f"{cls.__name__}.{f.name}", declared.endswith(" | None"), base,
+            _is_id_field(f.name) and base == "str",
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        ))
+    return tuple(out)
+
+
+def _value(spec: _Spec, v: object) -> object:
     if v is None:
-        if nullable:
+        if spec.nullable:
             return None
-        raise Damaged(f"{where} is null")
-    if _is_id_field(f.name) and base == "str":
+        raise Damaged(f"{spec.where} is null")
+    if spec.is_id:
         if not is_id(v):
-            raise Damaged(f"{where} is {v!r}, not a bare UUID")
+            raise Damaged(f"{spec.where} is {v!r}, not a bare UUID")
         return v
+    base = spec.base
     nested = _NESTED.get(base)
     if nested is not None:
         return nested(v)
     kind = _ENUMS.get(base)
     if kind is not None:
         if not isinstance(v, str):
-            raise Damaged(f"{where} is {v!r}, not one of {[k.value for k in kind]}")
+            raise Damaged(f"{spec.where} is {v!r}, not one of {[k.value for k in kind]}")
         try:
             return kind(v)
         except ValueError:
-            raise Damaged(f"{where} is {v!r}, not one of {[k.value for k in kind]}") from None
-    if not _PLAIN[base](v) or (f.name in _COUNTS and v < 0):  # type: ignore[operator]
-        raise Damaged(f"{where} is {v!r}, not a valid {base}")
+            raise Damaged(f"{spec.where} is {v!r}, not one of {[k.value for k in kind]}") \
+                from None
+    if not _PLAIN[base](v) or (spec.name in _COUNTS and v < 0):  # type: ignore[operator]
+        raise Damaged(f"{spec.where} is {v!r}, not a valid {base}")
     return v
 
 
@@ -137,11 +163,11 @@ def _from(cls: type[T], d: object) -> T:
     if not isinstance(d, dict):
         raise Damaged(f"a {cls.__name__} record must be a JSON object, not {type(d).__name__}")
     kw: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in d:
-            kw[f.name] = _value(cls, f, d[f.name])
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise Damaged(f"{cls.__name__}.{f.name} is missing")
+    for spec in _specs(cls):  # type: ignore[arg-type]
+        if spec.name in d:
+            kw[spec.name] = _value(spec, d[spec.name])
+        elif spec.required:
+            raise Damaged(f"{spec.where} is missing")
     return cls(**kw)
 
 

@@ -354,8 +354,14 @@ class LocalRepository:
                 raise damaged("it is not a regular file")
             if st.st_size > MAX_RECORD:
                 raise damaged(f"it is {st.st_size} bytes, larger than any record")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                raw = f.read(MAX_RECORD + 1)
+            # The size fstat gave, plus one byte to see it did not grow (a record is replaced
+            # by a rename, never written in place): no buffer of MAX_RECORD per read.
+            raw = b""
+            while len(raw) <= st.st_size:
+                chunk = os.read(fd, st.st_size + 1 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
         except OSError as e:
             self._failed(path, e)
             raise
