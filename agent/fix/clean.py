@@ -68,8 +68,11 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
                 if i.removed and ((not hold and i.volume_id not in keep)
                                   or i.volume_id in live_tops)]
     live_ids = {op.id for op in inv.live_ops}
+    # A journal whose operation still runs here is one being sealed: its runner deletes it
+    # in a moment (proposing it would only make a fix that is stale by the time it is sent).
     p.journals = [op_id for op_id, op in inv.ops.items()
-                  if op_id not in live_ids and op.image_id not in inv.damaged_images]
+                  if op_id not in live_ids and op_id not in inv.active
+                  and op.image_id not in inv.damaged_images]
     for vol_id, path in repo.volume_files().items():
         if not hold and vol_id not in keep and vol_id not in inv.volumes:
             p.orphan_files.append(path)
