@@ -541,12 +541,14 @@ def fix_starts(h: Host, image_id: str) -> int:
 SAME_FIX_TWICE = seeds(30)
 
 
-def folded_disk(h: Host, r: str, base: qemu.Layout, top: qemu.Layout
+def folded_disk(h: Host, r: str, base: qemu.Layout, top: qemu.Layout,
+                then: Callable[[str], None] = lambda _snap: None,
                 ) -> tuple[str, str, dict[str, Any], float]:
     """A disk over a removed snapshot: (disk, snapshot, the merge fix, how long the check that
-    proposed it took, in ms)."""
+    proposed it took, in ms). ``then``: done with the snapshot before the disk writes ``top``."""
     d = disk(h, r, base)
     s = snapshot(h, r, d)
+    then(s)
     write(h, r, d, top)
     h.call("removeImage", r, s)
     started = time.monotonic()
@@ -608,15 +610,11 @@ def test_a_merge_racing_a_copy_that_revives_its_snapshot(host: Host, slow: Slow)
         rng = random.Random(seed)
         r = slow.name
         with Fresh(host, 1) as [elsewhere]:
-            d = disk(host, r, base)
-            s = snapshot(host, r, d)
-            host.call("copyImage", elsewhere, s)
-            settle(host, elsewhere, s)
-            write(host, r, d, top)
-            host.call("removeImage", r, s)
-            started = time.monotonic()
-            fix = merge_fix(host, r, s, d, "commit")
-            check_ms = (time.monotonic() - started) * 1000
+            def copied_elsewhere(snap: str) -> None:
+                host.call("copyImage", elsewhere, snap)
+                settle(host, elsewhere, snap)
+
+            d, s, fix, check_ms = folded_disk(host, r, base, top, copied_elsewhere)
             # The copy comes while the merge's check runs, or just after it.
             merged, copied = race(
                 host.d, rng, [10, 1.2 * check_ms],
