@@ -49,6 +49,7 @@ class Api:
         self.runner = runner.Runner(self.host, workers)
         self.max_chain_depth = max_chain_depth
         self.images = service.ImageService(self.host, self.runner, max_chain_depth)
+        self.host.on_lockspace_lost = self._lockspace_lost
         self.started = time.time()
         # Connections are remembered so a restarted agent (after a crash, an upgrade) serves the
         # same repoIds at once; the cluster manager may still reconnect, which is idempotent.
@@ -322,6 +323,21 @@ class Api:
         log.warning("event=disconnect_forced repo=%s stopped=%d still_running=%s",
                     conn.repo_id, len(ops) - len(still), ",".join(still) or "-")
         self._forget(conn.repo_id)
+
+    def _lockspace_lost(self, conn: host.Connection, why: str) -> None:
+        """This host's storage stopped answering for a shared repository: stop writing there
+        before sanlock would kill the agent. Its operations are interrupted as a crash
+        interrupts them (their qemu-img killed, nothing more written: resumable by a mend here
+        or on another host); the leases go once this returns. Its other repositories go on."""
+        ops = [c.owner for c in self.host.claims.table.in_repository(conn.repo.uuid)
+               if c.lasting]
+        self.runner.interrupt(ops)
+        deadline = time.monotonic() + conn.repo.io_timeout
+        while any(self.runner.is_active(o) for o in ops) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.warning("event=lockspace_lost_stopped repo=%s operations=%d still_running=%s "
+                    "reason=%r", conn.repo_id, len(ops),
+                    ",".join(o for o in ops if self.runner.is_active(o)) or "-", why)
 
     def _forget(self, repo_id: str) -> None:
         self.host.disconnect(repo_id)

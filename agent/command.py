@@ -33,6 +33,13 @@ _NO_SPACE = re.compile(r"No space left on device|ENOSPC", re.I)
 
 # C locale: we parse qemu-img's messages, so they must not be translated.
 _ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+# Where this host's sanlock daemon listens, when it is not the default (a test host): its
+# client commands must find the same daemon as the agent.
+_PASSED = ("SANLOCK_RUN_DIR", "SANLOCK_PRIVILEGED")
+
+
+def _env() -> dict[str, str]:
+    return {**_ENV, **{k: os.environ[k] for k in _PASSED if k in os.environ}}
 
 # If the agent dies (kill -9), its children die with it: an orphaned qemu-img would go on writing
 # a partial file that a restarted agent is about to recreate. setpriv sets the parent-death
@@ -108,7 +115,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,
-            env=_ENV,
+            env=_env(),
             close_fds=True,
         )
     except OSError as e:

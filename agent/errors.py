@@ -74,6 +74,14 @@ class RepositoryUnavailable(Error):
     name = "RepositoryUnavailable"
 
 
+class LockspaceNotJoined(Error):
+    """A data-changing call on a shared repository whose lockspace this host has not joined
+    (still joining, or out of it after its storage stopped answering): reads still work."""
+
+    code = 1110
+    name = "LockspaceNotJoined"
+
+
 class ImageNotFound(Error):
     code = 1200
     name = "ImageNotFound"
@@ -114,6 +122,8 @@ class NoSpace(Error):
 
 
 class LeaseHeld(Error):
+    """Another live host holds the lease of an image (data.hostId names it)."""
+
     code = 1301
     name = "LeaseHeld"
 
@@ -162,6 +172,7 @@ ALL: tuple[type[Error], ...] = (
     NoOperation,
     NoSpace,
     LeaseHeld,
+    LockspaceNotJoined,
     ClaimLost,
     StaleFix,
     CommandFailed,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from agent import errors, repo
 from agent.image import claims, model
-from agent.repo import localfs
+from agent.repo import leases, localfs, lockspace
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class Host:
         self._opening: dict[str, str] = {}
         # Who may change which image now: the one place every call, operation and fix asks.
         self.claims = claims.Claims(self)
+        # Told when this host loses a shared repository's lockspace (its storage stopped
+        # answering), before the leases go: the agent stops what runs there.
+        self.on_lockspace_lost: Callable[[Connection, str], None] | None = None
 
     # -- connections -------------------------------------------------------------------------
 
@@ -87,17 +91,30 @@ class Host:
             with self._lock:
                 del self._opening[repo_id]
             raise
+        conn = Connection(repo_id, repo_format, dict(parameters), r)
+        if r.shared:
+            # Joined in the background: reads work at once, changes once it is joined.
+            space = leases.Lockspace(r.root, r.uuid, self.host_id, r.io_timeout)
+            r.membership = lockspace.Membership(space, lambda why: self._lost(conn, why))
+            r.membership.start()
         with self._lock:
             del self._opening[repo_id]
-            self._connections[repo_id] = Connection(repo_id, repo_format, dict(parameters), r)
+            self._connections[repo_id] = conn
         log.info("event=connected repo=%s format=%s root=%s", repo_id, repo_format, r.root)
         return True
+
+    def _lost(self, conn: Connection, why: str) -> None:
+        if self.on_lockspace_lost is not None:
+            self.on_lockspace_lost(conn, why)
+        # Whatever still holds a claim there finds it gone at its next write.
+        self.claims.table.revoke(conn.repo.uuid)
 
     def disconnect(self, repo_id: str) -> Connection:
         with self._lock:
             conn = self._connections.pop(repo_id, None)
         if conn is None:
             raise errors.RepositoryNotConnected(f"repository {repo_id!r} is not connected")
+        self._leave(conn)
         conn.repo.close()
         log.info("event=disconnected repo=%s", repo_id)
         return conn
@@ -195,8 +212,14 @@ class Host:
             raise damaged
         return None
 
+    @staticmethod
+    def _leave(conn: Connection) -> None:
+        if conn.repo.membership is not None:
+            conn.repo.membership.stop()
+
     def close(self) -> None:
         for conn in self.connections():
+            self._leave(conn)
             conn.repo.close()
         with self._lock:
             self._connections.clear()

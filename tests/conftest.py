@@ -15,7 +15,7 @@ import pytest
 
 from agent import api as agent_api
 from rpc import transport
-from tests import qemu
+from tests import qemu, sanlockd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +63,20 @@ class Engine:
         p: str = self.api.prepareImage(repo, image_id, {})["path"]
         self.api.teardownImage(repo, image_id, {})
         return p
+
+
+@pytest.fixture(scope="session")
+def sanlock_daemon(tmp_path_factory: Any) -> Iterator[sanlockd.Daemon]:
+    """This test process's own sanlock daemon (host 1 of every shared repository the in-process
+    tests make). libsanlock reads SANLOCK_RUN_DIR once, at its first call, so the variable is
+    set here before any, for the whole session; daemons started later inherit it."""
+    d = sanlockd.Daemon(str(tmp_path_factory.mktemp("sanlock")), "host1")
+    d.start()
+    os.environ.update(d.env)
+    try:
+        yield d
+    finally:
+        d.stop()
 
 
 @pytest.fixture

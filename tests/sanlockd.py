@@ -65,13 +65,15 @@ class Daemon:
 
     def start(self, timeout: float = 10.0) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
+        sock = os.path.join(self.run_dir, "sanlock.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)  # a dead daemon's: its presence must mean this one listens
         env = {**os.environ, **self.env, "LD_PRELOAD": shim()}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [SANLOCK, "daemon", "-D", "-w", "0", "-l", "0", "-U", "0", "-G", "0",
                  "-e", self.name],
                 stdout=log, stderr=log, env=env, start_new_session=True)
-        sock = os.path.join(self.run_dir, "sanlock.sock")
         deadline = time.monotonic() + timeout
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:

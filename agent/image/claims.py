@@ -14,8 +14,11 @@ Two kinds of claim answer ``conflicts()``:
   journal of any connected repository claims what its parameters name (``wanted_by``), and a
   consumer holds the image it prepared. They outlive this process: a crash keeps them.
 
-On a shared repository the table is what sanlock leases replace (acquire, release, "who holds
-it", "is my claim still valid"); the operations only see this interface.
+On a shared repository a claim is also a sanlock lease per image (``agent/repo/leases.py``):
+the table keeps the owners of this host apart, the leases keep the hosts apart. A claim takes
+its table entries first (waiting for this host's calls), then the leases of every image (all
+or none; ``LeaseHeld`` naming the host that holds one), and ``check()`` asks whether they are
+still held before each write. The operations only see this interface.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from agent import errors
 from agent.image import model
+from agent.repo import leases
 
 if TYPE_CHECKING:
     from agent import command, host
@@ -84,18 +88,33 @@ class Claim:
         # Set by an operation about to run its last step (a seal of milliseconds): a client
         # that saw it done may come at once, and should wait for the release, not be refused.
         self.finishing = False
+        # Its sanlock leases, by repository uuid (shared repositories only).
+        self.leases: dict[str, leases.Held] = {}
 
     def valid(self) -> bool:
-        return not (self.revoked or self.released)
+        return not (self.revoked or self.released) and all(
+            h.valid() for h in self.leases.values())
 
     def check(self) -> None:
         if self.revoked:
             raise errors.ClaimLost(
-                f"{self.what} lost its claim (its repository was disconnected); it stays "
-                "resumable from the journal"
+                f"{self.what} lost its claim (its repository was disconnected, or this host "
+                "lost its lockspace); it stays resumable from the journal"
             )
         if self.released:
             raise errors.Error(f"{self.what} wrote after releasing its claim")
+        for repo_uuid, held in self.leases.items():
+            if not held.valid():
+                raise errors.ClaimLost(
+                    f"{self.what} no longer holds its lease in repository {repo_uuid} (this "
+                    "host's lockspace renewals are late, or another host took it over); it "
+                    "writes nothing more and stays resumable from the journal")
+
+    def lease_version(self, repo_uuid: str, image_id: str) -> int:
+        """The version of this claim's lease of an image (0 on a local repository): the
+        fencing token an operation's journal records with its host id."""
+        held = self.leases.get(repo_uuid)
+        return 0 if held is None else held.versions().get(image_id, 0)
 
     def holds(self, key: Key) -> bool:
         return key in self.keys
@@ -156,6 +175,8 @@ class Table:
         return out
 
     def release(self, claim: Claim) -> None:
+        for held in claim.leases.values():
+            held.release()
         with self._cond:
             if claim.released:
                 return
@@ -220,6 +241,13 @@ def wanted_by(op: model.Operation) -> list[Want]:
 _ids = itertools.count(1)
 
 
+def leases_of(keys: dict[Key, Mode], repo_uuid: str) -> dict[str, leases.Mode]:
+    """The sanlock lease modes the claimed images of one repository need: a writer holds its
+    image's lease exclusively, a reader shares it with the other readers."""
+    return {image_id: leases.Mode.EXCLUSIVE if mode == Mode.WRITE else leases.Mode.SHARED
+            for (uuid, image_id), mode in keys.items() if uuid == repo_uuid}
+
+
 class Claims:
     """The claim model of one host: its table, and the durable claims of its repositories."""
 
@@ -233,14 +261,30 @@ class Claims:
               reads: Iterable[tuple[localfs.LocalRepository, str]] = (),
               owner: str | None = None, lasting: bool = False, wait: float = CALL_WAIT,
               cancel: command.Cancel | None = None) -> Claim:
-        """Claim images (all at once, or none): ImageBusy when another owner uses one."""
+        """Claim images (all at once, or none): ImageBusy when another owner of this host
+        uses one, LeaseHeld when another host holds its lease, LockspaceNotJoined when this
+        host cannot take leases in its repository now."""
         keys: dict[Key, Mode] = {}
+        reads, writes = list(reads), list(writes)
+        shared = {r.uuid: r for r, _ in [*reads, *writes] if r.membership is not None}
         for r, image_id in reads:
             keys[(r.uuid, image_id)] = Mode.READ
         for r, image_id in writes:
             keys[(r.uuid, image_id)] = Mode.WRITE  # a write covers a read of the same image
+        for r in shared.values():
+            assert r.membership is not None
+            r.membership.require_joined(what)  # at once, before waiting for anyone
         owner = owner or f"call-{next(_ids)}"
-        return self.table.acquire(owner, what, keys, lasting, wait, cancel)
+        claim = self.table.acquire(owner, what, keys, lasting, wait, cancel)
+        try:
+            for repo_uuid, r in shared.items():
+                assert r.membership is not None
+                wanted = leases_of(keys, repo_uuid)
+                claim.leases[repo_uuid] = r.membership.space.acquire(wanted, what)
+        except BaseException:
+            claim.release()
+            raise
+        return claim
 
     def claim_operation(self, repo: localfs.LocalRepository, op: model.Operation,
                         cancel: command.Cancel | None = None) -> Claim:

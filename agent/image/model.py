@@ -177,6 +177,10 @@ class Progress:
     stage: str = "0/0"
     percent: int = -1
     last_error: str | None = None
+    # The version of the image's lease when host_id took it (shared repositories; 0 on local
+    # ones): with the host id, who owns the operation; a runner whose lease moved on writes
+    # nothing more.
+    lease_version: int = 0
 
 
 @dataclasses.dataclass

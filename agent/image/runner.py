@@ -85,6 +85,14 @@ class Runner:
             raise errors.ImageBusy(f"operation {op_id} did not stop within {timeout} s") from None
         return True
 
+    def interrupt(self, op_ids: list[str]) -> None:
+        """Stop operations as a crash would (their children killed, nothing recorded): they
+        stay resumable from the journal, here or on another host."""
+        with self._lock:
+            cancels = [self._active[o][0] for o in op_ids if o in self._active]
+        for cancel in cancels:
+            cancel.request("shutdown")
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Interrupt every operation as a crash would, so a later start can mend them."""
         with self._lock:
@@ -160,6 +168,9 @@ class Runner:
         fresh = op.step == 0 and op.state == model.OpState.PENDING
         op.state = model.OpState.RUNNING
         op.progress.host_id = self.host.host_id
+        # With the host id, the fencing token of this run (on a shared repository): whoever
+        # resumes it after this host died takes the lease again, and its version moves on.
+        op.progress.lease_version = claim.lease_version(repo.uuid, op.image_id)
         op.progress.last_error = None
         ctx = operations.Context(self.host, repo, op, cancel, report, persist, claim)
         log.info("event=op_start kind=%s image=%s step=%d", op.kind, op.image_id, op.step)

@@ -33,10 +33,13 @@ import stat
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent import errors, fileio
 from agent.image import model
+
+if TYPE_CHECKING:
+    from agent.repo import lockspace
 
 IMAGES = "images"
 VOLUMES = "volumes"
@@ -108,6 +111,10 @@ class LocalRepository:
     # cache, so a status poll may run on the RPC event loop itself (see Api.runs_inline). A
     # shared-storage driver, whose reads can hang on a lost server, must say False.
     INLINE_READS = True
+    # Whether several hosts mount it (then it has a lockspace, and claims are leases too), and
+    # sanlock's io_timeout there (seconds, recorded at format so every host uses the same).
+    shared = False
+    io_timeout = 0
 
     def __init__(self, root: str, repo_uuid: str) -> None:
         self.root = root
@@ -124,6 +131,9 @@ class LocalRepository:
         # Volume id -> what the last deep check found wrong with it (corruption, unreadable):
         # until a deep check finds it sound again, its images are broken.
         self.findings: dict[str, str] = {}
+        # This host in the repository's lockspace: shared formats only (a local repository
+        # is kept to one agent by its fcntl lock and needs no sanlock daemon).
+        self.membership: lockspace.Membership | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -1,0 +1,212 @@
+"""This host's membership of a shared repository's lockspace: joined in the background,
+watched, given up before sanlock would kill the agent, and joined again.
+
+States, as ``listStorageRepositories`` and ``getStorageRepositoryInfo`` tell them:
+
+- ``joining``: asking sanlock for this host's id (``2·io_timeout + 1`` s when all is well).
+  Reads work; data-changing calls are refused at once (``LockspaceNotJoined``).
+- ``joined``: leases can be taken.
+- ``failed``: with the reason: the join failed (another host uses this host id, the lockspace
+  cannot be read), or this host's renewals stopped (its storage does not answer). On a loss
+  the agent stops writing there first (its operations stopped as a crash stops them, its
+  qemu-img children killed, its leases let go) and only then says failed; it then tries to
+  join again until the storage answers.
+
+Whether the renewals are on time is read from the sanlock daemon's own status
+(``renewal_last_success``, in CLOCK_MONOTONIC seconds), not from ``get_hosts``, which lags by
+a renewal or two.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent import command, errors
+from agent.repo import leases
+
+log = logging.getLogger(__name__)
+
+JOINING, JOINED, FAILED = "joining", "joined", "failed"
+
+
+def daemon_status() -> dict[str, dict[str, str]]:
+    """``sanlock client status -D``: lockspace name -> its fields (and "daemon" -> the daemon's)."""
+    out = command.run(["sanlock", "client", "status", "-D"])
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            kind, _, rest = line.partition(" ")
+            current = None
+            if kind == "s":
+                current = sections.setdefault(rest.split(":", 1)[0], {})
+            elif kind == "daemon":
+                current = sections.setdefault("daemon", {})
+            continue
+        if current is not None:
+            key, _, value = line.strip().partition("=")
+            current[key] = value
+    return sections
+
+
+class Membership:
+    """One repository's lockspace as this host takes part in it."""
+
+    def __init__(self, space: leases.Lockspace, on_lost: Callable[[str], None]) -> None:
+        self.space = space
+        self.on_lost = on_lost
+        self._cond = threading.Condition()
+        self._state = JOINING
+        self._reason = ""
+        self._since = time.time()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        # monotonic second of this host's last good renewal, as the daemon last said.
+        self._last_success: float | None = None
+        space.fresh = self.fresh
+
+    # -- what callers see ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        with self._cond:
+            out: dict[str, Any] = {"state": self._state, "hostId": self.space.host_id,
+                                   "ioTimeout": self.space.io_timeout, "since": self._since}
+            if self._reason:
+                out["reason"] = self._reason
+            return out
+
+    @property
+    def joined(self) -> bool:
+        with self._cond:
+            return self._state == JOINED
+
+    def require_joined(self, what: str) -> None:
+        with self._cond:
+            state, reason = self._state, self._reason
+        if state == JOINED:
+            return
+        why = {JOINING: "this host is still joining its lockspace (it takes "
+               f"{2 * self.space.io_timeout + 1} s or so after connecting)",
+               FAILED: f"this host is out of its lockspace: {reason}"}[state]
+        raise errors.LockspaceNotJoined(
+            f"{what} cannot change repository {self.space.repo_uuid}: {why}; reads still work",
+            lockspace=self.space.repo_uuid, state=state)
+
+    def renewal_age(self) -> float | None:
+        """Seconds since this host's last good renewal, as last seen; None before any."""
+        with self._cond:
+            last = self._last_success
+        return None if last is None else max(0.0, time.monotonic() - last)
+
+    def fresh(self) -> bool:
+        """Whether this host may still write under its leases: joined, and its last good
+        renewal recent (a host frozen and thawed finds it old, and writes nothing more)."""
+        age = self.renewal_age()
+        return self.joined and age is not None and age < self.space.loss_age
+
+    # -- the watcher ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"lockspace-{self.space.repo_uuid[:8]}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Leave the lockspace (a disconnect): the leases go, then the host id."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.space.io_timeout + 5)
+        self.space.leave()
+
+    def _set(self, state: str, reason: str = "") -> None:
+        with self._cond:
+            if (state, reason) != (self._state, self._reason):
+                self._state, self._reason, self._since = state, reason, time.time()
+        log.info("event=lockspace_state lockspace=%s state=%s reason=%r",
+                 self.space.repo_uuid, state, reason)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait; False when stopped meanwhile."""
+        with self._cond:
+            if not self._stopped:
+                self._cond.wait(seconds)
+            return not self._stopped
+
+    @property
+    def _poll(self) -> float:
+        return min(1.0, self.space.io_timeout / 2)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            if not self._join():
+                if not self._sleep(max(2.0, 2.0 * self.space.io_timeout)):
+                    return
+                continue
+            self._watch()
+
+    def _join(self) -> bool:
+        self._set(JOINING)
+        try:
+            self.space.join()
+        except Exception as e:  # sanlock's errors, and the storage's
+            self._set(FAILED, f"cannot join the lockspace: {e}")
+            return False
+        self._observe()
+        if self._stopped:
+            return False
+        self._set(JOINED)
+        return True
+
+    def _observe(self) -> bool:
+        """Read this host's renewal from the daemon; False when the daemon has given it up."""
+        try:
+            fields = daemon_status().get(self.space.name.decode())
+        except errors.Error as e:
+            log.warning("event=lockspace_status_failed lockspace=%s error=%r",
+                        self.space.repo_uuid, str(e))
+            return True  # nothing learned: the age tells
+        if fields is None or fields.get("space_dead", "0") != "0":
+            return False
+        try:
+            success = float(fields["renewal_last_success"])
+        except (KeyError, ValueError):
+            return True
+        with self._cond:
+            self._last_success = success
+        return True
+
+    def _watch(self) -> None:
+        while self._sleep(self._poll):
+            alive = self._observe()
+            age = self.renewal_age()
+            if alive and age is not None and age < self.space.loss_age:
+                continue
+            why = ("sanlock gave the lockspace up" if not alive else
+                   f"this host's last good renewal of its lockspace was {age:.0f} s ago "
+                   "(its storage does not answer)")
+            self._lose(why)
+            return
+
+    def _lose(self, why: str) -> None:
+        log.warning("event=lockspace_lost lockspace=%s reason=%r", self.space.repo_uuid, why)
+        # Stop writing first (operations, their qemu-img), then let the leases go: what is
+        # left half done stays resumable from the journal, by this host or another.
+        with self._cond:
+            self._state, self._reason, self._since = FAILED, why, time.time()
+        try:
+            self.on_lost(why)
+        finally:
+            self.space.drop()
+            # Past 8·io_timeout sanlock gives the lockspace up for good; until then it may
+            # still say joined. Remove it ourselves so the next join starts clean.
+            try:
+                self.space.remove()
+            except Exception as e:
+                log.info("event=lockspace_remove_failed lockspace=%s error=%r",
+                         self.space.repo_uuid, str(e))
