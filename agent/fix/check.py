@@ -21,7 +21,7 @@ from typing import Any
 from agent import errors, host, qemuimg
 from agent.fix import clean, fixes
 from agent.image import claims, inventory, model, operations, runner
-from agent.repo import localfs
+from agent.repo import leases, localfs
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,12 @@ class Checker:
         fix derives again), so a deep check looks at their volumes alone."""
         wanted = types or set(fixes.FixType)
         self._focus = focus
-        active = {op_id for op_id in self._op_ids() if self.runner.is_active(op_id)}
+        ops = self._op_ids()
+        active = {op_id for op_id in ops if self.runner.is_active(op_id)}
+        # On a shared repository, what another live host runs is as good as running here:
+        # never a mend, never cleaned away; the check shows it running there.
+        elsewhere = self._elsewhere([o for o in ops if o not in active])
+        active |= set(elsewhere)
         inv = inventory.Inventory(
             self.repo, active, self.host.find_volume,
             lambda: [c.repo for c in self.host.connections() if c.repo is not self.repo],
@@ -54,6 +59,7 @@ class Checker:
         # images broken (repo.findings), which every other pass then sees.
         leaks = self._leaks(inv) if deep and fixes.FixType.OPTIMIZE in wanted else []
         if fixes.FixType.MEND in wanted:
+            out += self._running_elsewhere(inv, elsewhere)
             out += self._damaged(inv)
             out += self._mends(inv)
             out += self._faults(inv)
@@ -72,6 +78,37 @@ class Checker:
 
     def _op_ids(self) -> list[str]:
         return [op.id for op in self.repo.operations()]
+
+    def _elsewhere(self, op_ids: list[str]) -> dict[str, leases.Owner]:
+        """Operation id -> the other live host that holds its image's lease."""
+        if self.repo.membership is None:
+            return {}
+        out = {}
+        for op_id in op_ids:
+            op = self.repo.get_operation(op_id)
+            if op is None:
+                continue
+            holder = self.host.claims.working_elsewhere(self.repo, op.image_id)
+            if holder is not None:
+                out[op_id] = holder
+        return out
+
+    def _running_elsewhere(self, inv: inventory.Inventory,
+                           elsewhere: dict[str, leases.Owner]) -> list[fixes.Fix]:
+        """Operations another live host runs: shown, never offered (they are not this host's
+        to resume; once that host is dead they are mend fixes here)."""
+        out = []
+        for op in inv.live_ops:
+            holder = elsewhere.get(op.id)
+            if holder is None or self._skip(op.image_id):
+                continue
+            out.append(fixes.Fix(
+                fixes.FixType.RUNNING, [op.image_id],
+                f"{op.kind.value} of image {op.image_id} is running on host {holder.host_id} "
+                f"({holder.state}); nothing to do here",
+                {"op": op.id, "hostId": holder.host_id}, manual=True,
+                extra={"runningOn": holder.to_dict()}))
+        return out
 
     # -- mend ----------------------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ class FixType(enum.StrEnum):
     OPTIMIZE = "optimize"
     MERGE = "merge"
     MEND = "mend"
+    # Not a fix: an operation another live host runs on a shared repository, shown by the
+    # check where a mend would be if that host were dead. Never run.
+    RUNNING = "running"
 
 
 @dataclasses.dataclass
@@ -33,6 +36,8 @@ class Fix:
     )
     # A finding only a person can resolve (which of two chains is right...): listed, never run.
     manual: bool = False
+    # Fields for people and tools, outside the fix's identity (runningOn).
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
     def data(self) -> str:
@@ -54,4 +59,5 @@ class Fix:
         }
         if self.manual:
             out["manual"] = True
+        out.update(self.extra)
         return out

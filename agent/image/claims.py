@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.image import model
@@ -254,6 +254,9 @@ class Claims:
     def __init__(self, host: host.Host) -> None:
         self.host = host
         self.table = Table()
+        # The leases this host holds for its consumers (prepareImage until teardownImage).
+        self._consumers: dict[Key, leases.Held] = {}
+        self._consumer_lock = threading.Lock()
 
     # -- taking claims -------------------------------------------------------------------------
 
@@ -309,7 +312,45 @@ class Claims:
                 return conn.repo
         return None
 
+    def hold_for_consumer(self, repo: localfs.LocalRepository,
+                          image_id: str) -> dict[str, Any] | None:
+        """On a shared repository, hold an image's lease for its consumer until teardown (a
+        shared lease: another host's writer, merge or removal is refused, while a VM moving
+        between hosts may have it prepared on both for a moment). Call under a claim of the
+        image. Returns what the consumer's own lease manager needs; None on a local one."""
+        if repo.membership is None:
+            return None
+        key = (repo.uuid, image_id)
+        with self._consumer_lock:
+            if key not in self._consumers:
+                self._consumers[key] = repo.membership.space.acquire(
+                    {image_id: leases.Mode.SHARED}, f"the consumer of {image_id}")
+        return {"lockspace": repo.uuid, "resource": image_id, "mode": "shared",
+                "path": leases.area_path(repo.root, image_id), "offset": 0}
+
+    def let_consumer_go(self, repo: localfs.LocalRepository, image_id: str) -> None:
+        with self._consumer_lock:
+            held = self._consumers.pop((repo.uuid, image_id), None)
+        if held is not None:
+            held.release()
+
     # -- who uses an image ---------------------------------------------------------------------
+
+    @staticmethod
+    def working_elsewhere(repo: localfs.LocalRepository, image_id: str) -> leases.Owner | None:
+        """The other live host holding an image's lease (shared repositories): the one really
+        working on it, or holding it for its consumer. None: nobody, or a dead host (its
+        operations wait for a mend)."""
+        if repo.membership is None:
+            return None
+        try:
+            owners = repo.membership.space.owners(image_id)
+        except errors.RepositoryUnavailable:
+            return None
+        for owner in owners:
+            if owner.host_id != repo.membership.space.host_id and owner.alive:
+                return owner
+        return None
 
     def conflicts(self, repo: localfs.LocalRepository, image: model.Image, mode: Mode,
                   ignore: Iterable[str | None] = (),

@@ -480,10 +480,15 @@ class ImageService:
                 vols, fault, elsewhere = self._walk(repo, fresh)
                 return self._facts(repo, fresh, vols, fault, foreign=bool(elsewhere))
         running = any(o is not None and self.runner.is_active(o.id) for o in (op, fix))
+        running_on = None
+        if not running and (op is not None or fix is not None):
+            holder = self.claims.working_elsewhere(repo, img.id)
+            if holder is not None:
+                running, running_on = True, holder.to_dict()
         if img.operation_id is not None:
             fault = None  # an image being made has no chain yet: its operation says it all
         return status.Facts(img, op, fix, running, fault, len(vols), self.max_depth, foreign,
-                            journal_error)
+                            journal_error, running_on)
 
     def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
@@ -581,6 +586,7 @@ class ImageService:
             # Only regular files of their repositories whose headers name what the records
             # say are handed to a consumer (a planted file is never followed).
             chain.check_files(repo, image_id, vols, elsewhere)
+            lease = self.claims.hold_for_consumer(repo, image_id)
             if self.host.host_id not in img.prepared_by:
                 img.prepared_by.append(self.host.host_id)
                 repo.put_image(img)
@@ -595,9 +601,9 @@ class ImageService:
             "format": links[0]["format"],
             "readonly": img.kind == model.Kind.SNAPSHOT,
             "chain": links,
-            # A local repository needs no lease; shared repositories will return the sanlock
-            # resource the consumer must hold.
-            "lease": None,
+            # A local repository needs no lease; on a shared one, the sanlock resource this
+            # host holds for the consumer until teardownImage.
+            "lease": lease,
         }
 
     def teardown(self, repo_id: str, image_id: str) -> bool:
@@ -613,4 +619,5 @@ class ImageService:
                 return False
             img.prepared_by.remove(self.host.host_id)
             repo.put_image(img)
+            self.claims.let_consumer_go(repo, image_id)
             return True

@@ -21,6 +21,9 @@ class Facts:
     max_depth: int = 10
     foreign: bool = False  # a backing volume lives in another repository
     journal_error: str | None = None  # why the operation's journal cannot be read
+    # On a shared repository, the other host holding the image's lease while its operation
+    # runs there: {"hostId", "state", "alive"}.
+    running_on: dict[str, Any] | None = None
 
 
 def describe(f: Facts) -> dict[str, Any]:
@@ -31,20 +34,23 @@ def describe(f: Facts) -> dict[str, Any]:
             return _out(img, model.Status.BROKEN, model.Progress(
                 last_error=f.journal_error
                 or f"the journal of operation {img.operation_id} is missing"), None, False)
-        return _out(img, model.Status.BROKEN, f.op.progress, f.op.kind.value, f.running)
+        return _out(img, model.Status.BROKEN, f.op.progress, f.op.kind.value, f.running,
+                    f.running_on)
     if f.fault is not None:
         return _out(img, model.Status.BROKEN, model.Progress(
             img.progress.host_id, img.progress.stage, -1, f.fault), None, False)
     if f.fix is not None:
-        return _out(img, model.Status.DEGRADED, f.fix.progress, f.fix.kind.value, f.running)
+        return _out(img, model.Status.DEGRADED, f.fix.progress, f.fix.kind.value, f.running,
+                    f.running_on)
     degraded = f.depth > f.max_depth or f.foreign
     status = model.Status.DEGRADED if degraded else model.Status.OPTIMIZED
     return _out(img, status, img.progress, None, False)
 
 
 def _out(img: model.Image, status: model.Status, progress: model.Progress,
-         operation: str | None, running: bool) -> dict[str, Any]:
-    return {
+         operation: str | None, running: bool,
+         running_on: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "imageId": img.id,
         "status": status.value,
         "hostID": progress.host_id,
@@ -54,3 +60,6 @@ def _out(img: model.Image, status: model.Status, progress: model.Progress,
         "operation": operation,
         "running": running,
     }
+    if running_on is not None:
+        out["runningOn"] = running_on
+    return out
