@@ -167,7 +167,7 @@ class Host:
         """SIGSTOP to everything the host runs (its FUSE client too: do not touch its mount
         from the test until ``thaw``)."""
         assert self.ns is not None
-        return self.ns.signal_all(signal.SIGSTOP)
+        return self.ns.freeze()
 
     def thaw(self) -> list[int]:
         assert self.ns is not None
@@ -175,7 +175,7 @@ class Host:
 
     def cut_storage(self) -> list[int]:
         """Kill the host's GlusterFS FUSE clients: its mounts of the volume fail from then on
-        (ENOTCONN), as when a host loses its storage network."""
+        (ECONNABORTED, then ENOTCONN), as when a host loses its storage network."""
         assert self.ns is not None
         pids = gluster.fuse_clients(self.ns)
         for pid in pids:

@@ -44,12 +44,16 @@ def start_time(pid: int) -> int | None:
 
 def alive(pid: int, started: int | None) -> bool:
     """Whether the process ``pid`` that started at ``started`` still runs (not a zombie)."""
+    return state(pid) not in (None, "Z", "X") and (started is None or start_time(pid) == started)
+
+
+def state(pid: int) -> str | None:
+    """The process's state letter (R, S, D, T, Z, ...), None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+            return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
-    return state not in ("Z", "X") and (started is None or start_time(pid) == started)
+        return None
 
 
 def signal_pid(pid: int, started: int | None, sig: int) -> None:
@@ -135,6 +139,20 @@ class Namespace:
         """Stop everything inside, then the holder: the namespace and its mounts go with it."""
         self.stop_all(grace)
         self.kill_holder()
+
+    def freeze(self, timeout: float = 10.0) -> list[int]:
+        """SIGSTOP to every process inside, returning once each of them is stopped (a signal is
+        delivered asynchronously) and no new one appeared."""
+        frozen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while True:
+            frozen.update(self.signal_all(signal.SIGSTOP))
+            running = [p for p in frozen if state(p) not in (None, "T", "t", "Z", "X")]
+            if not running and not set(self.pids()) - frozen:
+                return sorted(p for p in frozen if state(p) is not None)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"processes of {self.ns} do not stop: {running}")
+            time.sleep(0.01)
 
     def stop_all(self, grace: float = 5.0, also: Iterable[int] = ()) -> None:
         """Stop every process inside but the holder: SIGTERM, then SIGKILL after ``grace`` s
