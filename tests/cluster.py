@@ -281,21 +281,8 @@ class Cluster:
             self.stop()
             raise
 
-    def connect_repository(self, io_timeout: int = 1, join_timeout: float = 60) -> None:
-        """Format a glusterfs-1.0 repository on the volume (once, from host1) and connect it as
-        ``shared`` on every host; wait until every host joined its lockspace."""
-        params = self.volume.params
-        self.hosts[0].call("formatStorageRepository", REPO_FORMAT, params,
-                           {"ioTimeout": io_timeout})
-        for h in self.hosts:
-            h.call("connectStorageRepository", REPO_ID, REPO_FORMAT, params, {})
-        deadline = time.monotonic() + join_timeout
-        for h in self.hosts:
-            while (state := h.call("getStorageRepositoryInfo", REPO_ID).get("lockspace")) in (
-                    "joining", {"state": "joining"}):
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{h.name} did not join the lockspace: {state}")
-                time.sleep(0.2)
+    def connect_repository(self, io_timeout: int = 1) -> None:
+        connect_repository(self.hosts, self.volume, io_timeout)
 
     def stop(self) -> None:
         errors = []
@@ -324,6 +311,33 @@ class Cluster:
         c.volume = gluster.Volume.from_state(state["volume"])
         c.hosts = [Host.from_state(h, c.volume) for h in state["hosts"]]
         return c
+
+
+def has_driver() -> bool:
+    """Whether this checkout's agent has the glusterfs-1.0 repository format."""
+    with open(os.path.join(ROOT, "rpc", "openrpc.json")) as f:
+        return f'"{REPO_FORMAT}"' in f.read()
+
+
+def _joining(lockspace: Any) -> bool:
+    return lockspace == "joining" or (isinstance(lockspace, dict) and "joining" in
+                                      lockspace.values())
+
+
+def connect_repository(hosts: Sequence[Host], volume: gluster.Volume, io_timeout: int = 1,
+                       join_timeout: float = 60) -> None:
+    """Format a glusterfs-1.0 repository on ``volume`` (once, from the first host) and connect it
+    as ``shared`` on every host; wait until each host joined its lockspace."""
+    params = volume.params
+    hosts[0].call("formatStorageRepository", REPO_FORMAT, params, {"ioTimeout": io_timeout})
+    for h in hosts:
+        h.call("connectStorageRepository", REPO_ID, REPO_FORMAT, params, {})
+    deadline = time.monotonic() + join_timeout
+    for h in hosts:
+        while _joining(lockspace := h.call("getStorageRepositoryInfo", REPO_ID).get("lockspace")):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{h.name} did not join the lockspace: {lockspace}")
+            time.sleep(0.2)
 
 
 def _stop_recorded(host: Host, state: dict[str, Any]) -> None:
@@ -376,23 +390,24 @@ def up(directory: str, hosts: int, repository: bool, python: str) -> int:
         t2 = time.monotonic()
         print(f"{hosts} hosts up in {t2 - t1:.1f} s")
         note = ""
-        if not repository:
+        if not repository or not has_driver():
             for h in c.hosts:
                 h.mount()
             c.write_state()
-            note = "the volume is mounted in each host's namespace at hostN/mnt"
+            note = ("the volume is mounted in each host's namespace at hostN/mnt" if not repository
+                    else f"this agent has no {REPO_FORMAT} repository format yet: the volume is "
+                    "mounted in each host's namespace at hostN/mnt instead")
         else:
             try:
                 c.connect_repository()
-                note = (f'repository "{REPO_ID}" ({REPO_FORMAT}, {c.volume.params}) connected on '
-                        "every host")
             except transport.RemoteError as e:
-                # Until the agent has the glusterfs-1.0 driver: the hosts share a plain mount.
-                for h in c.hosts:
-                    h.mount()
-                c.write_state()
-                note = (f"no {REPO_FORMAT} repository ({e.message}); the volume is mounted in "
-                        "each host's namespace at hostN/mnt instead")
+                print(f"the {REPO_FORMAT} repository could not be connected: {e} "
+                      f"(see {directory}/hostN/agent.log); tearing down", file=sys.stderr)
+                c.stop()
+                os.unlink(state_path)
+                return 1
+            note = (f'repository "{REPO_ID}" ({REPO_FORMAT}, {json.dumps(c.volume.params)}) '
+                    "connected on every host")
     except BaseException:
         c.stop()
         os.unlink(state_path)

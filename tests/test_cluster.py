@@ -293,3 +293,16 @@ def test_cluster_command_up_prints_each_socket_and_down_stops_everything(
     assert not os.path.exists(os.path.join(d, cluster.STATE_FILE))
     # The module's volume was not touched.
     assert "Status: Started" in gluster_volume.cli("volume", "info", gluster_volume.name)
+
+
+@pytest.mark.skipif(not cluster.has_driver(), reason=f"the agent has no {cluster.REPO_FORMAT} "
+                    "repository format yet (being written on another branch)")
+def test_hosts_connect_one_glusterfs_repository_and_see_each_others_images(
+        cluster_hosts: Any, gluster_volume: gluster.Volume) -> None:
+    hosts = cluster_hosts(2)
+    cluster.connect_repository(hosts, gluster_volume, io_timeout=1)
+    for h in hosts:
+        assert [r["repoId"] for r in h.call("listStorageRepositories")] == [cluster.REPO_ID]
+    disk = hosts[0].call("createVirtualDisk", cluster.REPO_ID, 1 << 30)
+    conftest.settle(hosts[0].call, cluster.REPO_ID, disk)
+    assert hosts[1].call("getImageStatus", cluster.REPO_ID, disk)["status"] == "optimized"
