@@ -69,6 +69,10 @@ class Host:
         self.agent_pid = 0
         self.agent_started: int | None = None
         self.mounted = False
+        # Set before start/restart: more agent configuration ({section: {key: value}}, e.g.
+        # {"agent": {"resume_on_start": "false"}}) and environment (STRATA_TEST_CRASH_AT=...).
+        self.config_extra: dict[str, dict[str, str]] = {}
+        self.agent_env: dict[str, str] = {}
 
     @property
     def sanlock_env(self) -> dict[str, str]:
@@ -104,12 +108,16 @@ class Host:
             raise
 
     def write_config(self) -> None:
-        lines = ["[host]", f"id = {self.id}", "", "[rpc]", f"socket = {self.socket}", "",
-                 "[agent]", f"state_dir = {os.path.join(self.dir, 'state')}"]
-        if _agent_has("run_dir"):
-            lines.append(f"run_dir = {self.run_dir}")
+        sections: dict[str, dict[str, str]] = {
+            "host": {"id": str(self.id)}, "rpc": {"socket": self.socket},
+            "agent": {"state_dir": os.path.join(self.dir, "state")}}
+        if _agent_has("run_dir"):  # (the key is new: an older agent would refuse it)
+            sections["agent"]["run_dir"] = self.run_dir
+        for section, keys in self.config_extra.items():
+            sections.setdefault(section, {}).update(keys)
         with open(self.config, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            for section, keys in sections.items():
+                f.write(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n")
 
     def start_agent(self, timeout: float = 30.0) -> None:
         assert self.ns is not None
@@ -119,7 +127,8 @@ class Host:
         with open(os.path.join(self.dir, "agent.log"), "ab") as log:
             self.agent = subprocess.Popen(
                 self.ns.command([self.python, "-m", "rpc.main", "--config", self.config]),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, cwd=ROOT,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**self.env, **self.agent_env}, cwd=ROOT,
                 start_new_session=True)
         self.agent_pid = self.agent.pid
         self.agent_started = namespace.start_time(self.agent_pid)

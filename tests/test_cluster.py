@@ -249,11 +249,15 @@ def test_host_actions_freeze_thaw_kill_and_restart_reach_everything_the_host_run
     with open(h2.path(os.path.join(h2.mountpoint, "while-host1-was-down")), "w") as f:
         f.write("x")
 
+    h1.config_extra = {"agent": {"resume_on_start": "false"}}
     h1.restart()
     assert h1.call("listStorageRepositories") == []
     assert "while-host1-was-down" in os.listdir(h1.path(h1.mountpoint))
-    with open(os.path.join(h1.dir, "agent.conf")) as f:
-        assert "id = 1" in f.read()
+    # The agent runs with the host's own configuration.
+    shown = subprocess.run([sys.executable, "-m", "rpc.main", "--config", h1.config,
+                            "--show-config"], capture_output=True, text=True, check=True,
+                           env=h1.env, cwd=conftest.ROOT).stdout.splitlines()
+    assert {"id = 1", f"socket = {h1.socket}", "resume_on_start = false"} <= set(shown), shown
 
 
 def test_cluster_command_up_prints_each_socket_and_down_stops_everything(
