@@ -8,11 +8,13 @@ DEB_PACKAGES := qemu-utils sanlock python3-sanlock python3-venv
 # Commands (or files) whose absence means a Debian package is missing.
 DEB_PROBES := /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/sanlock \
               /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
-# Only the tests and the benchmark need these: they make XFS and btrfs file systems on loop files,
-# cut a qemu-img at a chosen system call (strace's fault injection), and run the README's command
-# blocks, which pick JSON apart with jq.
-TEST_DEB_PACKAGES := xfsprogs btrfs-progs strace jq
-TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs /usr/bin/strace /usr/bin/jq
+# Only the tests, the benchmark and make cluster need these: they make XFS and btrfs file systems
+# on loop files, cut a qemu-img at a chosen system call (strace's fault injection), run the
+# README's command blocks, which pick JSON apart with jq, and run a real GlusterFS volume that the
+# simulated hosts of the multi-host tests mount.
+TEST_DEB_PACKAGES := xfsprogs btrfs-progs strace jq glusterfs-server glusterfs-client
+TEST_DEB_PROBES := /sbin/mkfs.xfs /sbin/mkfs.btrfs /usr/bin/strace /usr/bin/jq \
+                   /usr/sbin/glusterd /usr/sbin/mount.glusterfs
 
 # $(call debs,PROBES,PACKAGES,EXTRA-CHECK,NOT-ROOT): apt-get install PACKAGES (as root) when a
 # probe is missing or EXTRA-CHECK fails; not root, say so and run NOT-ROOT (exit 1, or true).
@@ -28,7 +30,7 @@ define debs
 	fi
 endef
 
-.PHONY: run test stress lint bench deps clean install install-unit
+.PHONY: run test stress lint bench deps clean install install-unit cluster cluster-down
 
 deps: $(VENV)/.installed
 
@@ -64,6 +66,17 @@ lint: deps
 
 bench: deps $(VENV)/.testdebs
 	$(VENV)/bin/python -m bench
+
+# A GlusterFS volume and HOSTS simulated hosts on this machine (as root), each with its own mount
+# namespace, sanlock daemon, agent and socket under CLUSTER_DIR: it prints each host's socket.
+# make cluster-down stops them all by the pids recorded in CLUSTER_DIR/cluster.json.
+HOSTS ?= 3
+CLUSTER_DIR ?= /var/tmp/strata-cluster
+cluster: deps $(VENV)/.testdebs
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python -m tests.cluster up --hosts $(HOSTS) --dir $(CLUSTER_DIR)
+
+cluster-down:
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python -m tests.cluster down --dir $(CLUSTER_DIR)
 
 clean:
 	rm -rf $(VENV) .tox $(DEV) *.egg-info

@@ -15,7 +15,7 @@ import pytest
 
 from agent import api as agent_api
 from rpc import transport
-from tests import qemu, sanlockd
+from tests import cluster, gluster, qemu, sanlockd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,3 +166,41 @@ def daemon(tmp_path: Any) -> Iterator[Daemon]:
     yield d
     if d.proc is not None and d.proc.poll() is None:
         assert d.stop() == 0, d.read_log()
+
+
+@pytest.fixture(scope="module")
+def gluster_volume(tmp_path_factory: Any) -> Iterator[gluster.Volume]:
+    """A real GlusterFS volume, shared by the tests of one module (it takes seconds to make)."""
+    reason = gluster.missing()
+    if reason:
+        pytest.skip(reason)
+    v = gluster.Volume(str(tmp_path_factory.mktemp("gluster")))
+    v.start()
+    yield v
+    v.stop()
+    os.unlink(v.image)  # sparse, but 20 GiB to a reader; the logs stay for a failed run
+
+
+@pytest.fixture
+def cluster_hosts(gluster_volume: gluster.Volume, tmp_path: Any) -> Iterator[Any]:
+    """``make(n, agents=True, mount=False)``: n more simulated hosts on ``gluster_volume``
+    (emptied for this test), all stopped at the end of the test even when it fails."""
+    gluster_volume.wipe()
+    made: list[cluster.Host] = []
+
+    def make(n: int = 2, agents: bool = True, mount: bool = False) -> list[cluster.Host]:
+        hosts = [cluster.Host(str(tmp_path), len(made) + i, gluster_volume)
+                 for i in range(1, n + 1)]
+        for h in hosts:
+            made.append(h)
+            h.start(agent=agents, mount=mount)
+        return hosts
+
+    yield make
+    errors = []
+    for h in made:
+        try:
+            h.stop()
+        except Exception as e:  # every host still goes down
+            errors.append(f"{h.name}: {e}")
+    assert not errors, errors

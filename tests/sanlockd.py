@@ -17,7 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 SANLOCK = "/usr/sbin/sanlock"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,11 +46,13 @@ def client_env(run_dir: str) -> dict[str, str]:
 
 class Daemon:
     """One sanlock daemon. ``name``: its host name in delta leases (a host that restarts with the
-    same name rejoins at once, its old leases free)."""
+    same name rejoins at once, its old leases free). ``prefix``: a command the daemon runs under
+    (``nsenter`` into a simulated host's mount namespace, where its storage is mounted)."""
 
-    def __init__(self, run_dir: str, name: str) -> None:
+    def __init__(self, run_dir: str, name: str, prefix: Sequence[str] = ()) -> None:
         self.run_dir = run_dir
         self.name = name
+        self.prefix = list(prefix)
         self.log = os.path.join(run_dir, "daemon.log")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -66,12 +68,13 @@ class Daemon:
     def start(self, timeout: float = 10.0) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
         sock = os.path.join(self.run_dir, "sanlock.sock")
+        # A daemon of this directory that was killed left its socket: it would look like ours.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)  # a dead daemon's: its presence must mean this one listens
+            os.unlink(sock)
         env = {**os.environ, **self.env, "LD_PRELOAD": shim()}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [SANLOCK, "daemon", "-D", "-w", "0", "-l", "0", "-U", "0", "-G", "0",
+                [*self.prefix, SANLOCK, "daemon", "-D", "-w", "0", "-l", "0", "-U", "0", "-G", "0",
                  "-e", self.name],
                 stdout=log, stderr=log, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
