@@ -34,7 +34,7 @@ from agent.image import model
 
 if TYPE_CHECKING:
     from agent import command, host
-    from agent.repo import localfs
+    from agent.repo import contract
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,8 @@ class Claims:
 
     # -- taking claims -------------------------------------------------------------------------
 
-    def claim(self, what: str, writes: Iterable[tuple[localfs.LocalRepository, str]] = (),
-              reads: Iterable[tuple[localfs.LocalRepository, str]] = (),
+    def claim(self, what: str, writes: Iterable[tuple[contract.Repository, str]] = (),
+              reads: Iterable[tuple[contract.Repository, str]] = (),
               owner: str | None = None, lasting: bool = False, wait: float = CALL_WAIT,
               cancel: command.Cancel | None = None) -> Claim:
         """Claim images (all at once, or none): ImageBusy when another owner uses one."""
@@ -242,11 +242,11 @@ class Claims:
         owner = owner or f"call-{next(_ids)}"
         return self.table.acquire(owner, what, keys, lasting, wait, cancel)
 
-    def claim_operation(self, repo: localfs.LocalRepository, op: model.Operation,
+    def claim_operation(self, repo: contract.Repository, op: model.Operation,
                         cancel: command.Cancel | None = None) -> Claim:
         """An operation's claim while it runs here: everything its journal names."""
-        writes: list[tuple[localfs.LocalRepository, str]] = []
-        reads: list[tuple[localfs.LocalRepository, str]] = []
+        writes: list[tuple[contract.Repository, str]] = []
+        reads: list[tuple[contract.Repository, str]] = []
         for w in wanted_by(op):
             where = repo if w.local else self._holding(repo, op, w.image_id)
             if where is None:
@@ -255,8 +255,8 @@ class Claims:
         return self.claim(f"{op.kind.value} operation {op.id}", writes, reads, owner=op.id,
                           lasting=True, cancel=cancel)
 
-    def _holding(self, repo: localfs.LocalRepository, op: model.Operation,
-                 image_id: str) -> localfs.LocalRepository | None:
+    def _holding(self, repo: contract.Repository, op: model.Operation,
+                 image_id: str) -> contract.Repository | None:
         for conn in self.host.connections():
             if conn.repo is repo and image_id == op.image_id:
                 continue
@@ -267,7 +267,7 @@ class Claims:
 
     # -- who uses an image ---------------------------------------------------------------------
 
-    def conflicts(self, repo: localfs.LocalRepository, image: model.Image, mode: Mode,
+    def conflicts(self, repo: contract.Repository, image: model.Image, mode: Mode,
                   ignore: Iterable[str | None] = (),
                   chain: Iterable[str] = ()) -> list[Holder]:
         """Everyone whose use of ``image`` clashes with using it in ``mode``: held claims, the
@@ -284,7 +284,7 @@ class Claims:
                 seen.add(h.owner)
         return out
 
-    def _durable(self, repo: localfs.LocalRepository, image: model.Image,
+    def _durable(self, repo: contract.Repository, image: model.Image,
                  chain: set[str]) -> Iterator[Holder]:
         for host_id in image.prepared_by:
             consumer = Mode.WRITE if image.kind == model.Kind.DISK else Mode.READ
@@ -310,7 +310,7 @@ class Claims:
                     break
 
     @staticmethod
-    def _unfinished(repo: localfs.LocalRepository, op: model.Operation) -> bool:
+    def _unfinished(repo: contract.Repository, op: model.Operation) -> bool:
         """An operation whose image still waits for it (a journal left by a crash after its
         seal, or written before its image, claims nothing)."""
         img = repo.get_image(op.image_id)

@@ -1,9 +1,10 @@
-"""Repository formats. ``FORMATS`` maps a repoFormat name to its driver class."""
+"""Repository formats. ``FORMATS`` maps a repoFormat name to its driver class; the engine finds
+drivers here and knows them only through ``agent.repo.contract``."""
 
 from __future__ import annotations
 
-from agent.repo import localfs
+from agent.repo import contract, localfs
 
-FORMATS: dict[str, type[localfs.LocalRepository]] = {
+FORMATS: dict[str, type[contract.Repository]] = {
     localfs.LocalRepository.FORMAT: localfs.LocalRepository,
 }
