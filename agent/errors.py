@@ -74,6 +74,14 @@ class RepositoryUnavailable(Error):
     name = "RepositoryUnavailable"
 
 
+class RepositoryUnsafe(Error):
+    """The storage is set up so that another host could read a record's old content: the
+    message names the setting and the command that fixes it; nothing stays mounted."""
+
+    code = 1107
+    name = "RepositoryUnsafe"
+
+
 class ImageNotFound(Error):
     code = 1200
     name = "ImageNotFound"
@@ -154,6 +162,7 @@ ALL: tuple[type[Error], ...] = (
     RepositoryNotEmpty,
     UnsupportedFormat,
     RepositoryUnavailable,
+    RepositoryUnsafe,
     ImageNotFound,
     ImageBusy,
     WrongImageKind,

@@ -3,8 +3,10 @@ drivers here and knows them only through ``agent.repo.contract``."""
 
 from __future__ import annotations
 
-from agent.repo import contract, localfs
+from agent.repo import contract, glusterfs, localfs, nfs, posixfs
 
 FORMATS: dict[str, type[contract.Repository]] = {
-    localfs.LocalRepository.FORMAT: localfs.LocalRepository,
+    driver.FORMAT: driver
+    for driver in (localfs.LocalRepository, glusterfs.GlusterRepository,
+                   posixfs.PosixRepository, nfs.NfsRepository)
 }

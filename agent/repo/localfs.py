@@ -43,6 +43,22 @@ class _Damaged(Exception):
         self.damage = damage
 
 
+def lock(path: str, what: str) -> int:
+    """The fcntl lock that keeps a second agent of this host away from ``what``: its fd."""
+    # Read-only: flock needs no write access, and a file open for writing would keep the
+    # administrator from remounting a failing file system read-only (EBUSY).
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise errors.RepositoryLocked(
+                f"{what} is in use by another agent on this host") from None
+        raise
+    return fd
+
+
 def _checked(rec_id: str) -> str:
     """An id that is about to become a path: a bug if it is not a bare UUID (every id read
     from disk was validated on the way in)."""
@@ -62,8 +78,9 @@ class LocalRepository(contract.Repository):
                      "description": "the repository's directory, an absolute path"},
         },
     }
-    CAPABILITIES = (contract.Capability.THIN, contract.Capability.SNAPSHOT,
-                    contract.Capability.COPY, contract.Capability.MERGE)
+    CAPABILITIES: ClassVar[tuple[contract.Capability, ...]] = (
+        contract.Capability.THIN, contract.Capability.SNAPSHOT, contract.Capability.COPY,
+        contract.Capability.MERGE)
     # Reading a few small records of a local file system takes microseconds from the page
     # cache, so a status poll may run on the RPC event loop itself (see Api.runs_inline). A
     # shared-storage driver, whose reads can hang on a lost server, must say False.
@@ -232,20 +249,8 @@ class LocalRepository(contract.Repository):
         return os.path.join(self.root, "lock")
 
     def _take_lock(self) -> None:
-        # Read-only: flock needs no write access, and a file open for writing would keep the
-        # administrator from remounting a failing file system read-only (EBUSY).
-        fd = os.open(self._lock_path(),
-                     os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise errors.RepositoryLocked(
-                    f"{self.root} is in use by another agent on this host"
-                ) from None
-            raise
-        self._lock_fd = fd
+        if self._lock_fd is None:  # a mounted format takes its lock before it mounts
+            self._lock_fd = lock(self._lock_path(), self.root)
 
     def close(self) -> None:
         """Let the repository go: the lock file is the one descriptor the agent keeps open
