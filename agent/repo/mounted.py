@@ -189,7 +189,7 @@ class MountedRepository(localfs.LocalRepository):
         repo = cls(target, "")
         repo._lock_fd = fd
         try:
-            if os.path.ismount(target):
+            if is_mount_point(target):
                 # An agent that died left it mounted (a VM may still use it): the name is the
                 # hash of these very parameters and the lock is ours, so it is this mount.
                 log.info("event=mount_reused format=%s target=%s", cls.FORMAT, target)
@@ -246,8 +246,26 @@ def _mount(spec: MountSpec, target: str) -> None:
             source=spec.source, target=target) from None
 
 
+def is_mount_point(path: str) -> bool:
+    """Whether something is mounted at ``path`` (os.path.ismount misses a bind of a directory
+    of the same file system: the kernel's mount table does not)."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            # Field 5 is the mount point, with space, tab, newline and backslash in octal.
+            if len(fields) > 4 and _unescape(fields[4]) == path:
+                return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
 def _unmount(target: str) -> None:
-    if not os.path.ismount(target):
+    if not is_mount_point(target):
         return
     try:
         command.run(["umount", target])
