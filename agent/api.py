@@ -20,13 +20,14 @@ from agent import errors, fileio, host, repo, requests
 from agent.fix import check as checker
 from agent.fix import fixes
 from agent.image import model, operations, runner, service
-from agent.repo import localfs
+from agent.repo import contract
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 # How long a request id is remembered by default: [agent] request_ttl.
 REQUEST_TTL = 86400.0
+RUN_DIR = "/run/strata"
 
 T = TypeVar("T")
 
@@ -44,8 +45,13 @@ REPO_PARAMS = ("repoId", "repositoryId", "targetRepoId")
 
 class Api:
     def __init__(self, host_id: int, workers: int, state_dir: str | None = None,
-                 max_chain_depth: int = 10, request_ttl: float = REQUEST_TTL) -> None:
-        self.host = host.Host(host_id)
+                 max_chain_depth: int = 10, request_ttl: float = REQUEST_TTL,
+                 run_dir: str | None = None) -> None:
+        # Runtime files (the mounts of the shared formats): [agent] run_dir; by default next
+        # to the state, or /run/strata for an agent that keeps no state.
+        if run_dir is None:
+            run_dir = os.path.join(state_dir, "run") if state_dir is not None else RUN_DIR
+        self.host = host.Host(host_id, run_dir)
         self.runner = runner.Runner(self.host, workers)
         self.max_chain_depth = max_chain_depth
         self.images = service.ImageService(self.host, self.runner, max_chain_depth)
@@ -131,7 +137,7 @@ class Api:
         log.info("event=resume_summary resumed=%d waiting=%d", resumed, waiting)
         return resumed, waiting
 
-    def _waits_because(self, repository: localfs.LocalRepository,
+    def _waits_because(self, repository: contract.Repository,
                        op: model.Operation) -> str | None:
         if op.state == model.OpState.STOPPED:
             return f"stopped: {op.progress.last_error or 'no error recorded'}"
@@ -224,7 +230,8 @@ class Api:
     ) -> dict[str, Any]:
         def call(_: requests.Attempt) -> dict[str, Any]:
             connected = tuple(c.repo.root for c in self.host.connections())
-            repo_uuid = self.host.driver(repoFormat).format(connectionParameters, connected)
+            repo_uuid = self.host.driver(repoFormat).format(
+                connectionParameters, options, self.host.run_dir, connected)
             log.info("event=formatted format=%s uuid=%s", repoFormat, repo_uuid)
             return {"repoUUID": repo_uuid, "repoFormat": repoFormat}
 
@@ -374,7 +381,8 @@ class Api:
             base = last or {"repoId": conn.repo_id, "repoFormat": conn.repo_format,
                             "repoUUID": conn.repo.uuid,
                             "connectionParameters": conn.parameters}
-            out.append({**base, "available": False, "error": error, "stale": last is not None})
+            out.append({**base, "available": False, "error": error, "stale": last is not None,
+                        "lockspace": conn.repo.lockspace_state()})
         return out
 
     def _probe(self, conn: host.Connection) -> concurrent.futures.Future[dict[str, Any]]:
@@ -419,7 +427,9 @@ class Api:
             self._last_info[repoId] = info
             failure = self._failures.get(repoId)
         # Its records read fine, but its calls may still fail (a frozen file system reads).
-        return {**info, "available": failure is None, "error": failure, "stale": False}
+        # The lockspace is this host's own state, known without I/O: always fresh.
+        return {**info, "available": failure is None, "error": failure, "stale": False,
+                "lockspace": conn.repo.lockspace_state()}
 
     # -- images --------------------------------------------------------------------------------
 

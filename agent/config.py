@@ -181,6 +181,8 @@ class Rpc:
 @dataclasses.dataclass(frozen=True)
 class Agent:
     state_dir: str = _key(_Path(), "/var/lib/strata")
+    # Runtime files: the shared formats mount their file systems under <run_dir>/mnt.
+    run_dir: str = _key(_Path(), "/run/strata")
     workers: int = _key(_Int(1, 64), 4)
     rpc_threads: int = _key(_Int(1, 256), 16)
     # Chains deeper than this are reported degraded and get an optimize fix.
@@ -248,6 +250,7 @@ def dev(directory: str) -> Config:
         ("host", "id"): "1",
         ("rpc", "socket"): os.path.join(base, "agent.sock"),
         ("agent", "state_dir"): os.path.join(base, "state"),
+        ("agent", "run_dir"): os.path.join(base, "run"),
         ("log", "file"): "",
     }
     values: _Values = {}

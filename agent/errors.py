@@ -74,6 +74,14 @@ class RepositoryUnavailable(Error):
     name = "RepositoryUnavailable"
 
 
+class RepositoryUnsafe(Error):
+    """The storage is set up so that another host could read a record's old content: the
+    message names the setting and the command that fixes it; nothing stays mounted."""
+
+    code = 1107
+    name = "RepositoryUnsafe"
+
+
 class LockspaceNotJoined(Error):
     """A data-changing call on a shared repository whose lockspace this host has not joined
     (still joining, or out of it after its storage stopped answering): reads still work."""
@@ -164,6 +172,7 @@ ALL: tuple[type[Error], ...] = (
     RepositoryNotEmpty,
     UnsupportedFormat,
     RepositoryUnavailable,
+    RepositoryUnsafe,
     ImageNotFound,
     ImageBusy,
     WrongImageKind,

@@ -10,7 +10,7 @@ from typing import Any
 
 from agent import errors, repo
 from agent.image import claims, model
-from agent.repo import leases, localfs, lockspace
+from agent.repo import contract, leases, lockspace
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class Connection:
     repo_id: str
     repo_format: str
     parameters: dict[str, Any]
-    repo: localfs.LocalRepository
+    repo: contract.Repository
 
 
 @dataclasses.dataclass
@@ -28,13 +28,15 @@ class Found:
     """An image located in a connected repository."""
 
     repo_id: str
-    repo: localfs.LocalRepository
+    repo: contract.Repository
     image: model.Image
 
 
 class Host:
-    def __init__(self, host_id: int) -> None:
+    def __init__(self, host_id: int, run_dir: str) -> None:
         self.host_id = host_id
+        # Where the formats that mount their file system mount it ([agent] run_dir).
+        self.run_dir = run_dir
         # Guards the two dicts only, never held across I/O: a repository whose file system
         # hangs must not stop the calls about the others (each looks its connection up here).
         self._lock = threading.Lock()
@@ -50,7 +52,7 @@ class Host:
     # -- connections -------------------------------------------------------------------------
 
     @staticmethod
-    def driver(repo_format: str) -> type[localfs.LocalRepository]:
+    def driver(repo_format: str) -> type[contract.Repository]:
         try:
             return repo.FORMATS[repo_format]
         except KeyError:
@@ -61,7 +63,7 @@ class Host:
     def connect(self, repo_id: str, repo_format: str, parameters: dict[str, Any]) -> bool:
         """Connect; return False when it was already connected with the same parameters."""
         driver = self.driver(repo_format)
-        root = driver.parse_parameters(parameters)
+        root = driver.location(parameters, self.run_dir)  # checks them: nothing touched yet
         with self._lock:
             existing = self._connections.get(repo_id)
             if existing is not None:
@@ -86,20 +88,29 @@ class Host:
         # Opening reads and writes the repository (its lock, the probes): outside the lock,
         # so a file system that hangs holds only this call.
         try:
-            r = driver.open(parameters)
+            r = driver.open(parameters, self.run_dir)
         except BaseException:
             with self._lock:
                 del self._opening[repo_id]
             raise
         conn = Connection(repo_id, repo_format, dict(parameters), r)
+        with self._lock:
+            del self._opening[repo_id]
+            # The same repository under other parameters (another mount option, another
+            # server name): serving it twice would run two writers on one set of records.
+            same = [c.repo_id for c in self._connections.values() if c.repo.uuid == r.uuid]
+            if not same:
+                self._connections[repo_id] = conn
+        if same:
+            r.close()
+            raise errors.RepositoryAlreadyConnected(
+                f"repository {r.uuid} is already connected as repoId {same[0]!r}",
+                repoId=repo_id)
         if r.shared:
             # Joined in the background: reads work at once, changes once it is joined.
             space = leases.Lockspace(r.root, r.uuid, self.host_id, r.io_timeout)
             r.membership = lockspace.Membership(space, lambda why: self._lost(conn, why))
             r.membership.start()
-        with self._lock:
-            del self._opening[repo_id]
-            self._connections[repo_id] = conn
         log.info("event=connected repo=%s format=%s root=%s", repo_id, repo_format, r.root)
         return True
 
@@ -114,7 +125,6 @@ class Host:
             conn = self._connections.pop(repo_id, None)
         if conn is None:
             raise errors.RepositoryNotConnected(f"repository {repo_id!r} is not connected")
-        self._leave(conn)
         conn.repo.close()
         log.info("event=disconnected repo=%s", repo_id)
         return conn
@@ -137,7 +147,7 @@ class Host:
         with self._lock:
             return self._connections.get(repo_id)
 
-    def repo_id_of(self, r: localfs.LocalRepository) -> str | None:
+    def repo_id_of(self, r: contract.Repository) -> str | None:
         for conn in self.connections():
             if conn.repo is r:
                 return conn.repo_id
@@ -190,7 +200,7 @@ class Host:
             f"image {image_id} is not in any of the {where}", imageId=image_id
         )
 
-    def find_volume(self, vol_id: str) -> tuple[localfs.LocalRepository, model.Volume] | None:
+    def find_volume(self, vol_id: str) -> tuple[contract.Repository, model.Volume] | None:
         damaged: errors.RecordDamaged | None = None
         for conn in self.connections():
             try:
@@ -212,14 +222,8 @@ class Host:
             raise damaged
         return None
 
-    @staticmethod
-    def _leave(conn: Connection) -> None:
-        if conn.repo.membership is not None:
-            conn.repo.membership.stop()
-
     def close(self) -> None:
         for conn in self.connections():
-            self._leave(conn)
             conn.repo.close()
         with self._lock:
             self._connections.clear()

@@ -27,6 +27,24 @@ def _type(schema: dict[str, Any]) -> str:
     return " \\| ".join(t) if isinstance(t, list) else str(t)
 
 
+def _formats(param: dict[str, Any]) -> list[str]:
+    """The keys of a param whose schema depends on the repository format."""
+    by_format = param["schema"].get("x-formats", {})
+    if not by_format:
+        return []
+    lines = [f"`{param['name']}` of each format:", "",
+             "| format | key | type | required | description |",
+             "| --- | --- | --- | --- | --- |"]
+    for fmt, schema in by_format.items():
+        required = set(schema.get("required", []))
+        for key, sub in schema.get("properties", {}).items():
+            need = "yes" if key in required else "no"
+            lines.append(f"| `{fmt}` | `{key}` | {_type(sub)} | {need} | "
+                         f"{sub.get('description', '')} |")
+    lines.append("")
+    return lines
+
+
 def render(doc: dict[str, Any]) -> str:
     lines = [BEGIN, ""]
     for m in doc["methods"]:
@@ -43,6 +61,8 @@ def render(doc: dict[str, Any]) -> str:
                 req = "yes" if p.get("required") else "no"
                 lines.append(f"| `{p['name']}` | {_type(p['schema'])} | {req} | {desc} |")
             lines.append("")
+            for p in m["params"]:
+                lines += _formats(p)
         errs = [e["$ref"].rsplit("/", 1)[1] for e in m.get("errors", [])]
         if errs:
             lines.append("Errors: " + ", ".join(f"`{e}`" for e in errs))

@@ -130,11 +130,24 @@ def _param_lines(param: Doc, width: int) -> list[str]:
     text = param.get("description") or schema_description(schema)
     if text:
         lines.append(f"{pad}{text}")
+    lines += _property_lines(schema, pad)
+    # A param whose keys depend on another param (connectionParameters on repoFormat).
+    for fmt, sub_schema in schema.get("x-formats", {}).items():
+        lines.append(f"{pad}{fmt}:")
+        lines += _property_lines(sub_schema, pad + "  ", show_required=True)
+    return lines
+
+
+def _property_lines(schema: Doc, pad: str, show_required: bool = False) -> list[str]:
     props = schema.get("properties", {})
-    if props:
-        sub = max(len(name) for name in props)
-        for name, s in props.items():
-            default = f", default {json.dumps(s['default'])}" if "default" in s else ""
-            desc = f": {s['description']}" if "description" in s else ""
-            lines.append(f"{pad}  {name.ljust(sub)}  {schema_type(s)}{default}{desc}")
+    if not props:
+        return []
+    required = set(schema.get("required", []))
+    sub = max(len(name) for name in props)
+    lines = []
+    for name, s in props.items():
+        default = f", default {json.dumps(s['default'])}" if "default" in s else ""
+        need = (", required" if name in required else ", optional") if show_required else ""
+        desc = f": {s['description']}" if "description" in s else ""
+        lines.append(f"{pad}  {name.ljust(sub)}  {schema_type(s)}{need}{default}{desc}")
     return lines

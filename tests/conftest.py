@@ -35,18 +35,55 @@ def settle(call: Any, repo: str, image_id: str, timeout: float = 120.0) -> dict[
         time.sleep(0.05)
 
 
-class Engine:
-    """The agent's API in-process, with two connected local repositories ``r1`` and ``r2``."""
+# The formats the functional suites run on (the ``repo_format`` fixture of a test module that
+# runs on all of them): localfs, and a shared format on a file system the agent mounts itself.
+# glusterfs-1.0 joins by its name once a volume can be had here (``SHARED_PARAMS``).
+FORMATS = ("localfs-1.0", "posixfs-1.0")
+LOOP_GIB = 4  # each repository's loop-mounted XFS for posixfs-1.0: sparse, room for the suites
 
-    def __init__(self, base: str, max_chain_depth: int = 10) -> None:
+
+def shared_params(repo_format: str, base: str, name: str) -> dict[str, Any]:
+    """The connectionParameters of repository ``name`` of a test in ``base``."""
+    if repo_format == "localfs-1.0":
+        return {"path": os.path.join(base, name)}
+    if repo_format == "posixfs-1.0":
+        # A file system of its own (XFS with reflink, on a loop device the mount sets up and
+        # the unmount frees): the agent mounts it at connect and unmounts it at disconnect.
+        if os.geteuid() != 0:
+            pytest.skip("posixfs-1.0 over a loop-mounted XFS needs root")
+        image = os.path.join(base, f"{name}.xfs")
+        with open(image, "wb") as f:
+            f.truncate(LOOP_GIB << 30)
+        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", image], check=True,
+                       capture_output=True)
+        return {"spec": image, "vfsType": "xfs", "mountOptions": "loop"}
+    raise AssertionError(f"no test repository for {repo_format}")
+
+
+class Engine:
+    """The agent's API in-process, with two connected repositories ``r1`` and ``r2`` of format
+    ``repo_format`` (their roots in ``roots``, their parameters in ``params``)."""
+
+    def __init__(self, base: str, max_chain_depth: int = 10,
+                 repo_format: str = "localfs-1.0") -> None:
         self.base = base
+        self.format = repo_format
         self.api = agent_api.Api(1, 2, os.path.join(base, "state"), max_chain_depth)
-        self.roots = {}
-        for name in ("r1", "r2"):
-            params = {"path": os.path.join(base, name)}
-            self.api.formatStorageRepository("localfs-1.0", params, {})
-            self.api.connectStorageRepository(name, "localfs-1.0", params, {})
-            self.roots[name] = params["path"]
+        self.roots: dict[str, str] = {}
+        self.params: dict[str, dict[str, Any]] = {}
+        try:
+            for name in ("r1", "r2"):
+                params = shared_params(repo_format, base, name)
+                options = {} if repo_format == "localfs-1.0" else {"ioTimeout": 1}
+                self.api.formatStorageRepository(repo_format, params, options)
+                self.api.connectStorageRepository(name, repo_format, params, {})
+                self.roots[name] = self.api.host.connection(name).repo.root
+                self.params[name] = params
+            for name in self.roots:
+                wait_joined(self.api.getStorageRepositoryInfo, name)
+        except BaseException:
+            self.api.close()  # unmounts what was mounted
+            raise
 
     def call(self, method: str, *args: Any) -> Any:
         fn = getattr(self.api, method)
@@ -65,6 +102,18 @@ class Engine:
         return p
 
 
+def wait_joined(info: Any, repo_id: str, timeout: float = 30.0) -> None:
+    """Wait until this host has joined a shared repository's lockspace (2·ioTimeout+1 s after
+    connecting; data-changing calls are refused until then). A local one has none."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = info(repo_id)["lockspace"]
+        if state["state"] in ("joined", "local"):
+            return
+        assert time.monotonic() < deadline, f"{repo_id} did not join its lockspace: {state}"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def sanlock_daemon(tmp_path_factory: Any) -> Iterator[sanlockd.Daemon]:
     """This test process's own sanlock daemon (host 1 of every shared repository the in-process
@@ -80,10 +129,27 @@ def sanlock_daemon(tmp_path_factory: Any) -> Iterator[sanlockd.Daemon]:
 
 
 @pytest.fixture
-def engine(tmp_path: Any) -> Iterator[Engine]:
-    e = Engine(str(tmp_path))
+def repo_format() -> str:
+    """The format of the engine's repositories; a module that runs on every format overrides
+    this fixture with one parametrized over FORMATS."""
+    return "localfs-1.0"
+
+
+@pytest.fixture
+def engine(request: pytest.FixtureRequest, tmp_path: Any, repo_format: str) -> Iterator[Engine]:
+    if repo_format != "localfs-1.0":
+        request.getfixturevalue("sanlock_daemon")  # shared formats take sanlock leases
+    e = Engine(str(tmp_path), repo_format=repo_format)
     yield e
     e.api.close()
+    if repo_format != "localfs-1.0":
+        assert_nothing_mounted_under(str(tmp_path))
+
+
+def assert_nothing_mounted_under(path: str) -> None:
+    with open("/proc/self/mounts") as f:
+        left = [line.split()[1] for line in f if line.split()[1].startswith(path + "/")]
+    assert left == [], f"still mounted: {left}"
 
 
 class Daemon:

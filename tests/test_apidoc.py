@@ -7,7 +7,7 @@ import inspect
 import os
 
 from agent import api as agent_api
-from agent import errors
+from agent import errors, repo
 from rpc import apidoc, apimd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,3 +42,15 @@ def test_every_method_documents_its_errors_and_they_exist() -> None:
     for m in apidoc.document()["methods"]:
         for e in m["errors"]:
             assert e["$ref"].rsplit("/", 1)[1] in codes
+
+
+def test_the_document_publishes_every_format_and_its_parameters_schema() -> None:
+    doc = apidoc.document()
+    for m in doc["methods"]:
+        if m["name"] not in ("formatStorageRepository", "connectStorageRepository"):
+            continue
+        params = {p["name"]: p["schema"] for p in m["params"]}
+        assert params["repoFormat"]["enum"] == sorted(repo.FORMATS)
+        published = params["connectionParameters"]["x-formats"]
+        assert published == {name: d.PARAMETERS for name, d in sorted(repo.FORMATS.items())}
+        assert "ioTimeout" in params["options"]["properties"]

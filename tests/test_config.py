@@ -37,6 +37,7 @@ def test_defaults() -> None:
     assert cfg.rpc.repository_threads == 4
     assert cfg.rpc.repository_call_timeout == 30
     assert cfg.agent.state_dir == "/var/lib/strata"
+    assert cfg.agent.run_dir == "/run/strata"
     assert cfg.agent.workers == 4
     assert cfg.agent.rpc_threads == 16
     assert cfg.agent.resume_on_start is True
@@ -188,7 +189,7 @@ def test_unknown_key(conf: pathlib.Path) -> None:
         config.load(str(conf))
     assert str(e.value) == (
         f"{conf}: [agent] worker: unknown key; known keys: "
-        "max_chain_depth, request_ttl, resume_on_start, rpc_threads, state_dir, workers"
+        "max_chain_depth, request_ttl, resume_on_start, rpc_threads, run_dir, state_dir, workers"
     )
     assert e.value.data == {"file": str(conf), "section": "agent", "key": "worker"}
 
@@ -287,6 +288,7 @@ def test_dev(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = tmp_path / ".strata-dev"
     assert cfg.rpc.socket == str(base / "agent.sock")
     assert cfg.agent.state_dir == str(base / "state")
+    assert cfg.agent.run_dir == str(base / "run")
     assert cfg.log.file == ""
     assert cfg.host.id == 1
     # Everything else keeps its default: no TCP in development.

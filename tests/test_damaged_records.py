@@ -20,9 +20,15 @@ import pytest
 from agent import errors, fileio
 from rpc import transport
 from tests import qemu
-from tests.conftest import Daemon, Engine, settle
+from tests.conftest import FORMATS, Daemon, Engine, settle
 
 MiB = qemu.MiB
+
+
+@pytest.fixture(params=FORMATS)
+def repo_format(request: pytest.FixtureRequest) -> str:
+    """This suite runs on every format (tests/conftest.py FORMATS)."""
+    return str(request.param)
 
 
 def disk(e: Engine, repo: str = "r1", size: int = 16 * MiB) -> str:

@@ -226,8 +226,8 @@ def test_records_written_together_in_different_directories_must_fsync_them(
 def test_an_intent_publishes_its_journal_before_its_image_and_a_volume_its_data_first(
         tmp_path: Any, monkeypatch: Any) -> None:
     params = {"path": str(tmp_path / "repo")}
-    localfs.LocalRepository.format(params)
-    repo = localfs.LocalRepository.open(params)
+    localfs.LocalRepository.format(params, {}, str(tmp_path / "run"))
+    repo = localfs.LocalRepository.open(params, str(tmp_path / "run"))
     try:
         vol = model.Volume(str(uuid.uuid4()), model.VolumeFormat.QCOW2, size=1 << 20)
         img = model.Image(str(uuid.uuid4()), model.Kind.DISK, 1 << 20, vol.id)

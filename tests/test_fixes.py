@@ -15,15 +15,21 @@ import pytest
 
 from agent import errors, fileio
 from tests import qemu
-from tests.conftest import Engine
+from tests.conftest import FORMATS, Engine
 
 MiB = qemu.MiB
 
 
+@pytest.fixture(params=FORMATS)
+def repo_format(request: pytest.FixtureRequest) -> str:
+    """This suite runs on every format (tests/conftest.py FORMATS)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def shallow(tmp_path: Any) -> Iterator[Engine]:
+def shallow(tmp_path: Any, repo_format: str) -> Iterator[Engine]:
     """An engine whose chains count as deep from 4 layers on."""
-    e = Engine(str(tmp_path), max_chain_depth=3)
+    e = Engine(str(tmp_path), max_chain_depth=3, repo_format=repo_format)
     yield e
     e.api.close()
 
@@ -238,7 +244,7 @@ def test_a_copy_whose_source_is_gone_waits_and_completes_when_it_is_back(engine:
     assert st["status"] == "broken" and "not in any connected repository" in st["last_error"]
     [again] = fixes(engine)  # reported until the image is removed, or the source is back
     assert again["type"] == "mend"
-    engine.call("connectStorageRepository", "r2", "localfs-1.0", {"path": engine.roots["r2"]})
+    engine.call("connectStorageRepository", "r2", engine.format, engine.params["r2"])
     converge(engine)
     assert engine.settle("r1", c)["status"] == "optimized"
     assert qemu.reads(engine.path("r1", c), 0x5C, 0, 2 * MiB)

@@ -11,9 +11,15 @@ import pytest
 
 from agent import errors
 from tests import qemu
-from tests.conftest import Engine
+from tests.conftest import FORMATS, Engine
 
 MiB = qemu.MiB
+
+
+@pytest.fixture(params=FORMATS)
+def repo_format(request: pytest.FixtureRequest) -> str:
+    """This suite runs on every format (tests/conftest.py FORMATS)."""
+    return str(request.param)
 
 
 def disk_with_data(e: Engine, repo: str = "r1", size: int = 64 * MiB) -> str:

@@ -17,9 +17,15 @@ import pytest
 from agent import api as agent_api
 from agent.image import model
 from tests import qemu
-from tests.conftest import ROOT, Engine, settle
+from tests.conftest import FORMATS, ROOT, Engine, settle
 
 MiB = qemu.MiB
+
+
+@pytest.fixture(params=FORMATS)
+def repo_format(request: pytest.FixtureRequest) -> str:
+    """This suite runs on every format (tests/conftest.py FORMATS)."""
+    return str(request.param)
 
 
 def journal(e: Engine, repo: str) -> dict[str, dict[str, Any]]:
@@ -151,7 +157,7 @@ def test_a_copy_whose_source_is_not_connected_waits(engine: Engine,
     assert r.api.resume_interrupted() == (0, 1)
     assert not r.call("getImageStatus", "r2", snap)["running"]
     # Once the source's repository is back, its mend runs it.
-    r.call("connectStorageRepository", "r1", "localfs-1.0", {"path": engine.roots["r1"]}, {})
+    r.call("connectStorageRepository", "r1", engine.format, engine.params["r1"], {})
     [mend] = r.call("checkStorageRepository", "r2", {})
     r.call("fixStorageRepository", "r2", mend, {})
     assert settle(r.call, "r2", snap)["status"] == "optimized"

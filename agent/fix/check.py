@@ -21,7 +21,7 @@ from typing import Any
 from agent import errors, host, qemuimg
 from agent.fix import clean, fixes
 from agent.image import claims, inventory, model, operations, runner
-from agent.repo import leases, localfs
+from agent.repo import contract, layout, leases
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Checker:
     host: host.Host
     runner: runner.Runner
-    repo: localfs.LocalRepository
+    repo: contract.Repository
     max_depth: int = 10
     _focus: set[str] | None = dataclasses.field(default=None, init=False)
 
@@ -145,7 +145,7 @@ class Checker:
         file); meanwhile nothing they might need is cleaned."""
         out = []
         for d in inv.damage:
-            ids = [d.rec_id] if d.kind == localfs.IMAGES and d.rec_id is not None else []
+            ids = [d.rec_id] if d.kind == layout.IMAGES and d.rec_id is not None else []
             out.append(fixes.Fix(
                 fixes.FixType.MEND, ids,
                 f"{d.message}; a person must repair or remove it (until then clean keeps "
@@ -463,7 +463,7 @@ def _manual(img: model.Image, message: str) -> fixes.Fix:
                      {"manual": message, "generation": img.generation}, manual=True)
 
 
-def _resume(runner: runner.Runner, repo: localfs.LocalRepository, op_id: str,
+def _resume(runner: runner.Runner, repo: contract.Repository, op_id: str,
             claim: claims.Claim) -> None:
     with repo.meta_lock:
         op = repo.get_operation(op_id)
@@ -477,7 +477,7 @@ def _resume(runner: runner.Runner, repo: localfs.LocalRepository, op_id: str,
         runner.submit(repo, op_id)
 
 
-def _relink_backing(repo: localfs.LocalRepository, vol: model.Volume, ref: str,
+def _relink_backing(repo: contract.Repository, vol: model.Volume, ref: str,
                     claim: claims.Claim) -> None:
     parent = repo.get_volume(vol.parent_volume_id or "")
     fmt = parent.format.value if parent else "qcow2"

@@ -21,7 +21,7 @@ import time
 
 from agent import crashpoint, errors, fileio
 from agent.image import inventory, model, operations
-from agent.repo import localfs
+from agent.repo import contract, layout
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
     repo = inv.repo
     needed = inv.needed
     keep = inv.kept_by_headers(needed | set(inv.damaged_volumes))
-    hold = any(d.kind in (localfs.IMAGES, localfs.VOLUMES) for d in inv.damage)
-    hold_partials = any(d.kind == localfs.JOURNAL for d in inv.damage)
+    hold = any(d.kind in (layout.IMAGES, layout.VOLUMES) for d in inv.damage)
+    hold_partials = any(d.kind == layout.JOURNAL for d in inv.damage)
     p = Plan()
     if not hold:
         p.volumes = [v for v in inv.volumes.values() if v.id not in keep]
@@ -78,7 +78,7 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
             p.orphan_files.append(path)
     for path in repo.stray_files():
         name = os.path.basename(path)
-        if name.endswith(localfs.PARTIAL):
+        if name.endswith(layout.PARTIAL):
             if hold_partials or name.split(".", 1)[0] in keep:
                 continue  # an unfinished operation's data in the making
         elif now - _mtime(path) < TEMP_GRACE:
@@ -89,7 +89,7 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
     return p
 
 
-def execute(repo: localfs.LocalRepository, p: Plan) -> int:
+def execute(repo: contract.Repository, p: Plan) -> int:
     """Reclaim what the plan lists; every removal is idempotent, so a crash here is harmless."""
     with repo.meta_lock:
         crashpoint.hit("clean", "volumes")

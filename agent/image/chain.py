@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from agent import errors, qcow2
 from agent.image import model
-from agent.repo import localfs
+from agent.repo import contract, layout
 
 # qemu refuses chains deeper than this anyway; a longer walk means a loop in the records.
 MAX_DEPTH = 1000
@@ -60,11 +60,11 @@ class Lookup:
     remembers which volumes came from elsewhere, and from where."""
 
     def __init__(self, local: GetVolume,
-                 elsewhere: Callable[[str], tuple[localfs.LocalRepository, model.Volume] | None]
+                 elsewhere: Callable[[str], tuple[contract.Repository, model.Volume] | None]
                  | None = None) -> None:
         self._local = local
         self._elsewhere = elsewhere
-        self.foreign: dict[str, localfs.LocalRepository] = {}
+        self.foreign: dict[str, contract.Repository] = {}
 
     def __call__(self, vol_id: str) -> model.Volume | None:
         vol = self._local(vol_id)
@@ -76,7 +76,7 @@ class Lookup:
         return vol
 
 
-def volumes(repo: localfs.LocalRepository, top_id: str) -> list[model.Volume]:
+def volumes(repo: contract.Repository, top_id: str) -> list[model.Volume]:
     vols, fault = walk(top_id, repo.get_volume)
     if fault is not None:
         raise errors.ImageBroken(fault)
@@ -96,14 +96,14 @@ def image_ids(chain: list[model.Volume], top_image_id: str) -> list[str]:
 FileFault = tuple[str, "str | None"]
 
 
-def file_fault(repo: localfs.LocalRepository, vol: model.Volume, parent: model.Volume | None,
-               parent_repo: localfs.LocalRepository | None = None) -> FileFault | None:
+def file_fault(repo: contract.Repository, vol: model.Volume, parent: model.Volume | None,
+               parent_repo: contract.Repository | None = None) -> FileFault | None:
     """Compare a volume's data file with its record: a regular file of its repository (never
     followed), of the recorded format, without an external data file, whose backing reference
     names exactly the volume the records say (``parent``, in ``parent_repo`` when that is
     another repository), with its format. None when it is sound."""
     path = repo.volume_path(vol.id, vol.format)
-    problem = localfs.file_problem(path)
+    problem = layout.file_problem(path)
     if problem is not None:
         return f"the data file of volume {vol.id} ({path}) {problem}", None
     finding = repo.findings.get(vol.id)
@@ -148,8 +148,8 @@ def file_fault(repo: localfs.LocalRepository, vol: model.Volume, parent: model.V
             f"{expected!r}; a person must decide which chain is right"), None
 
 
-def files_fault(repo: localfs.LocalRepository, vols: list[model.Volume],
-                foreign: dict[str, localfs.LocalRepository] | None = None,
+def files_fault(repo: contract.Repository, vols: list[model.Volume],
+                foreign: dict[str, contract.Repository] | None = None,
                 skip: set[str] | frozenset[str] = frozenset(),
                 cache: dict[str, FileFault | None] | None = None) -> str | None:
     """What is wrong with the first volume of a walked chain (top first) whose file does not
@@ -174,14 +174,14 @@ def files_fault(repo: localfs.LocalRepository, vols: list[model.Volume],
     return None
 
 
-def rewritten(repo: localfs.LocalRepository) -> set[str]:
+def rewritten(repo: contract.Repository) -> set[str]:
     """Volumes an unfinished fix of ``repo`` rewrites in place."""
     return {op.params.rewrites for op in repo.operations()
             if op.kind.is_fix and op.params.rewrites is not None}
 
 
-def check_files(repo: localfs.LocalRepository, image_id: str, vols: list[model.Volume],
-                foreign: dict[str, localfs.LocalRepository] | None = None,
+def check_files(repo: contract.Repository, image_id: str, vols: list[model.Volume],
+                foreign: dict[str, contract.Repository] | None = None,
                 skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Refuse (ImageBroken) a chain whose files do not match its records: nothing is handed
     to a consumer or to qemu-img otherwise."""

@@ -38,7 +38,7 @@ from agent.repo import leases
 
 if TYPE_CHECKING:
     from agent import command, host
-    from agent.repo import localfs
+    from agent.repo import contract
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +260,8 @@ class Claims:
 
     # -- taking claims -------------------------------------------------------------------------
 
-    def claim(self, what: str, writes: Iterable[tuple[localfs.LocalRepository, str]] = (),
-              reads: Iterable[tuple[localfs.LocalRepository, str]] = (),
+    def claim(self, what: str, writes: Iterable[tuple[contract.Repository, str]] = (),
+              reads: Iterable[tuple[contract.Repository, str]] = (),
               owner: str | None = None, lasting: bool = False, wait: float = CALL_WAIT,
               cancel: command.Cancel | None = None) -> Claim:
         """Claim images (all at once, or none): ImageBusy when another owner of this host
@@ -289,11 +289,11 @@ class Claims:
             raise
         return claim
 
-    def claim_operation(self, repo: localfs.LocalRepository, op: model.Operation,
+    def claim_operation(self, repo: contract.Repository, op: model.Operation,
                         cancel: command.Cancel | None = None) -> Claim:
         """An operation's claim while it runs here: everything its journal names."""
-        writes: list[tuple[localfs.LocalRepository, str]] = []
-        reads: list[tuple[localfs.LocalRepository, str]] = []
+        writes: list[tuple[contract.Repository, str]] = []
+        reads: list[tuple[contract.Repository, str]] = []
         for w in wanted_by(op):
             where = repo if w.local else self._holding(repo, op, w.image_id)
             if where is None:
@@ -302,8 +302,8 @@ class Claims:
         return self.claim(f"{op.kind.value} operation {op.id}", writes, reads, owner=op.id,
                           lasting=True, cancel=cancel)
 
-    def _holding(self, repo: localfs.LocalRepository, op: model.Operation,
-                 image_id: str) -> localfs.LocalRepository | None:
+    def _holding(self, repo: contract.Repository, op: model.Operation,
+                 image_id: str) -> contract.Repository | None:
         for conn in self.host.connections():
             if conn.repo is repo and image_id == op.image_id:
                 continue
@@ -312,7 +312,7 @@ class Claims:
                 return conn.repo
         return None
 
-    def hold_for_consumer(self, repo: localfs.LocalRepository,
+    def hold_for_consumer(self, repo: contract.Repository,
                           image_id: str) -> dict[str, Any] | None:
         """On a shared repository, hold an image's lease for its consumer until teardown (a
         shared lease: another host's writer, merge or removal is refused, while a VM moving
@@ -328,7 +328,7 @@ class Claims:
         return {"lockspace": repo.uuid, "resource": image_id, "mode": "shared",
                 "path": leases.area_path(repo.root, image_id), "offset": 0}
 
-    def let_consumer_go(self, repo: localfs.LocalRepository, image_id: str) -> None:
+    def let_consumer_go(self, repo: contract.Repository, image_id: str) -> None:
         with self._consumer_lock:
             held = self._consumers.pop((repo.uuid, image_id), None)
         if held is not None:
@@ -337,7 +337,7 @@ class Claims:
     # -- who uses an image ---------------------------------------------------------------------
 
     @staticmethod
-    def working_elsewhere(repo: localfs.LocalRepository, image_id: str) -> leases.Owner | None:
+    def working_elsewhere(repo: contract.Repository, image_id: str) -> leases.Owner | None:
         """The other live host holding an image's lease (shared repositories): the one really
         working on it, or holding it for its consumer. None: nobody, or a dead host (its
         operations wait for a mend)."""
@@ -352,7 +352,7 @@ class Claims:
                 return owner
         return None
 
-    def conflicts(self, repo: localfs.LocalRepository, image: model.Image, mode: Mode,
+    def conflicts(self, repo: contract.Repository, image: model.Image, mode: Mode,
                   ignore: Iterable[str | None] = (),
                   chain: Iterable[str] = ()) -> list[Holder]:
         """Everyone whose use of ``image`` clashes with using it in ``mode``: held claims, the
@@ -369,7 +369,7 @@ class Claims:
                 seen.add(h.owner)
         return out
 
-    def _durable(self, repo: localfs.LocalRepository, image: model.Image,
+    def _durable(self, repo: contract.Repository, image: model.Image,
                  chain: set[str]) -> Iterator[Holder]:
         for host_id in image.prepared_by:
             consumer = Mode.WRITE if image.kind == model.Kind.DISK else Mode.READ
@@ -395,7 +395,7 @@ class Claims:
                     break
 
     @staticmethod
-    def _unfinished(repo: localfs.LocalRepository, op: model.Operation) -> bool:
+    def _unfinished(repo: contract.Repository, op: model.Operation) -> bool:
         """An operation whose image still waits for it (a journal left by a crash after its
         seal, or written before its image, claims nothing)."""
         img = repo.get_image(op.image_id)

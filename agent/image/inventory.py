@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 from agent import fileio, qcow2
 from agent.image import chain, model
-from agent.repo import localfs
+from agent.repo import contract, layout
 
 # Finds a volume in another connected repository: (that repository, the volume record).
-Elsewhere = Callable[[str], "tuple[localfs.LocalRepository, model.Volume] | None"]
+Elsewhere = Callable[[str], "tuple[contract.Repository, model.Volume] | None"]
 
 
 @dataclasses.dataclass
@@ -32,9 +32,9 @@ class Fault:
 
 
 class Inventory:
-    def __init__(self, repo: localfs.LocalRepository, active: set[str],
+    def __init__(self, repo: contract.Repository, active: set[str],
                  elsewhere: Elsewhere | None = None,
-                 others: Callable[[], list[localfs.LocalRepository]] | None = None,
+                 others: Callable[[], list[contract.Repository]] | None = None,
                  focus: set[str] | None = None) -> None:
         self.repo = repo
         # Only these images' files are looked at (what one applied fix derives again); None:
@@ -47,13 +47,13 @@ class Inventory:
         self.volumes = {v.id: v for v in volumes}
         self.ops = {op.id: op for op in ops}
         # Records that cannot be read: findings, and reasons for clean to hold back.
-        self.damage: list[localfs.Damage] = bad_images + bad_volumes + bad_ops
+        self.damage: list[layout.Damage] = bad_images + bad_volumes + bad_ops
         self.damaged_volumes = {d.rec_id: d for d in bad_volumes if d.rec_id is not None}
         self.damaged_images = {d.rec_id: d for d in bad_images if d.rec_id is not None}
         self.active = active
         self._elsewhere = elsewhere
         self._others = others  # the other connected repositories, for needed_elsewhere
-        self._foreign: dict[str, dict[str, localfs.LocalRepository]] = {}
+        self._foreign: dict[str, dict[str, contract.Repository]] = {}
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -105,7 +105,7 @@ class Inventory:
         return walked
 
     @property
-    def foreign(self) -> dict[str, dict[str, localfs.LocalRepository]]:
+    def foreign(self) -> dict[str, dict[str, contract.Repository]]:
         """Image id -> the volumes of its chain that live in other repositories, and where."""
         self.chains  # noqa: B018 - walking every chain is what fills it
         return self._foreign

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from agent import command, errors, fileio, host, qcow2, qemuimg
 from agent.image import chain, claims, model
-from agent.repo import localfs
+from agent.repo import contract
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Context:
     host: host.Host
-    repo: localfs.LocalRepository  # the repository holding the journal and the target image
+    repo: contract.Repository  # the repository holding the journal and the target image
     op: model.Operation
     cancel: command.Cancel
     report: command.ProgressCallback  # percent of the running step
@@ -40,7 +40,7 @@ Step = Callable[[Context], None]
 
 
 def materialize(
-    repo: localfs.LocalRepository, vol: model.Volume, produce: Callable[[str], None]
+    repo: contract.Repository, vol: model.Volume, produce: Callable[[str], None]
 ) -> None:
     """Make volume ``vol`` exist with complete data, producing it into a partial file if needed."""
     final = repo.volume_path(vol.id, vol.format)
@@ -68,7 +68,7 @@ def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> Non
     reflink where the file system can and the source is a qcow2 too."""
     if ctx.repo.reflink and src_fmt == model.VolumeFormat.QCOW2:
         try:
-            fileio.clone(src, dst)  # one ioctl: a `cp --reflink` process costs more than it
+            ctx.repo.clone(src, dst)  # one ioctl: a `cp --reflink` process costs more than it
             log.info("event=reflink dst=%s", dst)
             return  # no progress to report: a report would cost a journal write
         except OSError as e:
@@ -81,7 +81,7 @@ def _clone(src: str, dst: str, src_fmt: model.VolumeFormat, ctx: Context) -> Non
                     cancel=ctx.cancel, direct=ctx.direct)
 
 
-def _full_copy(top_repo: localfs.LocalRepository, vols: list[model.Volume], dst: str,
+def _full_copy(top_repo: contract.Repository, vols: list[model.Volume], dst: str,
                ctx: Context) -> None:
     top = vols[0]
     src = top_repo.volume_file(top)
@@ -95,7 +95,7 @@ def _full_copy(top_repo: localfs.LocalRepository, vols: list[model.Volume], dst:
 # -- createVirtualDisk ---------------------------------------------------------------------------
 
 
-def quick(repo: localfs.LocalRepository, op: model.Operation) -> bool:
+def quick(repo: contract.Repository, op: model.Operation) -> bool:
     """Whether an operation is over in milliseconds: it writes an empty qcow2 (a snapshot, a
     thin or empty disk) or, where the file system clones, a performance disk from a one-volume
     snapshot of the same repository (a reflink)."""
@@ -282,7 +282,7 @@ def rebase_in_place(ctx: Context) -> None:
     qemuimg.rebase(path, ref, fmt, progress=ctx.report, cancel=ctx.cancel, direct=ctx.direct)
 
 
-def restore_backing(repo: localfs.LocalRepository, op: model.Operation,
+def restore_backing(repo: contract.Repository, op: model.Operation,
                     cancel: command.Cancel | None = None) -> None:
     """Point the layer a rebase fix rewrites back at the backing its record names (header
     only), if a cut rebase moved it.
@@ -318,7 +318,7 @@ def restore_backing(repo: localfs.LocalRepository, op: model.Operation,
     _repair_leaks(path)  # the clusters the cut rebase copied are allocated but unmapped
 
 
-def _backing_of(repo: localfs.LocalRepository, vol_id: str | None) -> tuple[str, str]:
+def _backing_of(repo: contract.Repository, vol_id: str | None) -> tuple[str, str]:
     """How a layer's header names volume ``vol_id`` as its backing file, and its format
     (``""`` for none: the layer stands alone)."""
     if vol_id is None:
@@ -405,7 +405,7 @@ def seal_fix(ctx: Context) -> None:
         ctx.repo.delete_operation(ctx.op.id, durable=False)
 
 
-def release_fix(repo: localfs.LocalRepository, op: model.Operation,
+def release_fix(repo: contract.Repository, op: model.Operation,
                 last_error: str | None) -> None:
     """Drop a fix that has not passed its first step: that step keeps every byte whole (a cut
     rebase is undone first: restore_backing), so the repository is as before, and the checker
@@ -445,7 +445,7 @@ def _layer(ctx: Context, vol: model.Volume) -> str:
     """The path of a layer a fix hands to qemu-img, once its file is a regular file whose
     header names the backing its record says (ImageBroken otherwise)."""
     parent: model.Volume | None = None
-    parent_repo: localfs.LocalRepository | None = None
+    parent_repo: contract.Repository | None = None
     if vol.parent_volume_id is not None:
         parent = ctx.repo.get_volume(vol.parent_volume_id)
         if parent is None:
@@ -460,7 +460,7 @@ def _layer(ctx: Context, vol: model.Volume) -> str:
     return ctx.repo.volume_path(vol.id, vol.format)
 
 
-def _volume(repo: localfs.LocalRepository, vol_id: str) -> model.Volume:
+def _volume(repo: contract.Repository, vol_id: str) -> model.Volume:
     vol = repo.get_volume(vol_id)
     if vol is None:
         raise errors.ImageBroken(f"volume {vol_id} is missing from the repository")
@@ -468,8 +468,8 @@ def _volume(repo: localfs.LocalRepository, vol_id: str) -> model.Volume:
 
 
 def find_source(
-    host: host.Host, repo: localfs.LocalRepository, op: model.Operation
-) -> tuple[localfs.LocalRepository, model.Image] | None:
+    host: host.Host, repo: contract.Repository, op: model.Operation
+) -> tuple[contract.Repository, model.Image] | None:
     """The usable image an operation reads by id, in any connected repository, never the
     image the operation makes (a snapshot's copy has its source's id)."""
     source_id = op.params.source()
@@ -486,7 +486,7 @@ def find_source(
 
 def _source_chain(
     ctx: Context, source_id: str
-) -> tuple[localfs.LocalRepository, list[model.Volume]]:
+) -> tuple[contract.Repository, list[model.Volume]]:
     found = find_source(ctx.host, ctx.repo, ctx.op)
     if found is not None:
         src_repo, img = found

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from agent import command, crashpoint, errors, host, logctx
 from agent.image import claims, model, operations
-from agent.repo import localfs
+from agent.repo import contract
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Runner:
         with self._lock:
             return self._live.get(op_id) or self._unrecorded.get(op_id)
 
-    def submit(self, repo: localfs.LocalRepository, op_id: str) -> None:
+    def submit(self, repo: contract.Repository, op_id: str) -> None:
         """Queue an operation; a no-op when this process already runs it."""
         with self._lock:
             if self._closing:
@@ -108,7 +108,7 @@ class Runner:
 
     # -- one operation -----------------------------------------------------------------------
 
-    def _run(self, repo: localfs.LocalRepository, op_id: str, cancel: command.Cancel) -> None:
+    def _run(self, repo: contract.Repository, op_id: str, cancel: command.Cancel) -> None:
         token = logctx.operation_id.set(op_id)
         try:
             self._run_steps(repo, op_id, cancel)
@@ -117,7 +117,7 @@ class Runner:
             # Before the future resolves: whoever waits on it then sees it inactive.
             self._forget(op_id)
 
-    def _run_steps(self, repo: localfs.LocalRepository, op_id: str,
+    def _run_steps(self, repo: contract.Repository, op_id: str,
                    cancel: command.Cancel) -> None:
         op = repo.get_operation(op_id)
         if op is None or op.state in (model.OpState.ABORTED, model.OpState.STOPPED):
@@ -143,7 +143,7 @@ class Runner:
         finally:
             claim.release()
 
-    def _run_claimed(self, repo: localfs.LocalRepository, op: model.Operation,
+    def _run_claimed(self, repo: contract.Repository, op: model.Operation,
                      cancel: command.Cancel, claim: claims.Claim) -> None:
         op_id = op.id
         steps = operations.STEPS[op.kind]
@@ -216,7 +216,7 @@ class Runner:
         else:
             log.info("event=op_done kind=%s image=%s", op.kind, op.image_id)
 
-    def _failed(self, repo: localfs.LocalRepository, op: model.Operation, message: str,
+    def _failed(self, repo: contract.Repository, op: model.Operation, message: str,
                 persist: Callable[[], None]) -> None:
         log.warning("event=op_failed image=%s error=%r", op.image_id, message)
         try:
@@ -237,7 +237,7 @@ class Runner:
                 self._unrecorded[op.id] = op
 
 
-def _write(repo: localfs.LocalRepository, op: model.Operation) -> None:
+def _write(repo: contract.Repository, op: model.Operation) -> None:
     """Record an operation that never got its claim, unless it is gone meanwhile."""
     with repo.meta_lock:
         if repo.get_operation(op.id) is not None:

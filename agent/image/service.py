@@ -16,7 +16,7 @@ from typing import Any
 
 from agent import errors, fileio, host
 from agent.image import chain, claims, inventory, model, operations, runner, status
-from agent.repo import localfs
+from agent.repo import contract, layout
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ class ImageService:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _repo(self, repo_id: str) -> localfs.LocalRepository:
+    def _repo(self, repo_id: str) -> contract.Repository:
         return self.host.connection(repo_id).repo
 
     @staticmethod
-    def _image(repo: localfs.LocalRepository, image_id: str, repo_id: str) -> model.Image:
+    def _image(repo: contract.Repository, image_id: str, repo_id: str) -> model.Image:
         img = repo.get_image(image_id)
         if img is None or img.removed:
             raise errors.ImageNotFound(
@@ -67,7 +67,7 @@ class ImageService:
                 imageId=img.id,
             )
 
-    def _in_the_way(self, repo: localfs.LocalRepository, img: model.Image, mode: claims.Mode,
+    def _in_the_way(self, repo: contract.Repository, img: model.Image, mode: claims.Mode,
                     claim: claims.Claim, ignore: Iterable[str | None] = (),
                     chain_ids: Iterable[str] = (), give_way: bool = False,
                     advice: str = "") -> None:
@@ -98,7 +98,7 @@ class ImageService:
 
     def _commit(
         self,
-        repo: localfs.LocalRepository,
+        repo: contract.Repository,
         op: model.Operation,
         image: model.Image,
         options: model.Options,
@@ -291,7 +291,7 @@ class ImageService:
                 image.operation_id = op.id
                 return self._commit(repo, op, image, options)
 
-    def _copy_base(self, repo: localfs.LocalRepository, base_id: str, src: model.Image,
+    def _copy_base(self, repo: contract.Repository, base_id: str, src: model.Image,
                    repo_id: str, claim: claims.Claim) -> model.Image:
         base = repo.get_image(base_id)
         if base is None or base.removed:
@@ -314,7 +314,7 @@ class ImageService:
         self._in_the_way(repo, base, READ, claim)
         return base
 
-    def _revive(self, repo: localfs.LocalRepository, snap: model.Image, repo_id: str,
+    def _revive(self, repo: contract.Repository, snap: model.Image, repo_id: str,
                 claim: claims.Claim) -> str:
         """Copying a removed snapshot back: its record and bytes are still here (a disk needs
         them), and the same id means the same bits, so it is made strong again in place."""
@@ -323,7 +323,7 @@ class ImageService:
                                      [v.id for v in vols])
         whole = fault is None and snap.operation_id is None and not busy \
             and not snap.absorbing \
-            and all(localfs.file_problem(repo.volume_path(v.id, v.format)) is None for v in vols)
+            and all(layout.file_problem(repo.volume_path(v.id, v.format)) is None for v in vols)
         if not whole:
             raise errors.ImageBusy(
                 f"a removed copy of {snap.id} in {repo_id!r} is being reclaimed or merged"
@@ -370,7 +370,7 @@ class ImageService:
         log.info("event=removed image=%s repo=%s aborted_op=%s aborted_fix=%s", image_id,
                  repo_id, op_id, fix_id)
 
-    def _removable(self, repo: localfs.LocalRepository, img: model.Image,
+    def _removable(self, repo: contract.Repository, img: model.Image,
                    claim: claims.Claim) -> None:
         if img.prepared_by:
             raise errors.ImageBusy(
@@ -421,7 +421,7 @@ class ImageService:
 
     # -- read ----------------------------------------------------------------------------------
 
-    def _op(self, repo: localfs.LocalRepository, op_id: str | None,
+    def _op(self, repo: contract.Repository, op_id: str | None,
             journal: dict[str, model.Operation] | None = None) -> model.Operation | None:
         """An operation's freshest state: live in this process, else from the journal."""
         if op_id is None:
@@ -433,8 +433,8 @@ class ImageService:
             return journal.get(op_id)
         return repo.get_operation(op_id)
 
-    def _walk(self, repo: localfs.LocalRepository, img: model.Image
-              ) -> tuple[list[model.Volume], str | None, dict[str, localfs.LocalRepository]]:
+    def _walk(self, repo: contract.Repository, img: model.Image
+              ) -> tuple[list[model.Volume], str | None, dict[str, contract.Repository]]:
         """The image's chain, following backing volumes into other connected repositories;
         which volumes live elsewhere, and where. A fault of the records, else of the files
         (chain.files_fault), but for layers a fix is rewriting."""
@@ -446,7 +446,7 @@ class ImageService:
                 fault = chain.files_fault(repo, vols, lookup.foreign, chain.rewritten(repo))
         return vols, fault, lookup.foreign
 
-    def _sound(self, repo: localfs.LocalRepository, img: model.Image, strict: bool) -> None:
+    def _sound(self, repo: contract.Repository, img: model.Image, strict: bool) -> None:
         """Refuse a broken image (ImageBroken): a fault of its records or of its files.
         ``strict``: even a layer a fix rewrites (after _give_way, none may be left)."""
         lookup = chain.Lookup(repo.get_volume, self.host.find_volume)
@@ -456,7 +456,7 @@ class ImageService:
         chain.check_files(repo, img.id, vols, lookup.foreign,
                           frozenset() if strict else chain.rewritten(repo))
 
-    def _facts(self, repo: localfs.LocalRepository, img: model.Image,
+    def _facts(self, repo: contract.Repository, img: model.Image,
                vols: list[model.Volume], fault: str | None,
                journal: dict[str, model.Operation] | None = None,
                foreign: bool = False) -> status.Facts:
@@ -496,7 +496,7 @@ class ImageService:
         vols, fault, elsewhere = self._walk(repo, img)
         return status.describe(self._facts(repo, img, vols, fault, foreign=bool(elsewhere)))
 
-    def _summary(self, repo: localfs.LocalRepository, img: model.Image,
+    def _summary(self, repo: contract.Repository, img: model.Image,
                  vols: list[model.Volume], fault: str | None,
                  journal: dict[str, model.Operation] | None = None,
                  foreign: bool = False) -> dict[str, Any]:

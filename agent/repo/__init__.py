@@ -1,9 +1,12 @@
-"""Repository formats. ``FORMATS`` maps a repoFormat name to its driver class."""
+"""Repository formats. ``FORMATS`` maps a repoFormat name to its driver class; the engine finds
+drivers here and knows them only through ``agent.repo.contract``."""
 
 from __future__ import annotations
 
-from agent.repo import localfs
+from agent.repo import contract, glusterfs, localfs, nfs, posixfs
 
-FORMATS: dict[str, type[localfs.LocalRepository]] = {
-    localfs.LocalRepository.FORMAT: localfs.LocalRepository,
+FORMATS: dict[str, type[contract.Repository]] = {
+    driver.FORMAT: driver
+    for driver in (localfs.LocalRepository, glusterfs.GlusterRepository,
+                   posixfs.PosixRepository, nfs.NfsRepository)
 }

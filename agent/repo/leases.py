@@ -225,16 +225,16 @@ class Lockspace:
             return False
 
     def remove(self) -> None:
-        """Give the host id back without waiting (the storage may be what failed)."""
+        """Give the host id back, without waiting the io_timeouts sanlock takes for it (the
+        storage may be what failed). ``unused``: never let sanlock "terminate the processes
+        holding leases" in it, which would be this agent."""
         sanlock.rem_lockspace(self.name, self.host_id, self.ids, wait=False, unused=True)
 
     def leave(self) -> None:
         """Release everything and give the host id back (a disconnect)."""
         self.drop()
         with contextlib.suppress(sanlock.SanlockException):
-            # unused=True: never let sanlock "terminate the processes holding leases" in it,
-            # which is this agent.
-            sanlock.rem_lockspace(self.name, self.host_id, self.ids, unused=True)
+            self.remove()
 
     def drop(self) -> None:
         """Let every lease go at once, without touching the storage (which may be what failed):

@@ -1,13 +1,5 @@
-"""``localfs-1.0``: a repository in a local directory.
-
-On-disk layout (everything a host needs to resume any operation is here)::
-
-    ROOT/repository.json          format, uuid, version
-    ROOT/lock                     fcntl lock held by the one agent using the repository
-    ROOT/images/<imageId>.json    image records
-    ROOT/volumes/<volId>.<fmt>    volume data; qcow2 backing files are bare names in this directory
-    ROOT/volumes/<volId>.json     volume records
-    ROOT/journal/<opId>.json      operations not yet finished
+"""``localfs-1.0``: a repository in a local directory, in the layout of ``agent.repo.layout``
+(plus ``ROOT/lock``, the fcntl lock held by the one agent using the repository).
 
 Writers hold ``meta_lock`` (a process-local lock) for each read-modify-write of a record; the
 fcntl lock on ``ROOT/lock`` keeps a second agent out of the whole repository, as VDSM does for
@@ -16,14 +8,13 @@ local storage domains. A local repository needs no sanlock daemon.
 Everything read from disk is untrusted (DESIGN.md, "Ownership: one claim model"): a record is
 read only as a regular file (never through a symlink), only under a name that is a bare UUID,
 and its content must be a record of its kind whose ``id`` is that name; paths are made from the
-validated id alone. Anything else is a ``Damage`` naming the file: listings skip it and say so,
-the checker reports it, clean deletes nothing it might need.
+validated id alone. Anything else is a ``layout.Damage`` naming the file: listings skip it and
+say so, the checker reports it, clean deletes nothing it might need.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import json
@@ -33,18 +24,14 @@ import stat
 import threading
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from agent import errors, fileio
 from agent.image import model
+from agent.repo import contract, layout
 
 if TYPE_CHECKING:
     from agent.repo import lockspace
-
-IMAGES = "images"
-VOLUMES = "volumes"
-JOURNAL = "journal"
-PARTIAL = ".partial"
 
 R = TypeVar("R")
 log = logging.getLogger(__name__)
@@ -53,46 +40,26 @@ log = logging.getLogger(__name__)
 MAX_RECORD = 16 << 20
 
 
-@dataclasses.dataclass(frozen=True)
-class Damage:
-    """A record file that cannot be read, and why."""
-
-    path: str
-    reason: str
-    kind: str  # images, volumes, journal
-    rec_id: str | None  # the id its file name gives, when that is a bare UUID
-
-    @property
-    def message(self) -> str:
-        return f"record {self.path} cannot be read: {self.reason}"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"file": self.path, "error": self.reason}
-
-    def error(self) -> errors.RecordDamaged:
-        return errors.RecordDamaged(
-            f"{self.message}; a person must repair or remove it", file=self.path)
-
-
 class _Damaged(Exception):
-    def __init__(self, damage: Damage) -> None:
+    def __init__(self, damage: layout.Damage) -> None:
         super().__init__(damage.message)
         self.damage = damage
 
 
-def file_problem(path: str) -> str | None:
-    """Why ``path`` cannot be a volume's data file (None: a regular file, not followed)."""
+def lock(path: str, what: str) -> int:
+    """The fcntl lock that keeps a second agent of this host away from ``what``: its fd."""
+    # Read-only: flock needs no write access, and a file open for writing would keep the
+    # administrator from remounting a failing file system read-only (EBUSY).
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "is missing"
-    if stat.S_ISREG(st.st_mode):
-        return None
-    what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory"
-            if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-            else "not a regular file")
-    return f"is {what}, not a regular file (never followed)"
-
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise errors.RepositoryLocked(
+                f"{what} is in use by another agent on this host") from None
+        raise
+    return fd
 
 
 def _checked(rec_id: str) -> str:
@@ -103,10 +70,20 @@ def _checked(rec_id: str) -> str:
     return rec_id
 
 
-class LocalRepository:
+class LocalRepository(contract.Repository):
     FORMAT = "localfs-1.0"
-    VERSION = 1
-    CAPABILITIES = ("thin", "snapshot", "copy", "merge")
+    PARAMETERS: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "required": ["path"],
+        "additionalProperties": False,
+        "properties": {
+            "path": {"type": "string", "pattern": "^/", "maxLength": 4000,
+                     "description": "the repository's directory, an absolute path"},
+        },
+    }
+    CAPABILITIES: ClassVar[tuple[contract.Capability, ...]] = (
+        contract.Capability.THIN, contract.Capability.SNAPSHOT, contract.Capability.COPY,
+        contract.Capability.MERGE)
     # Reading a few small records of a local file system takes microseconds from the page
     # cache, so a status poll may run on the RPC event loop itself (see Api.runs_inline). A
     # shared-storage driver, whose reads can hang on a lost server, must say False.
@@ -137,46 +114,58 @@ class LocalRepository:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    @staticmethod
-    def parse_parameters(params: dict[str, Any]) -> str:
-        path = params.get("path")
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise errors.InvalidArgument(
-                "connectionParameters.path must be an absolute directory path", param="path"
-            )
-        return os.path.normpath(path)
+    @classmethod
+    def location(cls, params: dict[str, Any], run_dir: str) -> str:
+        cls.check_parameters(params)
+        return str(os.path.normpath(params["path"]))
 
     @classmethod
-    def format(cls, params: dict[str, Any], connected: tuple[str, ...] = ()) -> str:
+    def format(cls, params: dict[str, Any], options: dict[str, Any], run_dir: str,
+               connected: tuple[str, ...] = ()) -> str:
         """``connected``: the roots of the connected repositories, which the new one may
         neither be inside of nor contain."""
-        root = cls.parse_parameters(params)
+        root = cls.location(params, run_dir)
+        if options.get("ioTimeout") is not None:
+            # sanlock's io_timeout: a local repository has no leases, so no value could mean
+            # anything here; taking it silently would let an admin believe it was recorded.
+            raise errors.InvalidArgument(
+                f"options.ioTimeout is for the shared formats (their sanlock leases); "
+                f"{cls.FORMAT} has no leases", param="options.ioTimeout")
         cls._not_nested(root, connected)
         try:
             os.makedirs(root, exist_ok=True)
         except OSError as e:
             raise errors.InvalidArgument(f"cannot create {root}: {e.strerror}") from e
+        return cls._format_root(root, {})
+
+    @classmethod
+    def _format_root(cls, root: str, extra: dict[str, Any]) -> str:
+        """Lay the repository out in the existing directory ``root``; ``extra``: more fields
+        of repository.json (a shared format's ioTimeout)."""
         # A format interrupted before repository.json was written left only empty
         # subdirectories: formatting again finishes it. Anything else is someone's data.
-        ours = (IMAGES, VOLUMES, JOURNAL)
         for name in os.listdir(root):
             path = os.path.join(root, name)
-            if name not in ours or not os.path.isdir(path) or os.listdir(path):
-                if name == "repository.json":
+            if name not in layout.AREAS or not os.path.isdir(path) or os.listdir(path):
+                if name == layout.META:
                     raise errors.RepositoryNotEmpty(
                         f"{root} is already a formatted repository", path=root)
                 raise errors.RepositoryNotEmpty(
                     f"{root} is not empty; formatting needs an empty directory", path=root
                 )
-        for sub in ours:
+        for sub in layout.AREAS:
             os.makedirs(os.path.join(root, sub), 0o750, exist_ok=True)
         repo_uuid = str(uuid.uuid4())
+        meta = {"format": cls.FORMAT, "uuid": repo_uuid, "version": cls.VERSION, **extra}
+        cls._before_meta(root, meta)
         # repository.json is written last: a directory without it is not a repository.
-        fileio.write_json(
-            os.path.join(root, "repository.json"),
-            {"format": cls.FORMAT, "uuid": repo_uuid, "version": cls.VERSION},
-        )
+        fileio.write_json(os.path.join(root, layout.META), meta)
         return repo_uuid
+
+    @classmethod
+    def _before_meta(cls, root: str, meta: dict[str, Any]) -> None:
+        """What a format writes once the directories exist and before repository.json: a
+        local repository, nothing."""
 
     @staticmethod
     def _not_nested(root: str, connected: tuple[str, ...]) -> None:
@@ -193,7 +182,7 @@ class LocalRepository:
         for path in {root, real}:
             parent = os.path.dirname(path)
             while True:
-                if os.path.lexists(os.path.join(parent, "repository.json")):
+                if os.path.lexists(os.path.join(parent, layout.META)):
                     raise errors.InvalidArgument(
                         f"connectionParameters.path {root} is inside the repository at "
                         f"{parent}; a repository cannot hold another", param="path")
@@ -202,40 +191,45 @@ class LocalRepository:
                 parent = os.path.dirname(parent)
 
     @classmethod
-    def open(cls, params: dict[str, Any]) -> LocalRepository:
-        root = cls.parse_parameters(params)
+    def open(cls, params: dict[str, Any], run_dir: str) -> LocalRepository:
+        root = cls.location(params, run_dir)
+        repo = cls(root, cls._read_meta(root)["uuid"])
+        repo._start()
+        return repo
+
+    @classmethod
+    def _read_meta(cls, root: str) -> dict[str, Any]:
+        """repository.json of the repository at ``root``, checked to be one of this format's."""
         try:
-            meta = fileio.read_json(os.path.join(root, "repository.json"))
+            meta = fileio.read_json(os.path.join(root, layout.META))
         except FileNotFoundError:
             raise errors.RepositoryNotFormatted(f"{root} is not a formatted repository") from None
         except (OSError, ValueError) as e:
-            raise errors.RepositoryNotFormatted(f"{root}/repository.json unreadable: {e}") from e
+            raise errors.RepositoryNotFormatted(f"{root}/{layout.META} unreadable: {e}") from e
         if not isinstance(meta, dict) or meta.get("format") != cls.FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise errors.UnsupportedFormat(f"{root} has format {found!r}, not {cls.FORMAT}")
-        missing = [sub for sub in (IMAGES, VOLUMES, JOURNAL)
-                   if not os.path.isdir(os.path.join(root, sub))]
+        missing = [sub for sub in layout.AREAS if not os.path.isdir(os.path.join(root, sub))]
         if not isinstance(meta.get("uuid"), str) or missing:
             raise errors.RepositoryNotFormatted(
                 f"{root} is damaged: "
-                + (f"missing {', '.join(missing)}" if missing else "repository.json has no uuid")
+                + (f"missing {', '.join(missing)}" if missing else f"{layout.META} has no uuid")
             )
-        repo = cls(root, meta["uuid"])
-        repo._take_lock()
-        repo.direct_io = repo._probe_direct_io()
-        repo.reflink = repo._probe_reflink()
-        return repo
+        return meta
 
-    def capabilities(self) -> list[str]:
-        """What this repository can do, as measured on its file system when it was opened."""
-        extra = [name for name, has in (("reflink", self.reflink), ("direct-io", self.direct_io))
-                 if has]
-        return [*self.CAPABILITIES, *extra]
+    def _start(self) -> None:
+        """Take what this host holds of the repository and measure its file system."""
+        self._take_lock()
+        self.direct_io = self._probe_direct_io()
+        self.reflink = self._probe_reflink()
+
+    def clone(self, src: str, dst: str) -> None:
+        fileio.clone(src, dst)
 
     def _probe_reflink(self) -> bool:
         """Whether the file system clones files (XFS with reflink, btrfs): FICLONE on two
         scratch files. Performance-strategy disks are then clones, not copies."""
-        base = os.path.join(self.root, VOLUMES, f".reflink{fileio.TMP_MARK}probe")
+        base = os.path.join(self.root, layout.VOLUMES, f".reflink{fileio.TMP_MARK}probe")
         src, dst = base + "-a", base + "-b"
         try:
             with open(src, "wb") as a:
@@ -252,7 +246,7 @@ class LocalRepository:
     def _probe_direct_io(self) -> bool:
         """Whether the file system takes O_DIRECT (tmpfs does not); copies bypass the page
         cache where they can."""
-        probe = os.path.join(self.root, VOLUMES, f".direct-io{fileio.TMP_MARK}probe")
+        probe = os.path.join(self.root, layout.VOLUMES, f".direct-io{fileio.TMP_MARK}probe")
         try:
             fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
         except OSError:
@@ -261,21 +255,12 @@ class LocalRepository:
         os.unlink(probe)
         return True
 
+    def _lock_path(self) -> str:
+        return os.path.join(self.root, "lock")
+
     def _take_lock(self) -> None:
-        # Read-only: flock needs no write access, and a file open for writing would keep the
-        # administrator from remounting a failing file system read-only (EBUSY).
-        fd = os.open(os.path.join(self.root, "lock"),
-                     os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise errors.RepositoryLocked(
-                    f"{self.root} is in use by another agent on this host"
-                ) from None
-            raise
-        self._lock_fd = fd
+        if self._lock_fd is None:  # a mounted format takes its lock before it mounts
+            self._lock_fd = lock(self._lock_path(), self.root)
 
     def close(self) -> None:
         """Let the repository go: the lock file is the one descriptor the agent keeps open
@@ -313,21 +298,21 @@ class LocalRepository:
         return os.path.join(self.root, sub, name)
 
     def volume_path(self, vol_id: str, fmt: model.VolumeFormat) -> str:
-        return self._path(VOLUMES, f"{_checked(vol_id)}.{model.VolumeFormat(fmt).value}")
+        return self._path(layout.VOLUMES, f"{_checked(vol_id)}.{model.VolumeFormat(fmt).value}")
 
     def volume_file(self, vol: model.Volume) -> str:
         """The path of a volume's data file, once it is known to be a regular file of this
         repository (a symlink, a FIFO, a directory there is never followed): what may be read,
         handed to qemu-img or to a consumer."""
         path = self.volume_path(vol.id, vol.format)
-        problem = file_problem(path)
+        problem = layout.file_problem(path)
         if problem is not None:
             raise errors.ImageBroken(f"the data file of volume {vol.id} ({path}) {problem}",
                                      file=path)
         return path
 
     def volume_partial_path(self, vol_id: str, fmt: model.VolumeFormat) -> str:
-        return self.volume_path(vol_id, fmt) + PARTIAL
+        return self.volume_path(vol_id, fmt) + layout.PARTIAL
 
     @staticmethod
     def backing_reference(vol_id: str, fmt: model.VolumeFormat) -> str:
@@ -347,7 +332,7 @@ class LocalRepository:
         path = self._record_path(sub, rec_id)
 
         def damaged(reason: str) -> _Damaged:
-            return _Damaged(Damage(path, reason, sub, rec_id))
+            return _Damaged(layout.Damage(path, reason, sub, rec_id))
 
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -398,7 +383,7 @@ class LocalRepository:
             raise e.damage.error() from None
 
     def _scan(self, sub: str, parse: Callable[[dict[str, Any]], R]
-              ) -> tuple[list[R], list[Damage]]:
+              ) -> tuple[list[R], list[layout.Damage]]:
         """Every readable record of a kind, and the damage found instead of the others."""
         out, damage = [], []
         for entry in self._entries(sub):
@@ -407,7 +392,7 @@ class LocalRepository:
                 continue
             stem = name[: -len(".json")]
             if not model.is_id(stem):
-                damage.append(Damage(entry.path, "its name is not <uuid>.json", sub, None))
+                damage.append(layout.Damage(entry.path, "its name is not <uuid>.json", sub, None))
                 continue
             try:
                 rec = self._read(sub, stem, parse)
@@ -423,28 +408,28 @@ class LocalRepository:
     def _all(self, sub: str, parse: Callable[[dict[str, Any]], R]) -> list[R]:
         return self._scan(sub, parse)[0]
 
-    def _warn(self, d: Damage) -> None:
+    def _warn(self, d: layout.Damage) -> None:
         # Once per file and connection: a listing polled every second must not flood the log.
         if d.path not in self._warned:
             self._warned.add(d.path)
             log.warning("event=record_damaged repo=%s file=%s error=%r", self.uuid, d.path,
                         d.reason)
 
-    def damage(self) -> list[Damage]:
+    def damage(self) -> list[layout.Damage]:
         """Every record of this repository that cannot be read."""
-        return [d for sub, parse in ((IMAGES, model.Image.from_dict),
-                                     (VOLUMES, model.Volume.from_dict),
-                                     (JOURNAL, model.Operation.from_dict))
+        return [d for sub, parse in ((layout.IMAGES, model.Image.from_dict),
+                                     (layout.VOLUMES, model.Volume.from_dict),
+                                     (layout.JOURNAL, model.Operation.from_dict))
                 for d in self._scan(sub, parse)[1]]  # type: ignore[arg-type]
 
-    def scan_images(self) -> tuple[list[model.Image], list[Damage]]:
-        return self._scan(IMAGES, model.Image.from_dict)
+    def scan_images(self) -> tuple[list[model.Image], list[layout.Damage]]:
+        return self._scan(layout.IMAGES, model.Image.from_dict)
 
-    def scan_volumes(self) -> tuple[list[model.Volume], list[Damage]]:
-        return self._scan(VOLUMES, model.Volume.from_dict)
+    def scan_volumes(self) -> tuple[list[model.Volume], list[layout.Damage]]:
+        return self._scan(layout.VOLUMES, model.Volume.from_dict)
 
-    def scan_operations(self) -> tuple[list[model.Operation], list[Damage]]:
-        return self._scan(JOURNAL, model.Operation.from_dict)
+    def scan_operations(self) -> tuple[list[model.Operation], list[layout.Damage]]:
+        return self._scan(layout.JOURNAL, model.Operation.from_dict)
 
     def _entries(self, sub: str) -> list[os.DirEntry[str]]:
         """The entries of one of the repository's directories."""
@@ -458,7 +443,7 @@ class LocalRepository:
             raise
 
     def get_image(self, image_id: str) -> model.Image | None:
-        return self._get(IMAGES, image_id, model.Image.from_dict)
+        return self._get(layout.IMAGES, image_id, model.Image.from_dict)
 
     def put_image(self, image: model.Image) -> None:
         self._check_open()
@@ -466,31 +451,32 @@ class LocalRepository:
 
     def _image_record(self, image: model.Image) -> tuple[str, bytes]:
         image.generation += 1  # every write is a new generation: fixes made before are stale
-        return self._record_path(IMAGES, image.id), fileio.encode_json(image.to_dict())
+        return self._record_path(layout.IMAGES, image.id), fileio.encode_json(image.to_dict())
 
     def put_intent(self, op: model.Operation, image: model.Image) -> None:
         """A new operation's journal and the image record naming it, both fsync'd at once and
         durable in that order: a journal without its image is a finished-nothing the checker
         cleans; an image naming a journal that is not there could never be resumed."""
         self._check_open()
-        fileio.write_many([(self._record_path(JOURNAL, op.id), fileio.encode_json(op.to_dict())),
+        journal = self._record_path(layout.JOURNAL, op.id)
+        fileio.write_many([(journal, fileio.encode_json(op.to_dict())),
                            self._image_record(image)], still=self._check_open)
 
     def delete_image(self, image_id: str) -> None:
         self._check_open()
-        fileio.remove(self._record_path(IMAGES, image_id))
+        fileio.remove(self._record_path(layout.IMAGES, image_id))
 
     def images(self) -> list[model.Image]:
-        return self._all(IMAGES, model.Image.from_dict)
+        return self._all(layout.IMAGES, model.Image.from_dict)
 
     def get_volume(self, vol_id: str) -> model.Volume | None:
-        return self._get(VOLUMES, vol_id, model.Volume.from_dict)
+        return self._get(layout.VOLUMES, vol_id, model.Volume.from_dict)
 
     def put_volume(self, vol: model.Volume, sync_dir: bool = True,
                    data: str | None = None) -> None:
         """``data``: the volume's new data file, made durable together with the record."""
         self._check_open()
-        fileio.write_json(self._record_path(VOLUMES, vol.id), vol.to_dict(), sync_dir,
+        fileio.write_json(self._record_path(layout.VOLUMES, vol.id), vol.to_dict(), sync_dir,
                           () if data is None else (data,), self._check_open)
 
     def delete_volume_data(self, vol: model.Volume) -> None:
@@ -502,37 +488,37 @@ class LocalRepository:
 
     def delete_volume_record(self, vol: model.Volume) -> None:
         self._check_open()
-        fileio.remove(self._record_path(VOLUMES, vol.id))
+        fileio.remove(self._record_path(layout.VOLUMES, vol.id))
 
     def volumes(self) -> list[model.Volume]:
-        return self._all(VOLUMES, model.Volume.from_dict)
+        return self._all(layout.VOLUMES, model.Volume.from_dict)
 
     def get_operation(self, op_id: str) -> model.Operation | None:
-        return self._get(JOURNAL, op_id, model.Operation.from_dict)
+        return self._get(layout.JOURNAL, op_id, model.Operation.from_dict)
 
     def put_operation(self, op: model.Operation) -> None:
         self._check_open()
-        fileio.write_json(self._record_path(JOURNAL, op.id), op.to_dict(),
+        fileio.write_json(self._record_path(layout.JOURNAL, op.id), op.to_dict(),
                           still=self._check_open)
 
     def delete_operation(self, op_id: str, durable: bool = True) -> None:
         """``durable=False`` for a finished operation: a journal that comes back after a crash
         names an image that no longer waits for it, and clean removes it."""
         self._check_open()
-        fileio.remove(self._record_path(JOURNAL, op_id), durable)
+        fileio.remove(self._record_path(layout.JOURNAL, op_id), durable)
 
     def operations(self) -> list[model.Operation]:
-        return self._all(JOURNAL, model.Operation.from_dict)
+        return self._all(layout.JOURNAL, model.Operation.from_dict)
 
     def stray_files(self) -> list[str]:
         """Files that are neither records nor volume data: leftover temporary and partial files
         (regular files only: whatever else is planted there is left alone)."""
         out = []
-        for sub in (IMAGES, VOLUMES, JOURNAL):
+        for sub in (layout.IMAGES, layout.VOLUMES, layout.JOURNAL):
             for entry in self._entries(sub):
                 if not entry.is_file(follow_symlinks=False):
                     continue
-                if fileio.is_temporary(entry.name) or entry.name.endswith(PARTIAL):
+                if fileio.is_temporary(entry.name) or entry.name.endswith(layout.PARTIAL):
                     out.append(entry.path)
         return out
 
@@ -540,7 +526,7 @@ class LocalRepository:
         """Volume data files by volume id, whether or not a record names them: regular files
         named ``<uuid>.qcow2`` or ``<uuid>.raw``, nothing else."""
         out = {}
-        for entry in self._entries(VOLUMES):
+        for entry in self._entries(layout.VOLUMES):
             stem, _, ext = entry.name.partition(".")
             if ext in ("qcow2", "raw") and model.is_id(stem) \
                     and entry.is_file(follow_symlinks=False):

@@ -118,6 +118,8 @@ class Membership:
     def stop(self) -> None:
         """Leave the lockspace (a disconnect): the leases go, then the host id."""
         with self._cond:
+            if self._stopped:
+                return
             self._stopped = True
             self._cond.notify_all()
         if self._thread is not None:
