@@ -21,7 +21,13 @@ from agent import api as agent_api
 from agent import errors
 from agent.repo import contract, glusterfs, mounted, nfs
 from rpc import clihelp
-from tests.conftest import Daemon, assert_nothing_mounted_under, settle, shared_params
+from tests.conftest import (
+    Daemon,
+    assert_nothing_mounted_under,
+    settle,
+    shared_params,
+    wait_joined,
+)
 
 GIB = 1 << 30
 
@@ -37,7 +43,8 @@ def mount_points(run_dir: str) -> list[str]:
 
 
 @pytest.fixture
-def api(tmp_path: Any) -> Any:
+def api(tmp_path: Any, sanlock_daemon: Any) -> Any:
+    # Shared formats write sanlock areas at format and join the lockspace at connect.
     a = agent_api.Api(1, 2, str(tmp_path / "state"))
     yield a
     a.close()
@@ -56,7 +63,12 @@ def test_posixfs_formats_in_a_mount_of_its_own_and_records_the_io_timeout(
     subprocess.run(["mount", "-o", "loop,ro", params["spec"], str(check)], check=True)
     try:
         meta = json.loads((check / "repository.json").read_text())
-        assert sorted(os.listdir(check)) == ["images", "journal", "repository.json", "volumes"]
+        assert sorted(os.listdir(check)) == ["images", "journal", "leases", "repository.json",
+                                             "volumes"]
+        # The lockspace and the repository lease, whole, before repository.json named them.
+        assert sorted(os.listdir(check / "leases")) == ["ids", "repository.lease"]
+        assert all(os.path.getsize(check / "leases" / n) == 1 << 20
+                   for n in ("ids", "repository.lease"))
     finally:
         subprocess.run(["umount", str(check)], check=True)
     assert meta["format"] == "posixfs-1.0" and meta["ioTimeout"] == 3
@@ -75,6 +87,13 @@ def test_posixfs_formats_in_a_mount_of_its_own_and_records_the_io_timeout(
     assert not api.connectStorageRepository("p", "posixfs-1.0", params, {})["changed"]
     assert mounts_under(str(tmp_path)) == [mnt]
 
+    # Joining the lockspace takes 2·ioTimeout+1 s: until then reads work, changes are refused.
+    assert api.getStorageRepositoryInfo("p")["lockspace"]["state"] == "joining"
+    with pytest.raises(errors.LockspaceNotJoined, match="still joining"):
+        api.createVirtualDisk("p", 64 << 20, None, {}, {})
+    assert api.listImages("p", {}) == []
+    wait_joined(api.getStorageRepositoryInfo, "p")
+    assert api.getStorageRepositoryInfo("p")["lockspace"]["hostId"] == 1
     d = api.createVirtualDisk("p", 64 << 20, None, {}, {})
     assert settle(lambda m, *a: getattr(api, m)(*a), "p", d)["status"] == "optimized"
     api.disconnectStorageRepository("p", {})
@@ -92,6 +111,7 @@ def test_a_bind_of_a_shared_directory(api: Any, tmp_path: Any) -> None:
     meta = json.loads((shared / "repository.json").read_text())
     assert meta["format"] == "posixfs-1.0" and meta["ioTimeout"] == mounted.IO_TIMEOUT
     api.connectStorageRepository("b", "posixfs-1.0", params, {})
+    wait_joined(api.getStorageRepositoryInfo, "b", 2 * mounted.IO_TIMEOUT + 20)
     d = api.createVirtualDisk("b", 1 << 20, None, {}, {})
     assert os.path.exists(shared / "images" / f"{d}.json")
     # A second format finds it formatted, through a mount of its own, and leaves nothing.

@@ -234,6 +234,8 @@ class Lockspace:
         """Release everything and give the host id back (a disconnect)."""
         self.drop()
         with contextlib.suppress(sanlock.SanlockException):
+            # Not waited for (sanlock takes 2-3·io_timeout to let the host id go): the daemon
+            # keeps the lockspace file open until then, so the unmount that follows is lazy.
             self.remove()
 
     def drop(self) -> None:

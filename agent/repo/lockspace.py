@@ -65,6 +65,7 @@ class Membership:
         self._since = time.time()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self._joining = False  # inside add_lockspace now
         # monotonic second of this host's last good renewal, as the daemon last said.
         self._last_success: float | None = None
         space.fresh = self.fresh
@@ -116,14 +117,19 @@ class Membership:
         self._thread.start()
 
     def stop(self) -> None:
-        """Leave the lockspace (a disconnect): the leases go, then the host id."""
+        """Leave the lockspace (a disconnect): the leases go, then the host id. A join still in
+        progress (add_lockspace blocks 2·io_timeout+1 s) is not waited for: the watcher
+        leaves once it returns."""
         with self._cond:
             if self._stopped:
                 return
             self._stopped = True
             self._cond.notify_all()
+            joining = self._joining
+        if joining:
+            return
         if self._thread is not None:
-            self._thread.join(timeout=2 * self.space.io_timeout + 5)
+            self._thread.join(timeout=5)
         self.space.leave()
 
     def _set(self, state: str, reason: str = "") -> None:
@@ -154,14 +160,24 @@ class Membership:
 
     def _join(self) -> bool:
         self._set(JOINING)
+        with self._cond:
+            if self._stopped:
+                return False
+            self._joining = True
         try:
             self.space.join()
         except Exception as e:  # sanlock's errors, and the storage's
             self._set(FAILED, f"cannot join the lockspace: {e}")
             return False
-        self._observe()
-        if self._stopped:
+        finally:
+            with self._cond:
+                self._joining = False
+                stopped = self._stopped
+            if stopped:  # disconnected meanwhile: stop() left it to us
+                self.space.leave()
+        if stopped:
             return False
+        self._observe()
         self._set(JOINED)
         return True
 

@@ -270,10 +270,11 @@ def _unmount(target: str) -> None:
     try:
         command.run(["umount", target])
     except errors.CommandFailed as e:
-        # Busy (a call stuck in a hung file system, a VM still holding an image): detach it
-        # now, the kernel lets go once the last user does. Nothing of the agent's writes there
-        # any more: the repository is closed.
-        log.warning("event=unmount_lazy target=%s error=%r", target, e.message)
+        # Busy (sanlock still leaving the lockspace, whose file it keeps open for a few
+        # seconds; a call stuck in a hung file system; a VM still holding an image): detach
+        # it now, the kernel lets go once the last user does. Nothing of the agent's writes
+        # there any more: the repository is closed.
+        log.info("event=unmount_lazy target=%s error=%r", target, e.message)
         try:
             command.run(["umount", "-l", target])
         except errors.CommandFailed as e2:
