@@ -110,7 +110,8 @@ class Host:
         if r.shared:
             # Joined in the background: reads work at once, changes once it is joined.
             space = leases.Lockspace(r.root, r.uuid, self.host_id, r.io_timeout)
-            r.membership = lockspace.Membership(space, lambda why: self._lost(conn, why))
+            r.membership = lockspace.Membership(space, lambda why: self._lost(conn, why),
+                                                r.recover)
             r.membership.start()
         log.info("event=connected repo=%s format=%s root=%s", repo_id, repo_format, r.root)
         return True

@@ -329,8 +329,10 @@ def has_driver() -> bool:
 
 
 def _joining(lockspace: Any) -> bool:
-    return lockspace == "joining" or (isinstance(lockspace, dict) and "joining" in
-                                      lockspace.values())
+    state = lockspace.get("state") if isinstance(lockspace, dict) else lockspace
+    if state == "failed":
+        raise AssertionError(f"the lockspace failed: {lockspace}")
+    return state != "joined"
 
 
 def connect_repository(hosts: Sequence[Host], volume: gluster.Volume, io_timeout: int = 1,

@@ -432,8 +432,9 @@ class Checker:
         # image that is not removed, or writes its intent under that lock).
         locked = self.repo.meta_lock if wanted == fixes.FixType.CLEAN \
             else contextlib.nullcontext()
-        with self.host.claims.claim(what, [(self.repo, i) for i in hint.image_ids]) as claim, \
-                locked:
+        whole = self.repo if wanted == fixes.FixType.CLEAN else None
+        with self.host.claims.claim(what, [(self.repo, i) for i in hint.image_ids],
+                                    whole=whole) as claim, locked:
             fix = current()
             log.info("event=fix type=%s images=%s", fix.type, fix.image_ids)
             fix.run(claim)

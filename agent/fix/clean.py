@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 
 # A temporary file younger than this may belong to a metadata write in flight; leave it alone.
 TEMP_GRACE = 10.0
+# On a shared repository another host may be making something while this one scans: its
+# intent, volumes and partial data appear between the scan's reads, with no lock of this host
+# in between (the repository lease is for whole-repository work only, never on the path of
+# ordinary calls). What the scan cannot explain -- a volume no image names, a journal whose
+# image it did not see, a partial or orphan data file -- is left alone when it changed after
+# the scan began (by the storage's own clock: Inventory.started), for the next clean.
 
 
 @dataclasses.dataclass
@@ -59,8 +65,17 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
     hold = any(d.kind in (layout.IMAGES, layout.VOLUMES) for d in inv.damage)
     hold_partials = any(d.kind == layout.JOURNAL for d in inv.damage)
     p = Plan()
+
+    def young(path: str) -> bool:
+        return repo.shared and _mtime(path) >= inv.started
+
+    explained = _of_removed_images(inv)
     if not hold:
-        p.volumes = [v for v in inv.volumes.values() if v.id not in keep]
+        p.volumes = [v for v in inv.volumes.values() if v.id not in keep
+                     and (v.id in explained or not (
+                         young(repo.volume_path(v.id, v.format))
+                         or young(repo.volume_partial_path(v.id, v.format))
+                         or young(repo.record_path(layout.VOLUMES, v.id))))]
     # A removed image's record goes with its volume, or when a live image owns that volume
     # outright (a removed snapshot absorbed by a merge, or removed before its switch).
     live_tops = {i.volume_id for i in inv.images.values() if not i.removed}
@@ -72,14 +87,16 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
     # in a moment (proposing it would only make a fix that is stale by the time it is sent).
     p.journals = [op_id for op_id, op in inv.ops.items()
                   if op_id not in live_ids and op_id not in inv.active
-                  and op.image_id not in inv.damaged_images]
+                  and op.image_id not in inv.damaged_images
+                  and (op.image_id in inv.images
+                       or not young(repo.record_path(layout.JOURNAL, op_id)))]
     for vol_id, path in repo.volume_files().items():
-        if not hold and vol_id not in keep and vol_id not in inv.volumes:
+        if not hold and vol_id not in keep and vol_id not in inv.volumes and not young(path):
             p.orphan_files.append(path)
     for path in repo.stray_files():
         name = os.path.basename(path)
         if name.endswith(layout.PARTIAL):
-            if hold_partials or name.split(".", 1)[0] in keep:
+            if hold_partials or name.split(".", 1)[0] in keep or young(path):
                 continue  # an unfinished operation's data in the making
         elif now - _mtime(path) < TEMP_GRACE:
             continue
@@ -119,6 +136,20 @@ def execute(repo: contract.Repository, p: Plan) -> int:
              repo.uuid, len(p.volumes), len(p.orphan_files) + len(p.strays), len(p.images),
              len(p.journals), p.bytes)
     return p.bytes
+
+
+def _of_removed_images(inv: inventory.Inventory) -> set[str]:
+    """The volumes in the chains of removed images: what a clean reclaims on purpose."""
+    out: set[str] = set()
+    for img in inv.images.values():
+        if not img.removed:
+            continue
+        vol_id: str | None = img.volume_id
+        while vol_id is not None and vol_id not in out:
+            out.add(vol_id)
+            vol = inv.volumes.get(vol_id)
+            vol_id = vol.parent_volume_id if vol is not None else None
+    return out
 
 
 def _mtime(path: str) -> float:

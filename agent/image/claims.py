@@ -23,22 +23,22 @@ still held before each write. The operations only see this interface.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.image import model
-from agent.repo import leases
+from agent.repo import contract, leases
 
 if TYPE_CHECKING:
     from agent import command, host
-    from agent.repo import contract
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Claim:
         # Set by an operation about to run its last step (a seal of milliseconds): a client
         # that saw it done may come at once, and should wait for the release, not be refused.
         self.finishing = False
+        self._fence: contextvars.Token[Callable[[], None] | None] | None = None
         # Its sanlock leases, by repository uuid (shared repositories only).
         self.leases: dict[str, leases.Held] = {}
 
@@ -123,9 +124,14 @@ class Claim:
         self._table.release(self)
 
     def __enter__(self) -> Claim:
+        # Every repository write on this thread checks this claim until it is released.
+        self._fence = contract.fence.set(self.check)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._fence is not None:
+            contract.fence.reset(self._fence)
+            self._fence = None
         self.release()
 
 
@@ -263,13 +269,18 @@ class Claims:
     def claim(self, what: str, writes: Iterable[tuple[contract.Repository, str]] = (),
               reads: Iterable[tuple[contract.Repository, str]] = (),
               owner: str | None = None, lasting: bool = False, wait: float = CALL_WAIT,
-              cancel: command.Cancel | None = None) -> Claim:
+              cancel: command.Cancel | None = None,
+              whole: contract.Repository | None = None) -> Claim:
         """Claim images (all at once, or none): ImageBusy when another owner of this host
         uses one, LeaseHeld when another host holds its lease, LockspaceNotJoined when this
-        host cannot take leases in its repository now."""
+        host cannot take leases in its repository now. ``whole``: a repository this owner
+        works on as a whole (clean): on shared storage, its repository lease too, so no two
+        hosts do that at once."""
         keys: dict[Key, Mode] = {}
         reads, writes = list(reads), list(writes)
         shared = {r.uuid: r for r, _ in [*reads, *writes] if r.membership is not None}
+        if whole is not None and whole.membership is not None:
+            shared[whole.uuid] = whole
         for r, image_id in reads:
             keys[(r.uuid, image_id)] = Mode.READ
         for r, image_id in writes:
@@ -283,6 +294,8 @@ class Claims:
             for repo_uuid, r in shared.items():
                 assert r.membership is not None
                 wanted = leases_of(keys, repo_uuid)
+                if whole is r:
+                    wanted[leases.REPOSITORY_LEASE] = leases.Mode.EXCLUSIVE
                 claim.leases[repo_uuid] = r.membership.space.acquire(wanted, what)
         except BaseException:
             claim.release()

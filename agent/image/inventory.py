@@ -40,9 +40,14 @@ class Inventory:
         # Only these images' files are looked at (what one applied fix derives again); None:
         # every image's.
         self.focus = focus
+        # The repository's clock before any read: on shared storage, whatever changed after
+        # it may belong to another host's work this scan saw only half of (clean leaves it).
+        # Journals first, then images, then volumes: the order in which an operation writes
+        # them, so an image or volume seen here has its journal seen too, unless it is newer.
+        self.started = repo.clock()
+        ops, bad_ops = repo.scan_operations()
         images, bad_images = repo.scan_images()
         volumes, bad_volumes = repo.scan_volumes()
-        ops, bad_ops = repo.scan_operations()
         self.images = {i.id: i for i in images}
         self.volumes = {v.id: v for v in volumes}
         self.ops = {op.id: op for op in ops}

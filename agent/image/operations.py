@@ -57,6 +57,7 @@ def materialize(
             # Out of space or stopped: give the space back; the data is made again next time.
             fileio.remove(partial)
             raise
+        contract.check_fence()  # the data's rename is a write like the record's
         os.rename(partial, final)
         fileio.fsync_dir(os.path.dirname(final))
     elif repo.get_volume(vol.id) != vol:

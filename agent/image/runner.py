@@ -139,7 +139,12 @@ class Runner:
             op = repo.get_operation(op_id)
             if op is None or op.state in (model.OpState.ABORTED, model.OpState.STOPPED):
                 return
-            self._run_claimed(repo, op, cancel, claim)
+            # Every repository write of this run checks the claim first (contract.fence).
+            fence = contract.fence.set(claim.check)
+            try:
+                self._run_claimed(repo, op, cancel, claim)
+            finally:
+                contract.fence.reset(fence)
         finally:
             claim.release()
 

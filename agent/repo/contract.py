@@ -41,8 +41,10 @@ one); ``format`` makes an empty repository; ``open`` connects one; ``close`` let
 from __future__ import annotations
 
 import abc
+import contextvars
 import enum
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import jsonschema
@@ -53,6 +55,20 @@ from agent.repo import layout
 
 if TYPE_CHECKING:
     from agent.repo import lockspace
+
+
+# The check of whoever writes on this thread now (an operation's or a call's claim): every
+# record write and data rename of a repository asks it first, so an owner that lost its claim
+# (its lease taken over while this host was frozen, its lockspace lost) writes nothing more,
+# wherever in a step it was when it lost it.
+fence: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "fence", default=None)
+
+
+def check_fence() -> None:
+    check = fence.get()
+    if check is not None:
+        check()
 
 
 class Capability(enum.Enum):
@@ -136,12 +152,26 @@ class Repository(abc.ABC):
                                      (Capability.DIRECT_IO, self.direct_io)) if has]
         return [c.value for c in (*self.CAPABILITIES, *measured)]
 
+    def recover(self) -> None:
+        """Make the storage usable again after this host lost the repository's lockspace (a
+        mounted format mounts a dead mount again); a local repository has nothing to do."""
+        return None
+
     def lockspace_state(self) -> dict[str, Any]:
         """Whether this host may write to the repository as far as leases go: ``local``, or
         the lockspace's ``joining``/``joined``/``failed`` (with the reason)."""
         if self.membership is None:
             return {"state": "local"}
         return self.membership.state()
+
+    @abc.abstractmethod
+    def clock(self) -> float:
+        """Now, by the clock that stamps the repository's files (the storage server's)."""
+
+    @abc.abstractmethod
+    def record_path(self, kind: str, rec_id: str) -> str:
+        """Where the record of ``kind`` (layout.IMAGES, VOLUMES, JOURNAL) and id is kept
+        (its age tells a clean on shared storage whether another host may be making it)."""
 
     @abc.abstractmethod
     def capacity(self) -> tuple[int, int]:

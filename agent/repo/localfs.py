@@ -22,6 +22,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -279,6 +280,10 @@ class LocalRepository(contract.Repository):
                 path=self.root,
             )
 
+    def _check_write(self) -> None:
+        self._check_open()
+        contract.check_fence()
+
     def _failed(self, path: str, e: OSError) -> None:
         fileio.raise_unavailable(path, e)
 
@@ -321,6 +326,27 @@ class LocalRepository(contract.Repository):
 
     # -- records -----------------------------------------------------------------------------
     # Three kinds, one shape: ``<sub>/<id>.json`` holding a model record's dict.
+
+    def clock(self) -> float:
+        """The time of the storage's clock now. On shared storage file times come from the
+        server, not from this host: a probe file tells it."""
+        if not self.shared:
+            return time.time()
+        self._check_open()
+        probe = self._path(layout.VOLUMES, f".clock{fileio.TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as e:
+            self._failed(probe, e)
+            raise
+
+    def record_path(self, sub: str, rec_id: str) -> str:
+        return self._record_path(sub, rec_id)
 
     def _record_path(self, sub: str, rec_id: str) -> str:
         return self._path(sub, f"{_checked(rec_id)}.json")
@@ -446,7 +472,7 @@ class LocalRepository(contract.Repository):
         return self._get(layout.IMAGES, image_id, model.Image.from_dict)
 
     def put_image(self, image: model.Image) -> None:
-        self._check_open()
+        self._check_write()
         fileio.write_many([self._image_record(image)], still=self._check_open)
 
     def _image_record(self, image: model.Image) -> tuple[str, bytes]:
@@ -457,13 +483,13 @@ class LocalRepository(contract.Repository):
         """A new operation's journal and the image record naming it, both fsync'd at once and
         durable in that order: a journal without its image is a finished-nothing the checker
         cleans; an image naming a journal that is not there could never be resumed."""
-        self._check_open()
+        self._check_write()
         journal = self._record_path(layout.JOURNAL, op.id)
         fileio.write_many([(journal, fileio.encode_json(op.to_dict())),
                            self._image_record(image)], still=self._check_open)
 
     def delete_image(self, image_id: str) -> None:
-        self._check_open()
+        self._check_write()
         fileio.remove(self._record_path(layout.IMAGES, image_id))
 
     def images(self) -> list[model.Image]:
@@ -475,19 +501,19 @@ class LocalRepository(contract.Repository):
     def put_volume(self, vol: model.Volume, sync_dir: bool = True,
                    data: str | None = None) -> None:
         """``data``: the volume's new data file, made durable together with the record."""
-        self._check_open()
+        self._check_write()
         fileio.write_json(self._record_path(layout.VOLUMES, vol.id), vol.to_dict(), sync_dir,
                           () if data is None else (data,), self._check_open)
 
     def delete_volume_data(self, vol: model.Volume) -> None:
         """Data first, record last (``delete_volume_record``): a record whose data is gone
         is still found and finished by the next clean."""
-        self._check_open()
+        self._check_write()
         fileio.remove(self.volume_partial_path(vol.id, vol.format))
         fileio.remove(self.volume_path(vol.id, vol.format))
 
     def delete_volume_record(self, vol: model.Volume) -> None:
-        self._check_open()
+        self._check_write()
         fileio.remove(self._record_path(layout.VOLUMES, vol.id))
 
     def volumes(self) -> list[model.Volume]:
@@ -497,14 +523,14 @@ class LocalRepository(contract.Repository):
         return self._get(layout.JOURNAL, op_id, model.Operation.from_dict)
 
     def put_operation(self, op: model.Operation) -> None:
-        self._check_open()
+        self._check_write()
         fileio.write_json(self._record_path(layout.JOURNAL, op.id), op.to_dict(),
                           still=self._check_open)
 
     def delete_operation(self, op_id: str, durable: bool = True) -> None:
         """``durable=False`` for a finished operation: a journal that comes back after a crash
         names an image that no longer waits for it, and clean removes it."""
-        self._check_open()
+        self._check_write()
         fileio.remove(self._record_path(layout.JOURNAL, op_id), durable)
 
     def operations(self) -> list[model.Operation]:

@@ -56,9 +56,13 @@ def daemon_status() -> dict[str, dict[str, str]]:
 class Membership:
     """One repository's lockspace as this host takes part in it."""
 
-    def __init__(self, space: leases.Lockspace, on_lost: Callable[[str], None]) -> None:
+    def __init__(self, space: leases.Lockspace, on_lost: Callable[[str], None],
+                 recover: Callable[[], None] = lambda: None) -> None:
         self.space = space
         self.on_lost = on_lost
+        # Called before joining again after a loss or a failed join: the storage may need a
+        # new mount before it answers again.
+        self.recover = recover
         self._cond = threading.Condition()
         self._state = JOINING
         self._reason = ""
@@ -151,7 +155,18 @@ class Membership:
         return min(1.0, self.space.io_timeout / 2)
 
     def _run(self) -> None:
+        again = False
         while not self._stopped:
+            if again:
+                try:
+                    self.recover()
+                except Exception as e:
+                    self._set(FAILED, f"{self._reason or 'out of the lockspace'}; the storage "
+                              f"cannot be mounted again yet: {e}")
+                    if not self._sleep(max(2.0, 2.0 * self.space.io_timeout)):
+                        return
+                    continue
+            again = True
             if not self._join():
                 if not self._sleep(max(2.0, 2.0 * self.space.io_timeout)):
                     return

@@ -110,6 +110,7 @@ class MountedRepository(localfs.LocalRepository):
         # sanlock's io_timeout for this repository, as format recorded it: every host uses it.
         self.io_timeout = io_timeout
         self._mounted = False
+        self._spec: MountSpec | None = None  # what open mounted: recover mounts it again
 
     # -- what each format says -----------------------------------------------------------------
 
@@ -131,6 +132,26 @@ class MountedRepository(localfs.LocalRepository):
         (a repository is not one until then, so nothing can reference these areas before they
         are whole): the lockspace and the repository lease (agent/repo/leases.py)."""
         leases.format_areas(root, repo_uuid, io_timeout)
+
+    def recover(self) -> None:
+        """Mount again a file system that stopped answering for good (its FUSE client died, a
+        server came back under a new session), at the same place: called before each attempt
+        to join the lockspace again after a loss. Nothing is written meanwhile: this host is
+        out of the lockspace."""
+        spec = self._spec
+        if self.closed or not self._mounted or spec is None:
+            return
+        try:
+            os.statvfs(self.root)
+            os.listdir(self.root)
+            return  # it answers: the lockspace join says the rest
+        except OSError as e:
+            log.warning("event=mount_dead target=%s error=%r", self.root, e.strerror)
+        with contextlib.suppress(errors.CommandFailed):
+            command.run(["umount", "-l", self.root])
+        _mount(spec, self.root)
+        self._check_mounted(spec)
+        log.info("event=mount_recovered format=%s target=%s", self.FORMAT, self.root)
 
     def _leave(self) -> None:
         """Called by close before the file system is unmounted: leave the lockspace (the
@@ -189,6 +210,7 @@ class MountedRepository(localfs.LocalRepository):
         fd = localfs.lock(target + ".lock", target)
         repo = cls(target, "")
         repo._lock_fd = fd
+        repo._spec = spec
         try:
             if is_mount_point(target):
                 # An agent that died left it mounted (a VM may still use it): the name is the
