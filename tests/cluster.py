@@ -335,6 +335,18 @@ def _joining(lockspace: Any) -> bool:
     return state != "joined"
 
 
+def wait_joined(h: Host, repo_id: str = REPO_ID, timeout: float = 60) -> None:
+    """Wait until host ``h`` has joined the lockspace of ``repo_id`` (a failure is an error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        [r] = [r for r in h.call("listStorageRepositories") if r["repoId"] == repo_id]
+        if not _joining(r.get("lockspace")):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{h.name} did not join the lockspace: {r.get('lockspace')}")
+        time.sleep(0.2)
+
+
 def connect_repository(hosts: Sequence[Host], volume: gluster.Volume, io_timeout: int = 1,
                        join_timeout: float = 60) -> None:
     """Format a glusterfs-1.0 repository on ``volume`` (once, from the first host) and connect it

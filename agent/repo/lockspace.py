@@ -72,6 +72,8 @@ class Membership:
         self._joining = False  # inside add_lockspace now
         # monotonic second of this host's last good renewal, as the daemon last said.
         self._last_success: float | None = None
+        self._expired = False  # a renewal was seen late: lost, whatever the daemon says next
+        self._lost = ""  # why this host left the lockspace last, until it is joined again
         space.fresh = self.fresh
 
     # -- what callers see ----------------------------------------------------------------------
@@ -109,9 +111,14 @@ class Membership:
 
     def fresh(self) -> bool:
         """Whether this host may still write under its leases: joined, and its last good
-        renewal recent (a host frozen and thawed finds it old, and writes nothing more)."""
+        renewal recent. A host frozen and thawed finds it old, and writes nothing more, even
+        once its daemon renews again: another host may have taken its leases meanwhile, so
+        a renewal seen late once is a loss for good (until the lockspace is joined again)."""
         age = self.renewal_age()
-        return self.joined and age is not None and age < self.space.loss_age
+        with self._cond:
+            if age is None or age >= self.space.loss_age:
+                self._expired = True
+            return self._state == JOINED and not self._expired
 
     # -- the watcher ---------------------------------------------------------------------------
 
@@ -161,7 +168,7 @@ class Membership:
                 try:
                     self.recover()
                 except Exception as e:
-                    self._set(FAILED, f"{self._reason or 'out of the lockspace'}; the storage "
+                    self._set(FAILED, f"{self._lost or 'out of the lockspace'}; the storage "
                               f"cannot be mounted again yet: {e}")
                     if not self._sleep(max(2.0, 2.0 * self.space.io_timeout)):
                         return
@@ -182,7 +189,8 @@ class Membership:
         try:
             self.space.join()
         except Exception as e:  # sanlock's errors, and the storage's
-            self._set(FAILED, f"cannot join the lockspace: {e}")
+            self._set(FAILED, f"{self._lost}; not joined again yet: {e}" if self._lost
+                      else f"cannot join the lockspace: {e}")
             return False
         finally:
             with self._cond:
@@ -192,9 +200,23 @@ class Membership:
                 self.space.leave()
         if stopped:
             return False
-        self._observe()
+        with self._cond:
+            self._expired = False
+            self._last_success = None
+            self._lost = ""
+        self._observe_joined()
         self._set(JOINED)
         return True
+
+    def _observe_joined(self) -> None:
+        """The first renewal of a join (fresh() would call its absence a loss)."""
+        try:
+            fields = daemon_status().get(self.space.name.decode()) or {}
+            success = float(fields["renewal_last_success"])
+        except (errors.Error, KeyError, ValueError):
+            success = time.monotonic()  # just joined: add_lockspace renewed it
+        with self._cond:
+            self._last_success = success
 
     def _observe(self) -> bool:
         """Read this host's renewal from the daemon; False when the daemon has given it up."""
@@ -210,6 +232,8 @@ class Membership:
             success = float(fields["renewal_last_success"])
         except (KeyError, ValueError):
             return True
+        if not self.fresh():
+            return False  # late before this renewal: a later one does not give it back
         with self._cond:
             self._last_success = success
         return True
@@ -232,6 +256,7 @@ class Membership:
         # left half done stays resumable from the journal, by this host or another.
         with self._cond:
             self._state, self._reason, self._since = FAILED, why, time.time()
+            self._lost = why
         try:
             self.on_lost(why)
         finally:
