@@ -133,7 +133,7 @@ def test_a_host_whose_storage_is_cut_stops_writing_and_joins_again(
     failed = wait_for("host 1 gives its lockspace up", lambda: state()["state"] == "failed"
                       and state(), 8 * IO)
     assert time.monotonic() - cut < 8 * IO  # before sanlock would have to kill the agent
-    assert "renewal" in failed["reason"] or "gave the lockspace up" in failed["reason"]
+    assert "renewal" in failed["reason"], failed  # late, or given up by sanlock
     # It holds no lease any more (sanlock kills a holder that keeps them past 8·io_timeout).
     status = h1.run(["sanlock", "client", "status"]).stdout
     assert not [line for line in status.splitlines() if line.startswith("r ")], status

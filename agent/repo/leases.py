@@ -224,6 +224,13 @@ class Lockspace:
         except sanlock.SanlockException:
             return False
 
+    def present(self) -> bool:
+        """Whether the daemon still has this lockspace (joined, or on its way out)."""
+        try:
+            return any(ls["lockspace"] == self.name for ls in sanlock.get_lockspaces())
+        except sanlock.SanlockException:
+            return False
+
     def remove(self) -> None:
         """Give the host id back, without waiting the io_timeouts sanlock takes for it (the
         storage may be what failed). ``unused``: never let sanlock "terminate the processes
@@ -417,9 +424,11 @@ class Lockspace:
     @property
     def loss_age(self) -> float:
         """How late a renewal may be before this host stops writing. sanlock renews every
-        2-3·io_timeout and gives the lockspace up at 8·io_timeout: this leaves 3·io_timeout to
-        stop qemu-img and let the leases go before sanlock would kill the agent."""
-        return 5.0 * self.io_timeout
+        2·io_timeout, a renewal's write may take io_timeout or more on a loaded file system
+        (3 s seen here on GlusterFS at io_timeout 1, and its timestamp is its start), and it
+        gives the lockspace up at 8·io_timeout: this leaves 2·io_timeout to stop qemu-img and
+        let the leases go before sanlock would kill the agent."""
+        return 6.0 * self.io_timeout
 
 
 class Held:

@@ -7,7 +7,8 @@ States, as ``listStorageRepositories`` and ``getStorageRepositoryInfo`` tell the
   Reads work; data-changing calls are refused at once (``LockspaceNotJoined``).
 - ``joined``: leases can be taken.
 - ``failed``: with the reason: the join failed (another host uses this host id, the lockspace
-  cannot be read), or this host's renewals stopped (its storage does not answer). On a loss
+  cannot be read), or this host's renewals stopped (its storage does not answer, its last good
+  renewal is ``6·io_timeout`` old where sanlock gives up at ``8·io_timeout``). On a loss
   the agent stops writing there first (its operations stopped as a crash stops them, its
   qemu-img children killed, its leases let go) and only then says failed; it then tries to
   join again until the storage answers.
@@ -19,6 +20,7 @@ a renewal or two.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -187,6 +189,12 @@ class Membership:
                 return False
             self._joining = True
         try:
+            # Out of it: the daemon must have let the old membership go first (joining "again"
+            # while it leaves would only find it there, still late).
+            if self._lost and self.space.present():
+                with contextlib.suppress(Exception):
+                    self.space.remove()
+                raise errors.Error("the daemon is still leaving the lockspace")
             self.space.join()
         except Exception as e:  # sanlock's errors, and the storage's
             self._set(FAILED, f"{self._lost}; not joined again yet: {e}" if self._lost
@@ -218,37 +226,43 @@ class Membership:
         with self._cond:
             self._last_success = success
 
-    def _observe(self) -> bool:
-        """Read this host's renewal from the daemon; False when the daemon has given it up."""
+    def _observe(self) -> str | None:
+        """Read this host's renewal from the daemon; why this host is out, if it is."""
+        late = self._late()
+        if late is not None:
+            return late  # late before this read: a later renewal does not give it back
         try:
             fields = daemon_status().get(self.space.name.decode())
         except errors.Error as e:
             log.warning("event=lockspace_status_failed lockspace=%s error=%r",
                         self.space.repo_uuid, str(e))
-            return True  # nothing learned: the age tells
-        if fields is None or fields.get("space_dead", "0") != "0":
-            return False
+            return self._late()  # nothing learned: the age tells
+        if fields is None:
+            return "the sanlock daemon no longer has the lockspace"
+        if fields.get("space_dead", "0") != "0":
+            return "sanlock gave the lockspace up (its renewals failed for 8·io_timeout)"
         try:
             success = float(fields["renewal_last_success"])
         except (KeyError, ValueError):
-            return True
-        if not self.fresh():
-            return False  # late before this renewal: a later one does not give it back
+            return self._late()
         with self._cond:
-            self._last_success = success
-        return True
+            self._last_success = max(success, self._last_success or 0.0)
+        return self._late()
+
+    def _late(self) -> str | None:
+        if self.fresh():
+            return None
+        age = self.renewal_age()
+        return ("this host's last good renewal of its lockspace was "
+                f"{'never seen' if age is None else f'{age:.0f} s ago'} (its storage does not "
+                "answer in time)")
 
     def _watch(self) -> None:
         while self._sleep(self._poll):
-            alive = self._observe()
-            age = self.renewal_age()
-            if alive and age is not None and age < self.space.loss_age:
-                continue
-            why = ("sanlock gave the lockspace up" if not alive else
-                   f"this host's last good renewal of its lockspace was {age:.0f} s ago "
-                   "(its storage does not answer)")
-            self._lose(why)
-            return
+            why = self._observe()
+            if why is not None:
+                self._lose(why)
+                return
 
     def _lose(self, why: str) -> None:
         log.warning("event=lockspace_lost lockspace=%s reason=%r", self.space.repo_uuid, why)
