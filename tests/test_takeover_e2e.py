@@ -79,6 +79,10 @@ def test_a_dead_hosts_copy_and_merge_are_mended_on_another_host_to_the_same_byte
         h2.call("removeImage", REPO, copy)
     assert getattr(e.value, "data", {}).get("name") == "LeaseHeld", e.value
     assert e.value.data["hostId"] == 1  # type: ignore[attr-defined]
+    # Even a record change of that image waits for host 1's lease (no update is lost).
+    with pytest.raises(Exception) as e:
+        h2.call("setImageUserData", REPO, copy, {"from": "host2"})
+    assert getattr(e.value, "data", {}).get("name") == "LeaseHeld", e.value
     h1.kill()
     killed = time.monotonic()
 

@@ -23,6 +23,7 @@ still held before each write. The operations only see this interface.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import enum
@@ -247,6 +248,11 @@ def wanted_by(op: model.Operation) -> list[Want]:
 _ids = itertools.count(1)
 
 
+def _still(held: leases.Held, what: str) -> None:
+    if not held.valid():
+        raise errors.ClaimLost(f"{what} no longer holds its lease; it writes nothing")
+
+
 def leases_of(keys: dict[Key, Mode], repo_uuid: str) -> dict[str, leases.Mode]:
     """The sanlock lease modes the claimed images of one repository need: a writer holds its
     image's lease exclusively, a reader shares it with the other readers."""
@@ -324,6 +330,27 @@ class Claims:
             if img is not None and img.strong and not img.removed:
                 return conn.repo
         return None
+
+    @contextlib.contextmanager
+    def record(self, repo: contract.Repository, image_id: str, what: str) -> Iterator[None]:
+        """Serialize a change of one image's record with the other hosts, under that image's
+        lease, without excluding this host's own owners (the meta lock keeps them apart):
+        a user-data change goes on while an operation of this host runs on the image, but not
+        while another host's does (LeaseHeld)."""
+        if repo.membership is None:
+            yield
+            return
+        repo.membership.require_joined(what)
+        held = repo.membership.space.acquire({image_id: leases.Mode.EXCLUSIVE}, what,
+                                             any_local=True)
+        try:
+            fence = contract.fence.set(lambda: _still(held, what))
+            try:
+                yield
+            finally:
+                contract.fence.reset(fence)
+        finally:
+            held.release()
 
     def hold_for_consumer(self, repo: contract.Repository,
                           image_id: str) -> dict[str, Any] | None:

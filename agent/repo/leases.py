@@ -288,13 +288,14 @@ class Lockspace:
             return "dead"  # it joined again since: what it held before died with it
         return HOST_STATES.get(int(h.get("flags", 1)) & 0x7, "unknown")
 
-    def acquire(self, wanted: dict[str, Mode], what: str) -> Held:
+    def acquire(self, wanted: dict[str, Mode], what: str, any_local: bool = False) -> Held:
         """Take every lease of ``wanted`` (resource -> mode), all or none: ``LeaseHeld`` naming
-        the host when another live host holds one."""
+        the host when another live host holds one. ``any_local``: a lease this host holds
+        already, in either mode, will do (no other host writes while this one holds it)."""
         held = Held(self, what)
         try:
             for resource, mode in sorted(wanted.items()):
-                self._take(resource, mode, what)
+                self._take(resource, mode, what, any_local)
                 held.resources[resource] = mode
         except BaseException:
             held.release()
@@ -302,17 +303,17 @@ class Lockspace:
         held.generation = self.generation
         return held
 
-    def _take(self, resource: str, mode: Mode, what: str) -> None:
+    def _take(self, resource: str, mode: Mode, what: str, any_local: bool) -> None:
         with self._lock:
             taking = self._taking.setdefault(resource, threading.Lock())
         with taking:
-            self._take_locked(resource, mode, what)
+            self._take_locked(resource, mode, what, any_local)
 
-    def _take_locked(self, resource: str, mode: Mode, what: str) -> None:
+    def _take_locked(self, resource: str, mode: Mode, what: str, any_local: bool) -> None:
         with self._lock:
             lease = self._leases.get(resource)
             if lease is not None:
-                if lease.mode == Mode.SHARED and mode == Mode.EXCLUSIVE:
+                if lease.mode == Mode.SHARED and mode == Mode.EXCLUSIVE and not any_local:
                     raise errors.ImageBusy(
                         f"{resource} is held for reading on this host; {what} needs it for "
                         "writing", imageId=resource)
