@@ -13,7 +13,10 @@ benchmark's cleanup stack), its mounts unmounted and the brick's loop device det
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +43,7 @@ class Shared:
         self.agents: list[agentproc.Agent] = []
         self.failed = ""
         self.source: str | None = None  # figures 10 and 12: a disk of 3 GiB of data in SHARED
+        self._floor: dict[str, list[float]] | None = None
 
     @property
     def hosts(self) -> list[cluster.Host]:
@@ -99,6 +103,31 @@ class Shared:
             if time.monotonic() > deadline:
                 raise context.BenchError(f"{host.name} did not join again: {state}")
             time.sleep(0.2)
+
+    def helper(self, host: cluster.Host, mode: str, rounds: int) -> dict[str, Any]:
+        """``bench/leasehelper.py`` in a process of the host (its namespace, its sanlock daemon)
+        on the shared repository's lockspace; its JSON answer."""
+        repo_uuid = self.agents[self.hosts.index(host)].call(
+            "getStorageRepositoryInfo", SHARED)["repoUUID"]
+        proc = subprocess.run(
+            host.command([sys.executable, "-m", "bench.leasehelper", mode, self.root(host),
+                          repo_uuid, str(host.id), str(IO_TIMEOUT), str(rounds)]),
+            env=host.env, cwd=context.ROOT, capture_output=True, text=True, timeout=600,
+            check=False)
+        if proc.returncode != 0:
+            raise context.BenchError(f"the lease helper failed ({proc.returncode}): "
+                                     f"{proc.stderr.strip()[-500:]}")
+        out: dict[str, Any] = json.loads(proc.stdout)
+        return out
+
+    def floor(self) -> dict[str, list[float]]:
+        """What a call must do on the shared mount without an agent (leasehelper's ``floor``),
+        measured once on host 1: the base of figures 9 and 11's targets."""
+        if self._floor is None:
+            n = self.b.reps(30)
+            self.b.say(f"the floor on the shared mount (no agent), {n} rounds on host 1")
+            self._floor = self.helper(self.hosts[0], "floor", n)
+        return self._floor
 
     def run(self, host: cluster.Host, argv: Sequence[str], timeout: float = 900.0) -> float:
         """A bare command inside the host (its mounts); its wall time, as tools.run."""
