@@ -42,6 +42,7 @@ class Shared:
         self.cluster: cluster.Cluster | None = None
         self.agents: list[agentproc.Agent] = []
         self.failed = ""
+        self.unavailable = ""
         self.source: str | None = None  # figures 10 and 12: a disk of 3 GiB of data in SHARED
         self._floor: dict[str, list[float]] | None = None
 
@@ -159,9 +160,14 @@ def get(b: context.Bench) -> Shared:
         b.shared = Shared(b)
         try:
             b.shared.start()
+        except Unavailable as e:
+            b.shared.unavailable = str(e)
+            raise
         except Exception as e:
             b.shared.failed = f"{type(e).__name__}: {e}"[:300]
             raise
+    if b.shared.unavailable:
+        raise Unavailable(b.shared.unavailable)  # every figure of the cluster says skip
     if b.shared.failed:
         raise context.BenchError(f"the cluster did not come up: {b.shared.failed}")
     return b.shared
