@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from bench import stats
 
 if TYPE_CHECKING:
-    from bench import agentproc, fixtures
+    from bench import agentproc, fixtures, shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +38,7 @@ class Row:
     target: str
     result: str
     note: str = ""
+    n: int | None = None  # the number of runs, when the cells show one value made of them (p95)
 
 
 @dataclasses.dataclass
@@ -48,6 +49,8 @@ class Bench:
     agent: agentproc.Agent
     # Shared images, made on first use (set right after construction).
     images: fixtures.Images = dataclasses.field(init=False)
+    # The GlusterFS volume and hosts of figures 9-12, made on first use (bench/shared.py).
+    shared: shared.Shared | None = None
     rows: list[Row] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     started: float = dataclasses.field(default_factory=time.monotonic)
@@ -77,9 +80,10 @@ class Bench:
 
     def compare(self, figure: str, strata: stats.Samples, reference: stats.Samples | None,
                 ref_label: str, ratio: float | None, target: str, ok: bool | None,
-                note: str = "") -> None:
+                note: str = "", n: int | None = None) -> None:
         result = INFO if ok is None else (PASS if ok else SHORT)
-        self.rows.append(Row(figure, strata, reference, ref_label, ratio, target, result, note))
+        self.rows.append(Row(figure, strata, reference, ref_label, ratio, target, result, note,
+                             n))
 
     def skip(self, figure: str, target: str, reason: str) -> None:
         self.rows.append(Row(figure, None, None, "", None, target, SKIP, reason))

@@ -1,4 +1,5 @@
-"""Run the figures of issue 4 side by side with their references; print and save one table."""
+"""Run the figures of issues 4 and 10 side by side with their references; print and save one
+table."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from bench import (
     fig_libvirt,
     fig_reflink,
     fig_scale,
+    fig_shared,
     fig_status,
     fixtures,
     machine,
@@ -37,10 +39,15 @@ FIGURES: dict[str, tuple[str, Callable[[context.Bench], None]]] = {
     "6": ("getImageStatus, 8 clients", fig_status.run),
     "7": ("10,000 images: list, check, RSS", fig_scale.run),
     "8": ("against libvirt's storage pools", fig_libvirt.run),
+    "9": ("shared: thin createVirtualDisk, glusterfs vs localfs", fig_shared.thin),
+    "10": ("shared: copyImage full on glusterfs vs bare convert, 3 GiB", fig_shared.copy),
+    "11": ("shared: lease acquire + release; calls on glusterfs vs localfs", fig_shared.leases),
+    "12": ("shared: takeover after a host death (over a minute)", fig_shared.takeover),
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "last-results.md")
-# Peak use is about 12 GiB (data disks, chain copies, the XFS file); keep a margin.
-NEEDED_FREE = 25 << 30
+# Peak use is about 12 GiB (data disks, chain copies, the XFS file), and about 10 GiB more in
+# the GlusterFS brick of figures 9-12; keep a margin.
+NEEDED_FREE = 35 << 30
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

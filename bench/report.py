@@ -14,7 +14,8 @@ def _cells(row: context.Row) -> list[str]:
     else:
         reference = row.ref_label or "—"
     ratio = f"{row.ratio:.2f}×" if row.ratio is not None else "—"
-    n = str(len(row.strata)) if row.strata is not None else ""
+    n = str(row.n) if row.n is not None else str(len(row.strata)) if row.strata is not None \
+        else ""
     return [row.figure, strata, reference, ratio, row.target, row.result, n]
 
 
