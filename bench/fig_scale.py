@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from agent.image import model
-from agent.repo import localfs
+from agent.repo import layout, localfs
 from bench import agentproc, context, stats, tools
 from bench.tools import GiB
 
@@ -69,8 +69,9 @@ def fill(b: context.Bench, root: str, images: int = IMAGES) -> None:
         raise context.BenchError("the overlay template does not name its backing file once")
 
     params = {"path": root}
-    localfs.LocalRepository.format(params)
-    repo = localfs.LocalRepository.open(params)
+    run_dir = root + ".run"  # unused by a local repository; the contract asks for it
+    localfs.LocalRepository.format(params, {}, run_dir)
+    repo = localfs.LocalRepository.open(params, run_dir)
     try:
         def group(i: int) -> None:
             snap_id, disk_id = context.new_id(), context.new_id()
@@ -98,7 +99,7 @@ def fill(b: context.Bench, root: str, images: int = IMAGES) -> None:
 
 def floor_list(root: str) -> float:
     t0 = time.perf_counter()
-    for sub in (localfs.IMAGES, localfs.VOLUMES):
+    for sub in (layout.IMAGES, layout.VOLUMES):
         with os.scandir(os.path.join(root, sub)) as it:
             for entry in it:
                 if entry.name.endswith(".json"):
@@ -110,7 +111,7 @@ def floor_list(root: str) -> float:
 def floor_check(root: str) -> float:
     t0 = time.perf_counter()
     floor_list(root)
-    with os.scandir(os.path.join(root, localfs.VOLUMES)) as it:
+    with os.scandir(os.path.join(root, layout.VOLUMES)) as it:
         for entry in it:
             if entry.name.endswith(".qcow2"):
                 with open(entry.path, "rb") as f:
