@@ -1,0 +1,288 @@
+"""Several hosts on one glusterfs-1.0 repository, real everywhere: a real GlusterFS volume, one
+real sanlock daemon and one real strata-agent per simulated host (tests/cluster.py), every call
+over the agents' own sockets, every byte checked with qemu-io/qemu-img through the paths each
+host sees (its own FUSE mount, reached through ``Host.path``).
+
+What the issue asks of the claim model across hosts (issue 10, "Multi-host tests"):
+
+- two hosts racing for one image: at most one writer at a time; the loser gets ``LeaseHeld``
+  naming the winner (or, once the winner's intent is journaled, ``ImageBusy`` naming its
+  operation); the chain stays whole and no host's check proposes a mend;
+- an operation running on one host: the other host's changes of its images fail at once with
+  ``LeaseHeld``, its ``getImageStatus`` says ``runningOn`` that host and its check shows the
+  operation as ``running``;
+- ``prepareImage`` on a shared repository holds the image's lease for the consumer;
+- a host joining and leaving while others work;
+- clean on one host while another makes, prepares and copies images.
+
+The takeover tests (a host killed, its storage cut, a frozen host) are elsewhere: they wait for
+sanlock to declare a host dead (~70 s each). Nothing here waits for a host death.
+
+Race seeds: every race draws its delays from ``random.Random(seed)``; a seed that ever failed
+joins the scenario's REGRESSION list. ``STRATA_STRESS=N`` runs N times as many seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from rpc import transport
+from tests import cluster, conftest, gluster, qemu
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.root]
+
+REPO = cluster.REPO_ID
+MiB = qemu.MiB
+STRESS = max(1, int(os.environ.get("STRATA_STRESS", "1")))
+CALL_TIMEOUT = 60.0
+
+IMAGE_NOT_FOUND, IMAGE_BUSY, STALE_FIX = 1200, 1201, 1400
+LOCKSPACE_NOT_JOINED, LEASE_HELD = 1110, 1301
+
+
+@pytest.fixture(autouse=True)
+def _needs_gluster() -> None:
+    reason = gluster.missing()
+    if reason:
+        pytest.skip(reason)
+    if not cluster.has_driver():
+        pytest.skip(f"the agent has no {cluster.REPO_FORMAT} repository format")
+
+
+@pytest.fixture
+def shared(cluster_hosts: Any, gluster_volume: gluster.Volume
+           ) -> Callable[[int], list[cluster.Host]]:
+    """``shared(n)``: n hosts with the module's volume connected as ``shared`` (io_timeout 1),
+    each joined to its lockspace."""
+    def make(n: int) -> list[cluster.Host]:
+        hosts: list[cluster.Host] = cluster_hosts(n)
+        cluster.connect_repository(hosts, gluster_volume, io_timeout=1)
+        return hosts
+    return make
+
+
+def seeds(n: int, regressions: tuple[int, ...] = ()) -> list[int]:
+    return [*regressions, *range(1, 1 + n * STRESS)]
+
+
+# -- calls and their outcomes -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One call as its client saw it: the result, or the JSON-RPC error (code, data.name, the
+    rest of data), and when it was sent and answered (monotonic seconds)."""
+
+    ok: bool
+    result: Any = None
+    code: int | None = None
+    name: str | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    message: str = ""
+    t0: float = 0.0
+    t1: float = 0.0
+
+    def __repr__(self) -> str:
+        return "ok" if self.ok else f"{self.name} ({self.code}) {self.data}: {self.message[:300]}"
+
+
+def attempt(c: transport.Client, method: str, *args: Any) -> Outcome:
+    t0 = time.monotonic()
+    try:
+        result = c.call(method, *args)
+    except transport.RemoteError as e:
+        data = dict(e.data or {})
+        return Outcome(False, code=e.code, name=data.pop("name", None), data=data,
+                       message=e.message, t0=t0, t1=time.monotonic())
+    return Outcome(True, result, t0=t0, t1=time.monotonic())
+
+
+def client(h: cluster.Host) -> transport.Client:
+    return transport.Client(socket_path=h.socket, timeout=CALL_TIMEOUT)
+
+
+def lease_held_by(o: Outcome, host_id: int) -> bool:
+    """LeaseHeld naming ``host_id`` as a live host. (sanlock says "unknown" of a host until it
+    has seen that host renew since it joined itself: a few seconds after a connect.)"""
+    return (not o.ok and o.code == LEASE_HELD and o.name == "LeaseHeld"
+            and o.data.get("hostId") == host_id
+            and o.data.get("hostState") in ("live", "unknown"))
+
+
+def assert_lease_held_by(o: Outcome, host_id: int, what: str) -> None:
+    assert lease_held_by(o, host_id), f"{what}: expected LeaseHeld naming host {host_id}: {o!r}"
+
+
+def race(rng: random.Random, max_delay_ms: float,
+         *sides: tuple[cluster.Host, str, tuple[Any, ...]]) -> list[Outcome]:
+    """The calls at once, each from its own thread on its own connection to its host, each
+    after a random 0..max_delay_ms delay drawn from ``rng``."""
+    delays = [rng.uniform(0, max_delay_ms) / 1000 for _ in sides]
+    clients = [client(h) for h, _, _ in sides]
+    out: list[Outcome | None] = [None] * len(sides)
+    try:
+        for c in clients:
+            c.call("getHostInfo")  # connected before the start: the delays are the only skew
+        barrier = threading.Barrier(len(sides))
+
+        def run(i: int) -> None:
+            barrier.wait(10)
+            time.sleep(delays[i])
+            _, method, args = sides[i]
+            out[i] = attempt(clients[i], method, *args)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sides))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(CALL_TIMEOUT + 10)
+    finally:
+        for c in clients:
+            c.close()
+    assert all(o is not None for o in out), f"a call did not return: {out}"
+    return [o for o in out if o is not None]
+
+
+# -- images and their bytes ---------------------------------------------------------------------
+
+
+def settle(h: cluster.Host, image_id: str) -> dict[str, Any]:
+    return conftest.settle(h.call, REPO, image_id, timeout=120)
+
+
+def new_disk(h: cluster.Host, size: int, pattern: int, offset: int = 0,
+             length: int = 1 * MiB) -> tuple[str, qemu.Layout]:
+    """A disk made on ``h`` holding ``pattern`` at ``offset`` (written as a VM would, through
+    the path prepareImage gave, in h's own mount)."""
+    disk: str = h.call("createVirtualDisk", REPO, size)
+    assert settle(h, disk)["status"] == "optimized"
+    layout = [(pattern, offset, length)]
+    write(h, disk, layout)
+    return disk, layout
+
+
+def write(h: cluster.Host, disk: str, layout: qemu.Layout) -> None:
+    p = h.call("prepareImage", REPO, disk)
+    try:
+        for pattern, off, length in layout:
+            qemu.write(h.path(p["path"]), pattern, off, length)
+    finally:
+        h.call("teardownImage", REPO, disk)
+
+
+def reads(h: cluster.Host, image_id: str, layout: qemu.Layout) -> None:
+    """``image_id`` reads ``layout`` on host ``h`` through its whole chain, and its top volume
+    passes qemu-img check."""
+    p = h.call("prepareImage", REPO, image_id)
+    try:
+        top = h.path(p["path"])
+        assert qemu.reads_layout(top, layout), f"{image_id} on {h.name}: wrong bytes"
+        assert qemu.check_clean(top), f"{image_id} on {h.name}: qemu-img check fails"
+    finally:
+        h.call("teardownImage", REPO, image_id)
+
+
+def whole(hosts: list[cluster.Host], expected: dict[str, qemu.Layout]) -> None:
+    """Every expected image is strong, optimized and reads its bytes on every host; every host
+    lists exactly these images; no host's check proposes anything but clean fixes (no mend, no
+    operation running anywhere, no finding)."""
+    for h in hosts:
+        listed = {i["imageId"] for i in h.call("listImages", REPO)}
+        assert listed == set(expected), (h.name, listed ^ set(expected))
+        for image_id, layout in expected.items():
+            info = h.call("getImageInfo", REPO, image_id)
+            assert info["status"] == "optimized" and info["strong"], (h.name, info)
+            assert "chainError" not in info, info
+            reads(h, image_id, layout)
+        not_clean = [f for f in h.call("checkStorageRepository", REPO) if f["type"] != "clean"]
+        assert not_clean == [], (h.name, not_clean)
+
+
+def reclaim(h: cluster.Host, rounds: int = 10) -> int:
+    """Apply every clean fix ``h``'s check proposes until there is none; how many ran."""
+    ran = 0
+    for _ in range(rounds):
+        cleans = h.call("checkStorageRepository", REPO, {"types": ["clean"]})
+        if not cleans:
+            return ran
+        for fix in cleans:
+            h.call("fixStorageRepository", REPO, fix)
+            ran += 1
+    raise AssertionError(f"clean did not converge on {h.name}")
+
+
+def tree(h: cluster.Host, sub: str) -> list[str]:
+    """The names in a directory of the repository, as ``h`` sees it."""
+    root = h.call("getHostInfo")  # (the mount point is the agent's business: ask it)
+    del root
+    prepared_dir = _root(h)
+    return sorted(os.listdir(h.path(os.path.join(prepared_dir, sub))))
+
+
+def _root(h: cluster.Host) -> str:
+    """The repository's root in h's mount namespace (the directory above ``volumes``)."""
+    mounts = [m for m in h.fuse_mounts() if m.startswith(h.run_dir)]
+    assert len(mounts) == 1, mounts
+    return mounts[0]
+
+
+# -- 1. two hosts racing for one image ----------------------------------------------------------
+
+SNAPSHOT_RACE_REGRESSIONS: tuple[int, ...] = ()
+
+
+@pytest.mark.timeout(180)
+def test_two_hosts_snapshotting_one_disk_at_once_never_both_write_it(shared: Any) -> None:
+    h1, h2 = shared(2)
+    hosts = {1: h1, 2: h2}
+    expected: dict[str, qemu.Layout] = {}
+    tally = {"one won, LeaseHeld": 0, "one won, ImageBusy": 0, "both, in turn": 0}
+    for seed in seeds(12, SNAPSHOT_RACE_REGRESSIONS):
+        rng = random.Random(seed)
+        maker = hosts[rng.choice((1, 2))]
+        disk, layout = new_disk(maker, 64 * MiB, 1 + seed % 250, seed * MiB)
+        o1, o2 = race(rng, 40, (h1, "createSnapshot", (REPO, disk)),
+                      (h2, "createSnapshot", (REPO, disk)))
+        won = [i for i, o in ((1, o1), (2, o2)) if o.ok]
+        assert won, f"seed {seed}: nobody won: {o1!r} / {o2!r}"
+        for i in won:
+            settle(hosts[i], disk)
+        snaps = [o.result for o in (o1, o2) if o.ok]
+        for s in snaps:
+            assert settle(h1, s)["status"] == "optimized", f"seed {seed}"
+        chain = h2.call("getImageInfo", REPO, disk)["chain"]
+        if len(won) == 2:
+            # Both in turn: the second snapshot stands on the first, never beside it.
+            assert chain[0] == disk and sorted(chain[1:]) == sorted(snaps), (seed, chain)
+            tally["both, in turn"] += 1
+        else:
+            winner, loser = (o1, o2) if o1.ok else (o2, o1)
+            winner_id = won[0]
+            assert chain == [disk, winner.result], (seed, chain)
+            if loser.code == LEASE_HELD:
+                assert_lease_held_by(loser, winner_id, f"seed {seed}")
+                tally["one won, LeaseHeld"] += 1
+            else:
+                # The winner's intent was journaled already (between its call's lease and its
+                # operation's): the loser read it under its own lease, naming it.
+                assert loser.code == IMAGE_BUSY and winner.result in loser.message, \
+                    f"seed {seed}: {loser!r}"
+                tally["one won, ImageBusy"] += 1
+        for s in snaps:
+            expected[s] = layout
+        expected[disk] = layout
+        for h in (h1, h2):
+            mends = [f for f in h.call("checkStorageRepository", REPO) if f["type"] != "clean"]
+            assert mends == [], (seed, h.name, mends)
+    print(f"snapshot race outcomes: {tally}")
+    # The race was real: some seeds had both calls meet at the lease.
+    assert tally["one won, LeaseHeld"] > 0, tally
+    whole([h1, h2], expected)
