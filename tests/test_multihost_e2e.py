@@ -29,7 +29,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -219,19 +219,11 @@ def reclaim(h: cluster.Host, rounds: int = 10) -> int:
     raise AssertionError(f"clean did not converge on {h.name}")
 
 
-def tree(h: cluster.Host, sub: str) -> list[str]:
-    """The names in a directory of the repository, as ``h`` sees it."""
-    root = h.call("getHostInfo")  # (the mount point is the agent's business: ask it)
-    del root
-    prepared_dir = _root(h)
-    return sorted(os.listdir(h.path(os.path.join(prepared_dir, sub))))
-
-
-def _root(h: cluster.Host) -> str:
-    """The repository's root in h's mount namespace (the directory above ``volumes``)."""
+def repo_root(h: cluster.Host) -> str:
+    """The repository's root as ``h`` sees it: its agent's FUSE mount under its run_dir."""
     mounts = [m for m in h.fuse_mounts() if m.startswith(h.run_dir)]
     assert len(mounts) == 1, mounts
-    return mounts[0]
+    return h.path(mounts[0])
 
 
 # -- 1. two hosts racing for one image ----------------------------------------------------------
@@ -286,3 +278,58 @@ def test_two_hosts_snapshotting_one_disk_at_once_never_both_write_it(shared: Any
     # The race was real: some seeds had both calls meet at the lease.
     assert tally["one won, LeaseHeld"] > 0, tally
     whole([h1, h2], expected)
+
+
+def test_while_one_host_copies_a_disk_the_other_cannot_change_it_and_sees_it_running_there(
+        shared: Any) -> None:
+    h1, h2 = shared(2)
+    disk: str = h1.call("createVirtualDisk", REPO, 1024 * MiB)
+    settle(h1, disk)
+    p = h1.call("prepareImage", REPO, disk)
+    layout = qemu.fill(h1.path(p["path"]), 0.5, chunk=64 * MiB)
+    h1.call("teardownImage", REPO, disk)
+    copy: str = h1.call("copyImage", REPO, disk, None, {}, {"strategy": "performance"})
+    deadline = time.monotonic() + 30
+    while not (s := h1.call("getImageStatus", REPO, copy))["running"]:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    c2 = client(h2)
+    try:
+        # Every change of the copy (written by host 1) or of its source (read by host 1) is
+        # refused at once, naming host 1: none of them waits for the copy.
+        refused = {
+            "createSnapshot of the source": attempt(c2, "createSnapshot", REPO, disk),
+            "removeImage of the source": attempt(c2, "removeImage", REPO, disk),
+            "prepareImage of the source": attempt(c2, "prepareImage", REPO, disk),
+            "removeImage of the copy": attempt(c2, "removeImage", REPO, copy),
+            "stopOperation of the copy": attempt(c2, "stopOperation", REPO, copy),
+            "setImageUserData of the copy": attempt(c2, "setImageUserData", REPO, copy,
+                                                    {"by": "host2"}),
+        }
+        status = attempt(c2, "getImageStatus", REPO, copy)
+        check = attempt(c2, "checkStorageRepository", REPO)
+    finally:
+        c2.close()
+    # All of that happened while host 1 still copied (so none of it waited for the copy).
+    assert h1.call("getImageStatus", REPO, copy)["running"], "the copy ended too soon"
+    for what, o in refused.items():
+        assert_lease_held_by(o, 1, what)
+    assert status.ok and status.result["status"] == "broken" and status.result["running"], status
+    assert status.result["runningOn"]["hostId"] == 1, status.result
+    assert status.result["runningOn"]["alive"] is True, status.result
+    assert check.ok, check
+    running = [f for f in check.result if copy in f["imageIds"]]
+    assert [f["type"] for f in running] == ["running"], check.result
+    assert running[0]["manual"] is True and running[0]["runningOn"]["hostId"] == 1, running
+    assert not [f for f in check.result if f["type"] == "mend"], check.result
+
+    assert settle(h1, copy)["status"] == "optimized"
+    # The copy reads the source's bytes, on either host; nothing is left to mend anywhere.
+    a, b = (h2.call("prepareImage", REPO, i)["path"] for i in (disk, copy))
+    try:
+        assert qemu.same_content(h2.path(a), h2.path(b))
+    finally:
+        for i in (disk, copy):
+            h2.call("teardownImage", REPO, i)
+    whole([h1, h2], {disk: layout, copy: layout})
+    assert h2.call("getImageInfo", REPO, copy)["userData"] == {}

@@ -23,6 +23,7 @@ still held before each write. The operations only see this interface.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import enum
@@ -324,6 +325,24 @@ class Claims:
             if img is not None and img.strong and not img.removed:
                 return conn.repo
         return None
+
+    @contextlib.contextmanager
+    def record_change(self, repo: contract.Repository, image_id: str,
+                      what: str) -> Iterator[None]:
+        """A change of an image's record by a call that takes no claim (setImageUserData: it
+        may change an image an operation or a consumer of this host is using). On a shared
+        repository it still holds the image's lease meanwhile: otherwise a host could write
+        the record back over another host's seal, undoing it (LeaseHeld while another host
+        works on the image, LockspaceNotJoined before joining)."""
+        if repo.membership is None:
+            yield
+            return
+        repo.membership.require_joined(what)
+        held = repo.membership.space.acquire_for_record(image_id, what)
+        try:
+            yield
+        finally:
+            held.release()
 
     def hold_for_consumer(self, repo: contract.Repository,
                           image_id: str) -> dict[str, Any] | None:

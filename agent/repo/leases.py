@@ -295,6 +295,19 @@ class Lockspace:
         held.generation = self.generation
         return held
 
+    def acquire_for_record(self, resource: str, what: str) -> Held:
+        """The lease under which a call that takes no claim (setImageUserData) changes an
+        image's record: the record of one image is written by one host at a time. Taken
+        exclusively, unless this host holds it already (its own operation, or its consumer):
+        then this host's writers are serialized by its metadata lock, and in shared mode only
+        another host that shares it (a VM moving over, a copy reading it) refuses the call."""
+        with self._lock:
+            lease = self._leases.get(resource)
+            mode = Mode.EXCLUSIVE if lease is None else lease.mode
+        if mode == Mode.SHARED:
+            self._refuse_if_held(resource, what)
+        return self.acquire({resource: mode}, what)
+
     def _take(self, resource: str, mode: Mode, what: str) -> None:
         with self._lock:
             taking = self._taking.setdefault(resource, threading.Lock())
