@@ -333,3 +333,65 @@ def test_while_one_host_copies_a_disk_the_other_cannot_change_it_and_sees_it_run
             h2.call("teardownImage", REPO, i)
     whole([h1, h2], {disk: layout, copy: layout})
     assert h2.call("getImageInfo", REPO, copy)["userData"] == {}
+
+
+# -- 2. prepareImage on a shared repository ----------------------------------------------------
+
+
+def test_a_disk_prepared_on_one_host_cannot_be_snapshotted_removed_or_merged_by_another(
+        shared: Any) -> None:
+    h1, h2 = shared(2)
+    disk, first = new_disk(h1, 64 * MiB, 11, 0)
+    old: str = h1.call("createSnapshot", REPO, disk)
+    settle(h1, old)
+    second = [(12, 8 * MiB, MiB)]
+    write(h1, disk, second)
+    h1.call("removeImage", REPO, old)  # a removed snapshot under one layer: a merge to do
+    layout = first + second
+
+    p = h1.call("prepareImage", REPO, disk)
+    lease = p["lease"]
+    info = h1.call("getStorageRepositoryInfo", REPO)
+    assert lease["lockspace"] == info["repoUUID"] and lease["resource"] == disk, lease
+    assert lease["mode"] == "shared" and lease["offset"] == 0, lease
+    assert os.path.isfile(h1.path(lease["path"])), lease  # the area a VM's lease manager uses
+    # The same area in host 2's own mount.
+    name = os.path.relpath(lease["path"], h1.fuse_mounts()[0])
+    assert os.path.isfile(os.path.join(repo_root(h2), name)), name
+    # The consumer writes through host 1's mount.
+    qemu.write(h1.path(p["path"]), 13, 16 * MiB, MiB)
+    layout += [(13, 16 * MiB, MiB)]
+
+    # On host 2, every writer of the disk meets host 1's lease before it reads the disk's
+    # record (a claim takes the leases first): LeaseHeld naming host 1, the consumer's host,
+    # rather than ImageBusy naming the consumer, which the record would say only after.
+    merges = [f for f in h2.call("checkStorageRepository", REPO) if f["type"] == "merge"]
+    c2 = client(h2)
+    try:
+        refused = {
+            "createSnapshot": attempt(c2, "createSnapshot", REPO, disk),
+            "removeImage": attempt(c2, "removeImage", REPO, disk),
+            "prepareImage": attempt(c2, "prepareImage", REPO, disk),
+            **{f"merge fix {i}": attempt(c2, "fixStorageRepository", REPO, f)
+               for i, f in enumerate(merges)},
+        }
+    finally:
+        c2.close()
+    for what, o in refused.items():
+        assert_lease_held_by(o, 1, what)
+    assert h2.call("getImageInfo", REPO, disk)["chain"] == [disk, old], "nothing was merged"
+
+    assert h1.call("teardownImage", REPO, disk) == {"changed": True}
+    # Once torn down, host 2 can: merge the removed snapshot away, snapshot, remove.
+    merges = [f for f in h2.call("checkStorageRepository", REPO) if f["type"] == "merge"]
+    assert len(merges) == 1 and merges[0]["imageIds"][0] in (disk, old), merges
+    h2.call("fixStorageRepository", REPO, merges[0])
+    assert settle(h2, disk)["status"] == "optimized"
+    assert h2.call("getImageInfo", REPO, disk)["chain"] == [disk]
+    snap: str = h2.call("createSnapshot", REPO, disk)
+    settle(h2, snap)
+    whole([h1, h2], {disk: layout, snap: layout})
+    h2.call("removeImage", REPO, disk)
+    reclaim(h2)
+    whole([h1, h2], {snap: layout})
+
