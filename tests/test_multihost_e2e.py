@@ -190,18 +190,21 @@ def reads(h: cluster.Host, image_id: str, layout: qemu.Layout) -> None:
         h.call("teardownImage", REPO, image_id)
 
 
-def whole(hosts: list[cluster.Host], expected: dict[str, qemu.Layout]) -> None:
-    """Every expected image is strong, optimized and reads its bytes on every host; every host
-    lists exactly these images; no host's check proposes anything but clean fixes (no mend, no
-    operation running anywhere, no finding)."""
-    for h in hosts:
+def whole(hosts: list[cluster.Host], expected: dict[str, qemu.Layout],
+          every_host: bool = True) -> None:
+    """Every expected image is strong and optimized on every host and reads its bytes on every
+    host (``every_host=False``: on one of them, in turn); every host lists exactly these
+    images; no host's check proposes anything but clean fixes (no mend, no operation running
+    anywhere, no finding)."""
+    for n, h in enumerate(hosts):
         listed = {i["imageId"] for i in h.call("listImages", REPO)}
         assert listed == set(expected), (h.name, listed ^ set(expected))
-        for image_id, layout in expected.items():
+        for i, (image_id, layout) in enumerate(sorted(expected.items())):
             info = h.call("getImageInfo", REPO, image_id)
             assert info["status"] == "optimized" and info["strong"], (h.name, info)
             assert "chainError" not in info, info
-            reads(h, image_id, layout)
+            if every_host or i % len(hosts) == n:
+                reads(h, image_id, layout)
         not_clean = [f for f in h.call("checkStorageRepository", REPO) if f["type"] != "clean"]
         assert not_clean == [], (h.name, not_clean)
 
@@ -395,3 +398,74 @@ def test_a_disk_prepared_on_one_host_cannot_be_snapshotted_removed_or_merged_by_
     reclaim(h2)
     whole([h1, h2], {snap: layout})
 
+
+
+# -- 3. a host joining and leaving while others work ---------------------------------------------
+
+
+def wait_lockspace(h: cluster.Host, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (ls := h.call("getStorageRepositoryInfo", REPO)["lockspace"])["state"] != state:
+        assert ls["state"] != "failed" and time.monotonic() < deadline, ls
+        time.sleep(0.1)
+
+
+def work(h: cluster.Host, n: int, expected: dict[str, qemu.Layout]) -> None:
+    """One round of a host's work: a disk with data, a snapshot of it, a copy of the disk."""
+    disk, layout = new_disk(h, 16 * MiB, 1 + (h.id * 37 + n) % 250, (n % 8) * MiB)
+    snap: str = h.call("createSnapshot", REPO, disk)
+    settle(h, snap)
+    copy: str = h.call("copyImage", REPO, disk)
+    assert settle(h, copy)["status"] == "optimized"
+    expected.update({disk: layout, snap: layout, copy: layout})
+
+
+def test_a_host_joins_works_leaves_and_joins_again_while_two_others_work(
+        shared: Any, cluster_hosts: Any, gluster_volume: gluster.Volume) -> None:
+    h1, h2 = shared(2)
+    expected: dict[str, qemu.Layout] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    rounds = {1: 0, 2: 0}
+    crashed: list[str] = []
+
+    def loop(h: cluster.Host) -> None:
+        try:
+            while not stop.is_set() or rounds[h.id] < 2:
+                made: dict[str, qemu.Layout] = {}
+                work(h, rounds[h.id], made)  # any error fails the test: none is expected
+                with lock:
+                    expected.update(made)
+                rounds[h.id] += 1
+        except Exception as e:
+            crashed.append(f"{h.name} round {rounds[h.id]}: {e!r}")
+
+    workers = [threading.Thread(target=loop, args=(h,)) for h in (h1, h2)]
+    for t in workers:
+        t.start()
+    try:
+        (h3,) = cluster_hosts(1)
+        mine: dict[str, qemu.Layout] = {}
+        for joins in range(2):
+            h3.call("connectStorageRepository", REPO, cluster.REPO_FORMAT,
+                    gluster_volume.params, {})
+            # Joining: reads work, changes are refused at once, saying so.
+            assert h3.call("getStorageRepositoryInfo", REPO)["lockspace"]["state"] == "joining"
+            h3.call("listImages", REPO)
+            early = attempt(h3.client(), "createVirtualDisk", REPO, 16 * MiB)
+            assert early.code == LOCKSPACE_NOT_JOINED and early.name == "LockspaceNotJoined", \
+                early
+            assert early.data.get("state") == "joining", early
+            wait_lockspace(h3, "joined")
+            work(h3, joins, mine)
+            if joins == 0:
+                h3.call("disconnectStorageRepository", REPO)
+                assert h3.call("listStorageRepositories") == []
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(300)
+    assert crashed == [], crashed
+    assert min(rounds.values()) >= 2, rounds
+    expected.update(mine)
+    whole([h1, h2, h3], expected, every_host=False)

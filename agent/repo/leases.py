@@ -210,13 +210,18 @@ class Lockspace:
 
     # -- joining -------------------------------------------------------------------------------
 
-    def join(self) -> None:
-        """Acquire this host's id in the lockspace: blocks ``2·io_timeout + 1`` s or so."""
+    def join(self) -> bool:
+        """Acquire this host's id in the lockspace: blocks ``2·io_timeout + 1`` s or so. False
+        when sanlock says this host has it already, or is still giving it back."""
         try:
             sanlock.add_lockspace(self.name, self.host_id, self.ids, iotimeout=self.io_timeout)
         except sanlock.SanlockException as e:
-            if _errno(e) != errno.EEXIST:  # joined already (a reconnect): fine
+            # EEXIST: joined already (a reconnect), or still being left (see Membership).
+            # EAGAIN: being left right now.
+            if _errno(e) not in (errno.EEXIST, errno.EAGAIN):
                 raise
+            return False
+        return True
 
     def joined(self) -> bool:
         try:

@@ -180,7 +180,7 @@ class Membership:
                 return False
             self._joining = True
         try:
-            self.space.join()
+            self._add()
         except Exception as e:  # sanlock's errors, and the storage's
             self._set(FAILED, f"cannot join the lockspace: {e}")
             return False
@@ -195,6 +195,23 @@ class Membership:
         self._observe()
         self._set(JOINED)
         return True
+
+    def _add(self) -> None:
+        """Join; when sanlock says this host has the lockspace already, make sure it is not one
+        on its way out. A disconnect does not wait for sanlock to give the host id back (2-3
+        io_timeouts): a connect right after it is answered "exists" while the daemon no longer
+        lists the lockspace, and it would say joined and lose it a moment later. Wait for that
+        leave to end, then join anew."""
+        deadline = time.monotonic() + 4 * self.space.io_timeout + 10
+        while not self.space.join():
+            fields = daemon_status().get(self.space.name.decode())
+            if fields is not None and fields.get("space_dead", "0") == "0":
+                return  # really joined already (a reconnect while still a member)
+            if time.monotonic() > deadline:
+                raise errors.Error("sanlock is still giving this host's id in the lockspace "
+                                   "back after an earlier disconnect")
+            if not self._sleep(0.2):
+                return
 
     def _observe(self) -> bool:
         """Read this host's renewal from the daemon; False when the daemon has given it up."""
