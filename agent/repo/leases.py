@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,11 @@ NOT_JOINED = errno.ENOSPC  # the lockspace is not joined
 VERSION_MOVED = -240
 
 HOST_STATES = {1: "unknown", 2: "free", 3: "live", 4: "failing", 5: "dead"}
+
+
+# The lockspaces (name, host id) this process left and sanlock may still be giving back.
+_leaving: set[tuple[bytes, int]] = set()
+_leaving_lock = threading.Lock()
 
 
 class Mode(enum.Enum):
@@ -213,6 +219,7 @@ class Lockspace:
     def join(self) -> bool:
         """Acquire this host's id in the lockspace: blocks ``2·io_timeout + 1`` s or so. False
         when sanlock says this host has it already, or is still giving it back."""
+        self._wait_left()
         try:
             sanlock.add_lockspace(self.name, self.host_id, self.ids, iotimeout=self.io_timeout)
         except sanlock.SanlockException as e:
@@ -222,6 +229,29 @@ class Lockspace:
                 raise
             return False
         return True
+
+    def _wait_left(self) -> None:
+        """If this process left the lockspace (a disconnect, which does not wait for sanlock
+        to give the host id back), wait until the daemon no longer has it: for a moment after
+        ``rem_lockspace(wait=False)`` it still lists it as joined, and an add then says it
+        exists, so a connect right after would take a lockspace on its way out for joined."""
+        key = (self.name, self.host_id)
+        with _leaving_lock:
+            if key not in _leaving:
+                return
+        deadline = time.monotonic() + 4 * self.io_timeout + 10
+        while self.daemon_flags() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with _leaving_lock:
+            _leaving.discard(key)
+
+    def daemon_flags(self) -> int | None:
+        """This lockspace's flags in the daemon (0: joined; LSFLAG_ADD or LSFLAG_REM: being
+        joined or left), None when the daemon does not have it at all."""
+        for ls in sanlock.get_lockspaces():
+            if ls["lockspace"] == self.name and int(ls["host_id"]) == self.host_id:
+                return int(ls["flags"])
+        return None
 
     def joined(self) -> bool:
         try:
@@ -241,6 +271,9 @@ class Lockspace:
         with contextlib.suppress(sanlock.SanlockException):
             # Not waited for (sanlock takes 2-3·io_timeout to let the host id go): the daemon
             # keeps the lockspace file open until then, so the unmount that follows is lazy.
+            # The next join here waits for it instead (_wait_left).
+            with _leaving_lock:
+                _leaving.add((self.name, self.host_id))
             self.remove()
 
     def drop(self) -> None:

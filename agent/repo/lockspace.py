@@ -204,8 +204,9 @@ class Membership:
         leave to end, then join anew."""
         deadline = time.monotonic() + 4 * self.space.io_timeout + 10
         while not self.space.join():
-            fields = daemon_status().get(self.space.name.decode())
-            if fields is not None and fields.get("space_dead", "0") == "0":
+            # The daemon's own flags say whether it is being left (LSFLAG_REM); its status
+            # output and inq_lockspace may still show it whole meanwhile.
+            if self.space.daemon_flags() == 0:
                 return  # really joined already (a reconnect while still a member)
             if time.monotonic() > deadline:
                 raise errors.Error("sanlock is still giving this host's id in the lockspace "
