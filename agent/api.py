@@ -278,7 +278,9 @@ class Api:
         mine = {op.id for op in conn.repo.operations()}
         running = [c.owner for c in claimed if c.owner in mine]
         readers = [c.owner for c in claimed if c.owner not in mine]
-        prepared = [i.id for i in conn.repo.images() if i.prepared_by]
+        # Prepared here: on a shared repository another host's consumers are that host's
+        # business, and must not keep this host from leaving.
+        prepared = [i.id for i in conn.repo.images() if self.host.host_id in i.prepared_by]
         return running, prepared, readers
 
     def disconnectStorageRepository(self, repoId: str, options: dict[str, Any]) -> None:

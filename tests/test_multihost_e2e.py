@@ -424,6 +424,11 @@ def work(h: cluster.Host, n: int, expected: dict[str, qemu.Layout]) -> tuple[str
 def test_a_host_joins_works_leaves_and_joins_again_while_two_others_work(
         shared: Any, cluster_hosts: Any, gluster_volume: gluster.Volume) -> None:
     h1, h2 = shared(2)
+    # A VM's disk on host 1 throughout: another host's consumer never keeps host 3 from
+    # leaving (its disconnect counted every prepared image of the repository, refusing with
+    # ImageBusy whenever host 1 or 2 had one prepared).
+    held, held_layout = new_disk(h1, 16 * MiB, 77)
+    h1.call("prepareImage", REPO, held)
     expected: dict[str, qemu.Layout] = {}
     lock = threading.Lock()
     stop = threading.Event()
@@ -468,6 +473,8 @@ def test_a_host_joins_works_leaves_and_joins_again_while_two_others_work(
             t.join(300)
     assert crashed == [], crashed
     assert min(rounds.values()) >= 2, rounds
+    h1.call("teardownImage", REPO, held)
+    expected[held] = held_layout
     expected.update(mine)
     whole([h1, h2, h3], expected, every_host=False)
 
