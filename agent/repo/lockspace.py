@@ -89,6 +89,17 @@ class Membership:
         with self._cond:
             return self._state == JOINED
 
+    def wait_joined(self, timeout: float) -> bool:
+        """Wait while this host is still joining (at most ``timeout`` s); whether it joined."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._state == JOINING and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.2))
+            return self._state == JOINED
+
     def require_joined(self, what: str) -> None:
         with self._cond:
             state, reason = self._state, self._reason
