@@ -106,6 +106,12 @@ class Api:
         (resumed, left waiting); one log line for each, then a summary."""
         resumed = waiting = 0
         for conn in self.host.connections():
+            ms = conn.repo.membership
+            if ms is not None:
+                # A shared repository connected a moment ago is still joining its lockspace
+                # (2·ioTimeout+1 s): its mends would all be refused with LockspaceNotJoined
+                # and left waiting for a client. Take them up once joined.
+                ms.wait_joined(2 * ms.space.io_timeout + 11)
             try:
                 mends = self._checker(conn.repo_id).check({fixes.FixType.MEND})
             except (errors.Error, OSError) as e:
@@ -278,7 +284,9 @@ class Api:
         mine = {op.id for op in conn.repo.operations()}
         running = [c.owner for c in claimed if c.owner in mine]
         readers = [c.owner for c in claimed if c.owner not in mine]
-        prepared = [i.id for i in conn.repo.images() if i.prepared_by]
+        # Prepared here: on a shared repository another host's consumers are that host's
+        # business, and must not keep this host from leaving.
+        prepared = [i.id for i in conn.repo.images() if self.host.host_id in i.prepared_by]
         return running, prepared, readers
 
     def disconnectStorageRepository(self, repoId: str, options: dict[str, Any]) -> None:

@@ -332,17 +332,18 @@ class Claims:
         return None
 
     @contextlib.contextmanager
-    def record(self, repo: contract.Repository, image_id: str, what: str) -> Iterator[None]:
-        """Serialize a change of one image's record with the other hosts, under that image's
-        lease, without excluding this host's own owners (the meta lock keeps them apart):
-        a user-data change goes on while an operation of this host runs on the image, but not
-        while another host's does (LeaseHeld)."""
+    def record_change(self, repo: contract.Repository, image_id: str,
+                      what: str) -> Iterator[None]:
+        """A change of an image's record by a call that takes no claim (setImageUserData: it
+        may change an image an operation or a consumer of this host is using). On a shared
+        repository it still holds the image's lease meanwhile: otherwise a host could write
+        the record back over another host's seal, undoing it (LeaseHeld while another host
+        works on the image, LockspaceNotJoined before joining)."""
         if repo.membership is None:
             yield
             return
         repo.membership.require_joined(what)
-        held = repo.membership.space.acquire({image_id: leases.Mode.EXCLUSIVE}, what,
-                                             any_local=True)
+        held = repo.membership.space.acquire_for_record(image_id, what)
         try:
             fence = contract.fence.set(lambda: _still(held, what))
             try:

@@ -7,6 +7,7 @@ is running right now (so the checker does not offer to mend them) and their canc
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 # Progress is persisted at most this often (seconds) while a step runs: a repository write per
 # qemu-img progress line would cost more than the copy.
 PROGRESS_INTERVAL = 1.0
+# How long an operation waits at its start for a lease another host's call holds, or for a
+# repository still joining its lockspace (2·ioTimeout+1 s: 21 s at the default 10).
+CLAIM_WAIT = 30.0
 
 
 class Runner:
@@ -124,15 +128,30 @@ class Runner:
             return  # gone, or stopped by a client between a mend and this start
         # The operation's own claim, for as long as it runs here: everything its journal names.
         # It waits the milliseconds a call that just committed it still holds its claim.
-        try:
-            claim = self.host.claims.claim_operation(repo, op, cancel)
-        except errors.OperationStopped:
-            return  # stopped before it began: nothing done, nothing to record
-        except errors.ImageBusy as e:
-            # Another operation owns what this one needs (it never runs twice at once).
-            log.warning("event=op_not_claimed image=%s error=%r", op.image_id, e.message)
-            failed = op
-            self._failed(repo, failed, e.message, lambda: _write(repo, failed))
+        deadline = time.monotonic() + CLAIM_WAIT
+        while True:
+            try:
+                claim = self.host.claims.claim_operation(repo, op, cancel)
+                break
+            except errors.OperationStopped:
+                return  # stopped before it began: nothing done, nothing to record
+            except (errors.LeaseHeld, errors.LockspaceNotJoined) as e:
+                # Passing on shared storage: another host's call holds a lease for the
+                # milliseconds it takes to refuse (it read this operation's journal under
+                # it), or a repository it names is still joining its lockspace (a mend sent
+                # right after a connect). Wait for that; a lease another host keeps holding
+                # is a failure to record like any other.
+                if time.monotonic() < deadline and not cancel.requested:
+                    time.sleep(0.2)
+                    continue
+                error: errors.Error = e
+            except errors.Error as e:
+                # Another operation owns what this one needs (ImageBusy: it never runs twice
+                # at once), or its repository fails: recorded, never lost (an operation whose
+                # claim failed silently stayed broken with no error and nobody running it).
+                error = e
+            log.warning("event=op_not_claimed image=%s error=%r", op.image_id, error.message)
+            self._failed(repo, op, error.message, functools.partial(_write, repo, op))
             return
         try:
             # Under the claim, the journal again: a removal or a stop may have come first.

@@ -556,7 +556,9 @@ class ImageService:
 
     def set_user_data(self, repo_id: str, image_id: str, user_data: dict[str, Any]) -> None:
         repo = self._repo(repo_id)
-        with self.claims.record(repo, image_id, "a setImageUserData call"), repo.meta_lock:
+        self._image(repo, image_id, repo_id)  # no lease area is made for an unknown image
+        with self.claims.record_change(repo, image_id, "a setImageUserData call"), \
+                repo.meta_lock:
             img = self._image(repo, image_id, repo_id)
             img.user_data = user_data
             repo.put_image(img)

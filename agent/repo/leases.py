@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,11 @@ NOT_JOINED = errno.ENOSPC  # the lockspace is not joined
 VERSION_MOVED = -240
 
 HOST_STATES = {1: "unknown", 2: "free", 3: "live", 4: "failing", 5: "dead"}
+
+
+# The lockspaces (name, host id) this process left and sanlock may still be giving back.
+_leaving: set[tuple[bytes, int]] = set()
+_leaving_lock = threading.Lock()
 
 
 class Mode(enum.Enum):
@@ -210,13 +216,42 @@ class Lockspace:
 
     # -- joining -------------------------------------------------------------------------------
 
-    def join(self) -> None:
-        """Acquire this host's id in the lockspace: blocks ``2·io_timeout + 1`` s or so."""
+    def join(self) -> bool:
+        """Acquire this host's id in the lockspace: blocks ``2·io_timeout + 1`` s or so. False
+        when sanlock says this host has it already, or is still giving it back."""
+        self._wait_left()
         try:
             sanlock.add_lockspace(self.name, self.host_id, self.ids, iotimeout=self.io_timeout)
         except sanlock.SanlockException as e:
-            if _errno(e) != errno.EEXIST:  # joined already (a reconnect): fine
+            # EEXIST: joined already (a reconnect), or still being left (see Membership).
+            # EAGAIN: being left right now.
+            if _errno(e) not in (errno.EEXIST, errno.EAGAIN):
                 raise
+            return False
+        return True
+
+    def _wait_left(self) -> None:
+        """If this process left the lockspace (a disconnect, which does not wait for sanlock
+        to give the host id back), wait until the daemon no longer has it: for a moment after
+        ``rem_lockspace(wait=False)`` it still lists it as joined, and an add then says it
+        exists, so a connect right after would take a lockspace on its way out for joined."""
+        key = (self.name, self.host_id)
+        with _leaving_lock:
+            if key not in _leaving:
+                return
+        deadline = time.monotonic() + 4 * self.io_timeout + 10
+        while self.daemon_flags() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with _leaving_lock:
+            _leaving.discard(key)
+
+    def daemon_flags(self) -> int | None:
+        """This lockspace's flags in the daemon (0: joined; LSFLAG_ADD or LSFLAG_REM: being
+        joined or left), None when the daemon does not have it at all."""
+        for ls in sanlock.get_lockspaces():
+            if ls["lockspace"] == self.name and int(ls["host_id"]) == self.host_id:
+                return int(ls["flags"])
+        return None
 
     def joined(self) -> bool:
         try:
@@ -243,6 +278,9 @@ class Lockspace:
         with contextlib.suppress(sanlock.SanlockException):
             # Not waited for (sanlock takes 2-3·io_timeout to let the host id go): the daemon
             # keeps the lockspace file open until then, so the unmount that follows is lazy.
+            # The next join here waits for it instead (_wait_left).
+            with _leaving_lock:
+                _leaving.add((self.name, self.host_id))
             self.remove()
 
     def drop(self) -> None:
@@ -288,14 +326,13 @@ class Lockspace:
             return "dead"  # it joined again since: what it held before died with it
         return HOST_STATES.get(int(h.get("flags", 1)) & 0x7, "unknown")
 
-    def acquire(self, wanted: dict[str, Mode], what: str, any_local: bool = False) -> Held:
+    def acquire(self, wanted: dict[str, Mode], what: str) -> Held:
         """Take every lease of ``wanted`` (resource -> mode), all or none: ``LeaseHeld`` naming
-        the host when another live host holds one. ``any_local``: a lease this host holds
-        already, in either mode, will do (no other host writes while this one holds it)."""
+        the host when another live host holds one."""
         held = Held(self, what)
         try:
             for resource, mode in sorted(wanted.items()):
-                self._take(resource, mode, what, any_local)
+                self._take(resource, mode, what)
                 held.resources[resource] = mode
         except BaseException:
             held.release()
@@ -303,17 +340,30 @@ class Lockspace:
         held.generation = self.generation
         return held
 
-    def _take(self, resource: str, mode: Mode, what: str, any_local: bool) -> None:
+    def acquire_for_record(self, resource: str, what: str) -> Held:
+        """The lease under which a call that takes no claim (setImageUserData) changes an
+        image's record: the record of one image is written by one host at a time. Taken
+        exclusively, unless this host holds it already (its own operation, or its consumer):
+        then this host's writers are serialized by its metadata lock, and in shared mode only
+        another host that shares it (a VM moving over, a copy reading it) refuses the call."""
+        with self._lock:
+            lease = self._leases.get(resource)
+            mode = Mode.EXCLUSIVE if lease is None else lease.mode
+        if mode == Mode.SHARED:
+            self._refuse_if_held(resource, what)
+        return self.acquire({resource: mode}, what)
+
+    def _take(self, resource: str, mode: Mode, what: str) -> None:
         with self._lock:
             taking = self._taking.setdefault(resource, threading.Lock())
         with taking:
-            self._take_locked(resource, mode, what, any_local)
+            self._take_locked(resource, mode, what)
 
-    def _take_locked(self, resource: str, mode: Mode, what: str, any_local: bool) -> None:
+    def _take_locked(self, resource: str, mode: Mode, what: str) -> None:
         with self._lock:
             lease = self._leases.get(resource)
             if lease is not None:
-                if lease.mode == Mode.SHARED and mode == Mode.EXCLUSIVE and not any_local:
+                if lease.mode == Mode.SHARED and mode == Mode.EXCLUSIVE:
                     raise errors.ImageBusy(
                         f"{resource} is held for reading on this host; {what} needs it for "
                         "writing", imageId=resource)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # Far larger than any record the agent writes (user data included): a bigger "record" is planted.
 MAX_RECORD = 16 << 20
+# Reads of a record again after ESTALE (a rename-over met on a shared file system; see _read).
+ESTALE_RETRIES = 5
 
 
 class _Damaged(Exception):
@@ -355,6 +357,21 @@ class LocalRepository(contract.Repository):
         """The one reader of records (see the module's docstring); None when there is none."""
         if not model.is_id(rec_id):
             return None  # no record can have that name
+        # A shared file system (GlusterFS seen here, NFS alike) answers ESTALE to an open or
+        # read that meets a rename-over of the record's name, by this host or another: the
+        # record was replaced meanwhile, and reading the name again gives the new one. Only
+        # an ESTALE that persists says the file system failed.
+        for _ in range(ESTALE_RETRIES):
+            try:
+                return self._read_once(sub, rec_id, parse)
+            except errors.RepositoryUnavailable as e:
+                if e.data.get("errno") != "ESTALE":
+                    raise
+                time.sleep(0.01)
+        return self._read_once(sub, rec_id, parse)
+
+    def _read_once(self, sub: str, rec_id: str,
+                   parse: Callable[[dict[str, Any]], R]) -> R | None:
         path = self._record_path(sub, rec_id)
 
         def damaged(reason: str) -> _Damaged:

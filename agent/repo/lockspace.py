@@ -93,6 +93,17 @@ class Membership:
         with self._cond:
             return self._state == JOINED
 
+    def wait_joined(self, timeout: float) -> bool:
+        """Wait while this host is still joining (at most ``timeout`` s); whether it joined."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._state == JOINING and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.2))
+            return self._state == JOINED
+
     def require_joined(self, what: str) -> None:
         with self._cond:
             state, reason = self._state, self._reason
@@ -195,7 +206,7 @@ class Membership:
                 with contextlib.suppress(Exception):
                     self.space.remove()
                 raise errors.Error("the daemon is still leaving the lockspace")
-            self.space.join()
+            self._add()
         except Exception as e:  # sanlock's errors, and the storage's
             self._set(FAILED, f"{self._lost}; not joined again yet: {e}" if self._lost
                       else f"cannot join the lockspace: {e}")
@@ -215,6 +226,24 @@ class Membership:
         self._observe_joined()
         self._set(JOINED)
         return True
+
+    def _add(self) -> None:
+        """Join; when sanlock says this host has the lockspace already, make sure it is not one
+        on its way out. A disconnect does not wait for sanlock to give the host id back (2-3
+        io_timeouts): a connect right after it is answered "exists" while the daemon no longer
+        lists the lockspace, and it would say joined and lose it a moment later. Wait for that
+        leave to end, then join anew."""
+        deadline = time.monotonic() + 4 * self.space.io_timeout + 10
+        while not self.space.join():
+            # The daemon's own flags say whether it is being left (LSFLAG_REM); its status
+            # output and inq_lockspace may still show it whole meanwhile.
+            if self.space.daemon_flags() == 0:
+                return  # really joined already (a reconnect while still a member)
+            if time.monotonic() > deadline:
+                raise errors.Error("sanlock is still giving this host's id in the lockspace "
+                                   "back after an earlier disconnect")
+            if not self._sleep(0.2):
+                return
 
     def _observe_joined(self) -> None:
         """The first renewal of a join (fresh() would call its absence a loss)."""
