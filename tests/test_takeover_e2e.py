@@ -57,60 +57,103 @@ def running_on(h: cluster.Host, image_id: str, host_id: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_dead_hosts_copy_and_merge_are_mended_on_another_host_to_the_same_bytes(
+def test_a_dead_and_a_frozen_hosts_work_is_mended_on_another_host_to_the_same_bytes(
         cluster_hosts: Any, gluster_volume: Any) -> None:
-    h1, h2 = cluster_hosts(2)
-    cluster.connect_repository([h1, h2], gluster_volume, io_timeout=IO)
-    # A copy of a disk with 2 GiB of data, and a merge of 1 GiB into a removed snapshot.
-    source, layout = disk_with(h1, 2)
-    merged, low = disk_with(h1, 1)
+    """Host 1 dies in the middle of a copy and a merge; host 3 freezes in the middle of a copy
+    (one wait of sanlock's floor for both). Host 2 mends all three; host 3, thawed, writes
+    nothing."""
+    h1, h2, h3 = cluster_hosts(3)
+    cluster.connect_repository([h1, h2, h3], gluster_volume, io_timeout=IO)
+    # Host 1: a copy of a disk with 1.5 GiB of data, a merge of 0.75 GiB into a removed
+    # snapshot. Host 3: a copy of a disk with 1 GiB.
+    source, layout = disk_with(h1, 1.5)
+    merged, low = disk_with(h1, 0.75)
     snap = h1.call("createSnapshot", REPO, merged)
     settle(h1.call, REPO, snap)
-    high = qemu.fill(prepared(h1, merged), 1, offset=2 * qemu.GiB)
+    high = qemu.fill(prepared(h1, merged), 0.75, offset=2 * qemu.GiB)
     h1.call("removeImage", REPO, snap)
     [merge] = [f for f in h1.call("checkStorageRepository", REPO) if f["type"] == "merge"]
+    source3, layout3 = disk_with(h3, 1)
     h1.call("fixStorageRepository", REPO, merge)
     copy = h1.call("copyImage", REPO, source)
-    # Both run on host 1, as host 2 sees it; then host 1 dies at once, whole.
+    copy3 = h3.call("copyImage", REPO, source3)
+    # All run where they were started, as host 2 sees it.
     wait_for("the copy runs on host 1", lambda: running_on(h2, copy, 1), 60, 0.1)
+    wait_for("the copy runs on host 3", lambda: running_on(h2, copy3, 3), 60, 0.1)
     assert [f["type"] for f in h2.call("checkStorageRepository", REPO)
             if copy in f["imageIds"]] == ["running"]
-    with pytest.raises(Exception) as e:
-        h2.call("removeImage", REPO, copy)
-    assert getattr(e.value, "data", {}).get("name") == "LeaseHeld", e.value
-    assert e.value.data["hostId"] == 1  # type: ignore[attr-defined]
-    # Even a record change of that image waits for host 1's lease (no update is lost).
-    with pytest.raises(Exception) as e:
-        h2.call("setImageUserData", REPO, copy, {"from": "host2"})
-    assert getattr(e.value, "data", {}).get("name") == "LeaseHeld", e.value
-    h1.kill()
-    killed = time.monotonic()
+    for method, args in (("removeImage", (copy,)),
+                         # even a record change waits for host 1's lease: no update is lost
+                         ("setImageUserData", (copy, {"from": "host2"}))):
+        with pytest.raises(Exception) as e:
+            h2.call(method, REPO, *args)
+        assert getattr(e.value, "data", {}).get("name") == "LeaseHeld", e.value
+        assert e.value.data["hostId"] == 1  # type: ignore[attr-defined]
+    h1.kill()  # whole: agent, qemu-img, sanlock daemon, FUSE client
+    h3.freeze()  # the same, stopped
+    stopped = time.monotonic()
 
-    # Until sanlock declares host 1 dead its work is not host 2's to take.
-    assert mends(h2, copy) == []
-    wait_for("both mends", lambda: all(mends(h2, i) for i in (copy, merged)), FLOOR + 30)
-    offered = time.monotonic() - killed
-    for image_id in (copy, merged):
+    # Until sanlock declares them dead their work is not host 2's to take.
+    assert mends(h2, copy) == [] and mends(h2, copy3) == []
+    wait_for("host 2's mends", lambda: all(mends(h2, i) for i in (copy, merged, copy3)),
+             FLOOR + 30)
+    offered = time.monotonic() - stopped
+    for image_id in (copy, merged, copy3):
         [fix] = mends(h2, image_id)
         h2.call("fixStorageRepository", REPO, fix)
-    for image_id in (copy, merged):
+    for image_id in (copy, merged, copy3):
         s = settle(h2.call, REPO, image_id, timeout=300)
         assert s["status"] == "optimized" and s["hostID"] == 2, s
-    done = time.monotonic() - killed
-    print(f"mends offered {offered:.1f} s after the kill, both done at {done:.1f} s "
+    done = time.monotonic() - stopped
+    print(f"mends offered {offered:.1f} s after the kill, all done at {done:.1f} s "
           f"(sanlock's floor {FLOOR} s)")
-    # Offered (and started) within sanlock's floor + 10 s; the copy then starts its data
-    # over (a partial file of the dead host is never trusted), at the disks' speed.
+    # Offered (and started) within sanlock's floor + 10 s; the copies then start their data
+    # over (a partial file of a dead host is never trusted), at the disks' speed.
     assert offered < FLOOR + 10, (offered, done)
 
     # The same bytes an uninterrupted run gives.
     assert qemu.same_content(prepared(h2, source), prepared(h2, copy))
     assert qemu.reads_layout(prepared(h2, copy), layout)
+    assert qemu.reads_layout(prepared(h2, copy3), layout3)
     top = prepared(h2, merged)
     assert qemu.reads_layout(top, low) and qemu.reads_layout(top, high)
     assert len(h2.call("getImageInfo", REPO, merged)["chain"]) == 1
     assert [f["type"] for f in h2.call("checkStorageRepository", REPO)
             if f["type"] in ("mend", "running")] == []
+
+    # Host 3 wakes: its threads, its qemu-img and its daemon go on where they stopped.
+    root = os.path.dirname(os.path.dirname(prepared(h2, copy3)))  # ROOT/volumes/<file>
+    before = snapshot_files(h2, root)
+    h3.thaw()
+    time.sleep(8 * IO)
+    assert snapshot_files(h2, root) == before
+    assert qemu.reads_layout(prepared(h2, copy3), layout3)
+    before = snapshot_files(h2, root)
+
+    # Host 3 is fenced: its sanlock daemon, finding on waking that its lockspace expired with
+    # leases still held, kills the agent at once (SIGKILL: past 8·io_timeout + 40 s there is
+    # no grace left), or the agent, waking first, found its renewals late and let them go.
+    def fenced() -> str:
+        if h3.agent is not None and h3.agent.poll() is not None:
+            return "killed"
+        [r] = [r for r in h3.call("listStorageRepositories") if r["repoId"] == REPO]
+        return "out" if r["lockspace"]["state"] != "joined" else ""
+
+    how = wait_for("host 3 fenced", fenced, 30)
+    if how == "killed":
+        assert h3.sanlock is not None
+        with open(h3.sanlock.log) as f:
+            assert f"kill {h3.agent_pid} sig" in f.read()
+    log = h3.read_log().split("event=op_start kind=copyImage")[-1]
+    assert "event=op_done" not in log and "event=step_done" not in log
+    # Booted again, it finds nothing of its own to do (host 2 finished the copy), and writes
+    # nothing either.
+    h3.kill()
+    h3.restart()
+    cluster.wait_joined(h3, REPO)
+    assert [f for f in h3.call("checkStorageRepository", REPO) if f["type"] != "clean"] == []
+    assert h3.call("getImageStatus", REPO, copy3)["status"] == "optimized"
+    assert snapshot_files(h2, root) == before
 
 
 @pytest.mark.timeout(400)
@@ -158,56 +201,6 @@ def test_a_host_whose_storage_is_cut_stops_writing_and_joins_again(
     h1.call("fixStorageRepository", REPO, fix)
     assert settle(h1.call, REPO, copy, timeout=300)["status"] == "optimized"
     assert qemu.reads_layout(prepared(h2, copy), layout)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_frozen_host_writes_nothing_after_another_took_its_work_over(
-        cluster_hosts: Any, gluster_volume: Any) -> None:
-    h1, h2 = cluster_hosts(2)
-    cluster.connect_repository([h1, h2], gluster_volume, io_timeout=IO)
-    source, layout = disk_with(h1, 2)
-    copy = h1.call("copyImage", REPO, source)
-    wait_for("the copy runs on host 1", lambda: running_on(h2, copy, 1), 60, 0.1)
-    h1.freeze()  # everything of host 1: agent, qemu-img, sanlock daemon, FUSE client
-    [fix] = wait_for("host 2's mend", lambda: mends(h2, copy), FLOOR + 30)
-    h2.call("fixStorageRepository", REPO, fix)
-    assert settle(h2.call, REPO, copy, timeout=300)["status"] == "optimized"
-    root = os.path.dirname(os.path.dirname(prepared(h2, copy)))  # ROOT/volumes/<file>
-    before = snapshot_files(h2, root)
-    h1.thaw()
-    # Long enough for its threads, its qemu-img and its daemon to go on where they stopped.
-    time.sleep(8 * IO)
-    assert snapshot_files(h2, root) == before
-    assert qemu.same_content(prepared(h2, source), prepared(h2, copy))
-    assert qemu.reads_layout(prepared(h2, copy), layout)
-    s = h2.call("getImageStatus", REPO, copy)
-    assert s["status"] == "optimized" and s["hostID"] == 2
-    # Host 1 is fenced: its sanlock daemon, finding on waking that its lockspace expired with
-    # leases still held, kills the agent at once (SIGKILL: past 8·io_timeout + 40 s there is
-    # no grace left), or the agent, waking first, found its renewals late and let them go.
-    def fenced() -> str:
-        if h1.agent is not None and h1.agent.poll() is not None:
-            return "killed"
-        [r] = [r for r in h1.call("listStorageRepositories") if r["repoId"] == REPO]
-        return "out" if r["lockspace"]["state"] != "joined" else ""
-
-    how = wait_for("host 1 fenced", fenced, 30)
-    if how == "killed":
-        assert h1.sanlock is not None
-        with open(h1.sanlock.log) as f:
-            assert f"kill {h1.agent_pid} sig" in f.read()
-    log = h1.read_log().split("event=op_start kind=copyImage")[-1]
-    assert "event=op_done" not in log and "event=step_done" not in log
-    # Booted again, it finds nothing of its own to do (host 2 finished the copy), and writes
-    # nothing either.
-    before = snapshot_files(h2, root)
-    h1.kill()
-    h1.restart()
-    cluster.wait_joined(h1, REPO)
-    assert [f for f in h1.call("checkStorageRepository", REPO) if f["type"] != "clean"] == []
-    assert h1.call("getImageStatus", REPO, copy)["status"] == "optimized"
-    assert snapshot_files(h2, root) == before
 
 
 def snapshot_files(h: cluster.Host, root: str) -> dict[str, tuple[int, int]]:

@@ -233,9 +233,14 @@ class Runner:
                 return  # left as a crash leaves it: "running" in the journal, mend resumes it
             self._failed(repo, op, "stopped by client", persist)
         except errors.Error as e:
+            # Over either way: a client that sees the failure and calls at once (the image
+            # given back by a failed fix reads "optimized" before the claim goes) waits the
+            # milliseconds until the release, instead of being refused.
+            claim.finishing = True
             self._failed(repo, op, str(e), persist)
         except Exception as e:
             log.exception("event=op_crashed")
+            claim.finishing = True
             self._failed(repo, op, f"internal error: {e.__class__.__name__}: {e}", persist)
         else:
             log.info("event=op_done kind=%s image=%s", op.kind, op.image_id)
