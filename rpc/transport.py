@@ -117,3 +117,13 @@ class Client:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def call_once(socket_path: str, method: str, *args: Any, **params: Any) -> Any:
+    """One call on a connection of its own, closed after it (a test or a script asking an
+    agent one thing)."""
+    c = Client(socket_path=socket_path)
+    try:
+        return c.call(method, *args, **params)
+    finally:
+        c.close()

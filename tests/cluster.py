@@ -249,11 +249,7 @@ class Host:
         return transport.Client(socket_path=self.socket)
 
     def call(self, method: str, *args: Any, **params: Any) -> Any:
-        c = self.client()
-        try:
-            return c.call(method, *args, **params)
-        finally:
-            c.close()
+        return transport.call_once(self.socket, method, *args, **params)
 
     # -- state for another process -----------------------------------------------------------------
 

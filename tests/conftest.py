@@ -186,11 +186,7 @@ class Daemon:
         return transport.Client(socket_path=self.socket)
 
     def call(self, method: str, *args: Any, **params: Any) -> Any:
-        c = self.client()
-        try:
-            return c.call(method, *args, **params)
-        finally:
-            c.close()
+        return transport.call_once(self.socket, method, *args, **params)
 
     def path(self, repo: str, image_id: str) -> str:
         """The image's top volume path (prepared and torn down again at once)."""
