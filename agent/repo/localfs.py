@@ -490,7 +490,7 @@ class LocalRepository(contract.Repository):
 
     def put_image(self, image: model.Image) -> None:
         self._check_write()
-        fileio.write_many([self._image_record(image)], still=self._check_open)
+        fileio.write_many([self._image_record(image)], still=self._check_write)
 
     def _image_record(self, image: model.Image) -> tuple[str, bytes]:
         image.generation += 1  # every write is a new generation: fixes made before are stale
@@ -503,7 +503,7 @@ class LocalRepository(contract.Repository):
         self._check_write()
         journal = self._record_path(layout.JOURNAL, op.id)
         fileio.write_many([(journal, fileio.encode_json(op.to_dict())),
-                           self._image_record(image)], still=self._check_open)
+                           self._image_record(image)], still=self._check_write)
 
     def delete_image(self, image_id: str) -> None:
         self._check_write()
@@ -520,7 +520,7 @@ class LocalRepository(contract.Repository):
         """``data``: the volume's new data file, made durable together with the record."""
         self._check_write()
         fileio.write_json(self._record_path(layout.VOLUMES, vol.id), vol.to_dict(), sync_dir,
-                          () if data is None else (data,), self._check_open)
+                          () if data is None else (data,), self._check_write)
 
     def delete_volume_data(self, vol: model.Volume) -> None:
         """Data first, record last (``delete_volume_record``): a record whose data is gone
@@ -542,7 +542,7 @@ class LocalRepository(contract.Repository):
     def put_operation(self, op: model.Operation) -> None:
         self._check_write()
         fileio.write_json(self._record_path(layout.JOURNAL, op.id), op.to_dict(),
-                          still=self._check_open)
+                          still=self._check_write)
 
     def delete_operation(self, op_id: str, durable: bool = True) -> None:
         """``durable=False`` for a finished operation: a journal that comes back after a crash
