@@ -624,6 +624,11 @@ def test_a_merge_racing_a_copy_that_revives_its_snapshot(host: Host, slow: Slow)
             allowed("copyImage", copied, IMAGE_BUSY)
 
             def separate() -> None:
+                if copied.ok:
+                    # Revived in place, or, when the merge sealed first (the copy waited for
+                    # its finishing claim, then found the snapshot folded away), copied anew
+                    # from elsewhere: listed once that copy's operation is done (seed 8).
+                    settle(host, r, s)
                 listed = {i["imageId"] for i in host.call("listImages", r)}
                 assert (s in listed) == copied.ok, (listed, copied)
                 mine = reads(host, r, d, over(base, top))
