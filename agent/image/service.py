@@ -446,6 +446,24 @@ class ImageService:
                 fault = chain.files_fault(repo, vols, lookup.foreign, chain.rewritten(repo))
         return vols, fault, lookup.foreign
 
+    def _settled_walk(self, repo: contract.Repository, img: model.Image
+                      ) -> tuple[model.Image, list[model.Volume], str | None,
+                                 dict[str, contract.Repository]]:
+        """_walk for a reader that takes no claim (status, info): the records of a chain are
+        read one by one while a fix may be finishing on it, so a fault seen may be torn (the
+        layer's record read before its relink, the fix's journal after its seal: on GlusterFS
+        those reads are slow enough to fall either side). Every finish writes the image record,
+        so a fault is believed only when the image record did not change meanwhile."""
+        for _ in range(5):
+            vols, fault, elsewhere = self._walk(repo, img)
+            if fault is None:
+                break
+            fresh = repo.get_image(img.id)
+            if fresh is None or fresh.generation == img.generation:
+                break
+            img = fresh
+        return img, vols, fault, elsewhere
+
     def _sound(self, repo: contract.Repository, img: model.Image, strict: bool) -> None:
         """Refuse a broken image (ImageBroken): a fault of its records or of its files.
         ``strict``: even a layer a fix rewrites (after _give_way, none may be left)."""
@@ -492,8 +510,8 @@ class ImageService:
 
     def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
-        img = self._image(repo, image_id, repo_id)
-        vols, fault, elsewhere = self._walk(repo, img)
+        img, vols, fault, elsewhere = self._settled_walk(repo, self._image(repo, image_id,
+                                                                           repo_id))
         return status.describe(self._facts(repo, img, vols, fault, foreign=bool(elsewhere)))
 
     def _summary(self, repo: contract.Repository, img: model.Image,
@@ -539,8 +557,8 @@ class ImageService:
 
     def image_info(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
-        img = self._image(repo, image_id, repo_id)
-        vols, fault, elsewhere = self._walk(repo, img)
+        img, vols, fault, elsewhere = self._settled_walk(repo, self._image(repo, image_id,
+                                                                           repo_id))
         info = self._summary(repo, img, vols, fault, foreign=bool(elsewhere))
         info["chain"] = chain.image_ids(vols, img.id) if vols else [img.id]
         info["depth"] = len(vols)
