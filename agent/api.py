@@ -280,7 +280,7 @@ class Api:
     def _in_use(self, conn: host.Connection) -> tuple[list[str], list[str], list[str]]:
         """The operations running on a repository, its prepared images, and the copies
         elsewhere that read from it right now: the claims on it say who (no journal scan)."""
-        claimed = [c for c in self.host.claims.table.in_repository(conn.repo.uuid) if c.lasting]
+        claimed = self.host.claims.table.lasting_in(conn.repo.uuid)
         mine = {op.id for op in conn.repo.operations()}
         running = [c.owner for c in claimed if c.owner in mine]
         readers = [c.owner for c in claimed if c.owner not in mine]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import signal
@@ -36,13 +37,39 @@ def settle(call: Any, repo: str, image_id: str, timeout: float = 120.0) -> dict[
 
 
 # The formats the functional suites run on (the ``repo_format`` fixture of a test module that
-# runs on all of them): localfs, and a shared format on a file system the agent mounts itself.
-# glusterfs-1.0 joins by its name once a volume can be had here (``SHARED_PARAMS``).
-FORMATS = ("localfs-1.0", "posixfs-1.0")
+# runs on all of them): localfs, a shared format on a file system the agent mounts itself, and
+# a real GlusterFS volume per repository (nfs-1.0 cannot mount here: tests/test_formats.py).
+FORMATS = ("localfs-1.0", "posixfs-1.0", "glusterfs-1.0")
 LOOP_GIB = 4  # each repository's loop-mounted XFS for posixfs-1.0: sparse, room for the suites
 
 
-def shared_params(repo_format: str, base: str, name: str) -> dict[str, Any]:
+class GlusterPool:
+    """Real GlusterFS volumes for the in-process suites, one per repository name, made once per
+    test session (a volume takes seconds to start) and emptied for each test."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.volumes: dict[str, gluster.Volume] = {}
+
+    def fresh(self, name: str) -> gluster.Volume:
+        v = self.volumes.get(name)
+        if v is None:
+            v = gluster.Volume(os.path.join(self.base, name), size_gib=LOOP_GIB)
+            self.volumes[name] = v
+            v.start()
+        else:
+            v.wipe()
+        return v
+
+    def stop(self) -> None:
+        for v in self.volumes.values():
+            v.stop()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(v.image)
+
+
+def shared_params(repo_format: str, base: str, name: str,
+                  pool: GlusterPool | None = None) -> dict[str, Any]:
     """The connectionParameters of repository ``name`` of a test in ``base``."""
     if repo_format == "localfs-1.0":
         return {"path": os.path.join(base, name)}
@@ -57,6 +84,9 @@ def shared_params(repo_format: str, base: str, name: str) -> dict[str, Any]:
         subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", image], check=True,
                        capture_output=True)
         return {"spec": image, "vfsType": "xfs", "mountOptions": "loop"}
+    if repo_format == "glusterfs-1.0":
+        assert pool is not None, "glusterfs-1.0 repositories come from the gluster_pool fixture"
+        return dict(pool.fresh(name).params)
     raise AssertionError(f"no test repository for {repo_format}")
 
 
@@ -65,7 +95,7 @@ class Engine:
     ``repo_format`` (their roots in ``roots``, their parameters in ``params``)."""
 
     def __init__(self, base: str, max_chain_depth: int = 10,
-                 repo_format: str = "localfs-1.0") -> None:
+                 repo_format: str = "localfs-1.0", pool: GlusterPool | None = None) -> None:
         self.base = base
         self.format = repo_format
         self.api = agent_api.Api(1, 2, os.path.join(base, "state"), max_chain_depth)
@@ -73,7 +103,7 @@ class Engine:
         self.params: dict[str, dict[str, Any]] = {}
         try:
             for name in ("r1", "r2"):
-                params = shared_params(repo_format, base, name)
+                params = shared_params(repo_format, base, name, pool)
                 options = {} if repo_format == "localfs-1.0" else {"ioTimeout": 1}
                 self.api.formatStorageRepository(repo_format, params, options)
                 self.api.connectStorageRepository(name, repo_format, params, {})
@@ -135,11 +165,33 @@ def repo_format() -> str:
     return "localfs-1.0"
 
 
+@pytest.fixture(scope="session")
+def gluster_pool(tmp_path_factory: Any) -> Iterator[GlusterPool]:
+    reason = gluster.missing()
+    if reason:
+        pytest.skip(reason)
+    pool = GlusterPool(str(tmp_path_factory.mktemp("gluster-pool")))
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+def engine_pool(request: pytest.FixtureRequest, repo_format: str) -> GlusterPool | None:
+    """What an Engine of ``repo_format`` needs besides its directory: the sanlock daemon its
+    shared repositories take leases from, and for glusterfs-1.0 the volumes."""
+    if repo_format == "localfs-1.0":
+        return None
+    request.getfixturevalue("sanlock_daemon")
+    if repo_format == "glusterfs-1.0":
+        pool: GlusterPool = request.getfixturevalue("gluster_pool")
+        return pool
+    return None
+
+
 @pytest.fixture
 def engine(request: pytest.FixtureRequest, tmp_path: Any, repo_format: str) -> Iterator[Engine]:
-    if repo_format != "localfs-1.0":
-        request.getfixturevalue("sanlock_daemon")  # shared formats take sanlock leases
-    e = Engine(str(tmp_path), repo_format=repo_format)
+    e = Engine(str(tmp_path), repo_format=repo_format, pool=engine_pool(request, repo_format))
     yield e
     e.api.close()
     if repo_format != "localfs-1.0":

@@ -15,7 +15,7 @@ import pytest
 
 from agent import errors, fileio
 from tests import qemu
-from tests.conftest import FORMATS, Engine
+from tests.conftest import FORMATS, Engine, engine_pool
 
 MiB = qemu.MiB
 
@@ -27,9 +27,11 @@ def repo_format(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def shallow(tmp_path: Any, repo_format: str) -> Iterator[Engine]:
+def shallow(request: pytest.FixtureRequest, tmp_path: Any, repo_format: str
+            ) -> Iterator[Engine]:
     """An engine whose chains count as deep from 4 layers on."""
-    e = Engine(str(tmp_path), max_chain_depth=3, repo_format=repo_format)
+    e = Engine(str(tmp_path), max_chain_depth=3, repo_format=repo_format,
+               pool=engine_pool(request, repo_format))
     yield e
     e.api.close()
 

@@ -203,8 +203,24 @@ class Table:
 
     def in_repository(self, repo_uuid: str) -> list[Claim]:
         with self._cond:
-            return list({id(c): c for key, holders in self._held.items() if key[0] == repo_uuid
-                         for _, c in holders.values()}.values())
+            return self._in_repository(repo_uuid)
+
+    def _in_repository(self, repo_uuid: str) -> list[Claim]:
+        return list({id(c): c for key, holders in self._held.items() if key[0] == repo_uuid
+                     for _, c in holders.values()}.values())
+
+    def lasting_in(self, repo_uuid: str, wait: float = CALL_WAIT) -> list[Claim]:
+        """The lasting claims on a repository, once those finishing are gone (an operation
+        that just sealed, and so reads as done, still releases its claim: for milliseconds).
+        A finishing claim still held after ``wait`` counts as lasting."""
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while True:
+                held = [c for c in self._in_repository(repo_uuid) if c.lasting]
+                left = deadline - time.monotonic()
+                if left <= 0 or not any(c.finishing for c in held):
+                    return held
+                self._cond.wait(min(left, 0.2))
 
     def revoke(self, repo_uuid: str) -> list[Claim]:
         """Take back every claim on a repository that goes away (a forced disconnect); their
