@@ -318,3 +318,13 @@ def cluster_hosts(gluster_volume: gluster.Volume, tmp_path: Any) -> Iterator[Any
         except Exception as e:  # every host still goes down
             errors.append(f"{h.name}: {e}")
     assert not errors, errors
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``make test`` runs the suite on several workers (pytest-xdist, --dist loadgroup): the
+    multi-host tests run one after another on one of them, as each brings up its own hosts
+    and their sanlock daemons renew every io_timeout (1 s), and a takeover test measures
+    sanlock's own timings."""
+    for item in items:
+        if item.get_closest_marker("cluster") is not None:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
