@@ -40,6 +40,7 @@ def settle(call: Any, repo: str, image_id: str, timeout: float = 120.0) -> dict[
 # runs on all of them): localfs, a shared format on a file system the agent mounts itself, and
 # a real GlusterFS volume per repository (nfs-1.0 cannot mount here: tests/test_formats.py).
 FORMATS = ("localfs-1.0", "posixfs-1.0", "glusterfs-1.0")
+SHARED_SLOWER = 3  # how much longer a suite's time limits are on a shared format
 LOOP_GIB = 4  # each repository's loop-mounted XFS for posixfs-1.0: sparse, room for the suites
 
 
@@ -328,3 +329,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("cluster") is not None:
             item.add_marker(pytest.mark.xdist_group("cluster"))
+        elif item.get_closest_marker("one_daemon") is not None:
+            # One daemon per format for the whole module (its fixture ``host``): its tests
+            # stay together on one worker, each format's on its own.
+            params = getattr(item, "callspec", None)
+            fmt = params.params.get("host", "") if params is not None else ""
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-{fmt}"))
+            timeout = item.get_closest_marker("timeout")
+            if fmt not in ("", "localfs-1.0") and timeout is not None and timeout.args:
+                # A hang detector, not a speed target: everything is slower on a shared
+                # repository (a record read is a round trip; a new image writes a lease area).
+                item.add_marker(pytest.mark.timeout(SHARED_SLOWER * float(timeout.args[0])),
+                                append=False)
+    # The long groups first, so that no worker starts one when the others are nearly done.
+    items.sort(key=lambda i: 0 if i.get_closest_marker("cluster") is not None
+               else 1 if i.get_closest_marker("one_daemon") is not None else 2)

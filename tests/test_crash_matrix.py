@@ -27,15 +27,31 @@ from typing import Any
 import pytest
 
 from agent import crashpoint
+from agent import repo as formats
 from agent.image import operations
 from tests import qemu
-from tests.conftest import Daemon, settle
+from tests.conftest import (
+    FORMATS,
+    Daemon,
+    GlusterPool,
+    assert_nothing_mounted_under,
+    engine_pool,
+    settle,
+    shared_params,
+    wait_joined,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MiB = qemu.MiB
 # How a call looks when the agent dies while answering it: no answer, or half of one.
 CUT_SHORT = (ConnectionError, http.client.HTTPException)
 Expect = dict[str, list[tuple[int, int, int]]]  # image id -> (pattern, offset, length)
+
+
+@pytest.fixture(params=FORMATS)
+def repo_format(request: pytest.FixtureRequest) -> str:
+    """The crash matrix runs on every format (tests/conftest.py FORMATS)."""
+    return str(request.param)
 
 
 class Scene:
@@ -45,15 +61,31 @@ class Scene:
     crash point, so that building does not crash.
     """
 
-    def __init__(self, d: Daemon, base: str, arm_file: str) -> None:
+    def __init__(self, d: Daemon, base: str, arm_file: str, repo_format: str = "localfs-1.0",
+                 pool: GlusterPool | None = None) -> None:
         self.d = d
         self.arm_file = arm_file
         self.unnamed: list[tuple[int, int, int]] | None = None
         self.expect: Expect = {}
-        self.r2 = {"path": os.path.join(base, "r2")}
-        if not os.path.exists(self.r2["path"]):
-            d.call("formatStorageRepository", "localfs-1.0", self.r2)
-        d.call("connectStorageRepository", "r2", "localfs-1.0", self.r2)
+        self.format = repo_format
+        # The repository the scenarios work in, and a second one to copy to. On localfs the
+        # first is --dev's own; a shared format's two are mounted by the daemon, and joined.
+        self.main, self.other = ("default", "r2") if repo_format == "localfs-1.0" \
+            else ("s1", "s2")
+        self.params: dict[str, dict[str, Any]] = {}
+        self.roots: dict[str, str] = {}
+        if repo_format == "localfs-1.0":
+            self.roots["default"] = os.path.join(d.dir, "repos", "default")
+        for name in ([self.other] if repo_format == "localfs-1.0" else [self.main, self.other]):
+            params = shared_params(repo_format, base, name, pool)
+            options = {} if repo_format == "localfs-1.0" else {"ioTimeout": 1}
+            d.call("formatStorageRepository", repo_format, params, options)
+            d.call("connectStorageRepository", name, repo_format, params)
+            self.params[name] = params
+            self.roots[name] = params["path"] if repo_format == "localfs-1.0" else \
+                formats.FORMATS[repo_format].location(params, os.path.join(d.dir, "run"))
+        for name in self.roots:
+            wait_joined(lambda r: d.call("getStorageRepositoryInfo", r), name)
 
     def arm(self) -> None:
         with open(self.arm_file, "w"):
@@ -84,31 +116,35 @@ class Scene:
         assert len(new) == 1, new
         self.expect[new.pop()] = self.unnamed
 
-    def path(self, image: str, repo: str = "default") -> str:
-        return self.d.path(repo, image)
+    def path(self, image: str, repo: str | None = None) -> str:
+        return self.d.path(repo or self.main, image)
 
-    def disk(self, *writes: tuple[int, int, int], repo: str = "default",
+    def disk(self, *writes: tuple[int, int, int], repo: str | None = None,
              size: int = 32 * MiB) -> str:
+        repo = repo or self.main
         image: str = self.d.call("createVirtualDisk", repo, size)
         assert settle(self.d.call, repo, image)["status"] == "optimized"
         self.expect[image] = []
         self.write(image, *writes, repo=repo)
         return image
 
-    def write(self, image: str, *writes: tuple[int, int, int], repo: str = "default") -> None:
+    def write(self, image: str, *writes: tuple[int, int, int], repo: str | None = None) -> None:
+        repo = repo or self.main
         p = self.path(image, repo)
         for pattern, off, length in writes:
             qemu.write(p, pattern, off, length)
         self.expect[image] = _overlay(self.expect[image], list(writes))
 
-    def snapshot(self, disk: str, repo: str = "default") -> str:
+    def snapshot(self, disk: str, repo: str | None = None) -> str:
+        repo = repo or self.main
         snap: str = self.d.call("createSnapshot", repo, disk)
         settle(self.d.call, repo, snap)
         self.expect[snap] = list(self.expect[disk])
         return snap
 
-    def fix(self, kind: str, repo: str = "default", deep: bool = False) -> None:
+    def fix(self, kind: str, repo: str | None = None, deep: bool = False) -> None:
         """Arm, and run the first proposed fix of that kind."""
+        repo = repo or self.main
         found = [f for f in self.d.call("checkStorageRepository", repo, {"deep": deep})
                  if f["type"] == kind]
         assert found, f"no {kind} fix proposed"
@@ -119,7 +155,8 @@ class Scene:
             self.d.call("fixStorageRepository", repo, found[0])
 
 
-    def remove(self, image: str, repo: str = "default") -> None:
+    def remove(self, image: str, repo: str | None = None) -> None:
+        repo = repo or self.main
         self.d.call("removeImage", repo, image)
         self.expect.pop(image)
 
@@ -138,42 +175,42 @@ def _overlay(old: list[tuple[int, int, int]],
 
 def create_blank(s: Scene) -> None:
     s.disk((0x11, 0, MiB))
-    s.trigger([], "createVirtualDisk", "default", 16 * MiB)
+    s.trigger([], "createVirtualDisk", s.main, 16 * MiB)
 
 
 def create_thin(s: Scene) -> None:
     d = s.disk((0x11, 0, 2 * MiB))
     snap = s.snapshot(d)
-    s.trigger(list(s.expect[snap]), "createVirtualDisk", "default", 32 * MiB, snap)
+    s.trigger(list(s.expect[snap]), "createVirtualDisk", s.main, 32 * MiB, snap)
 
 
 def create_performance(s: Scene) -> None:
     d = s.disk((0x11, 0, 2 * MiB))
     snap = s.snapshot(d)
-    s.trigger(list(s.expect[snap]), "createVirtualDisk", "default", 32 * MiB, snap, {},
+    s.trigger(list(s.expect[snap]), "createVirtualDisk", s.main, 32 * MiB, snap, {},
               {"strategy": "performance"})
 
 
 def snapshot(s: Scene) -> None:
     d = s.disk((0x11, 0, 2 * MiB))
-    s.trigger(list(s.expect[d]), "createSnapshot", "default", d)
+    s.trigger(list(s.expect[d]), "createSnapshot", s.main, d)
 
 
 def copy_full(s: Scene) -> None:
     d = s.disk((0x11, 0, 2 * MiB))
     s.write(d, (0x22, MiB, MiB))
     snap = s.snapshot(d)
-    s.trigger(list(s.expect[snap]), "copyImage", "r2", snap, same_id=snap)
+    s.trigger(list(s.expect[snap]), "copyImage", s.other, snap, same_id=snap)
 
 
 def copy_with_base(s: Scene) -> None:
     d = s.disk((0x11, 0, 4 * MiB))
     s1 = s.snapshot(d)
-    s.d.call("copyImage", "r2", s1)
-    settle(s.d.call, "r2", s1)
+    s.d.call("copyImage", s.other, s1)
+    settle(s.d.call, s.other, s1)
     s.write(d, (0x33, MiB, MiB))
     s2 = s.snapshot(d)
-    s.trigger(list(s.expect[s2]), "copyImage", "r2", s2, s1, same_id=s2)
+    s.trigger(list(s.expect[s2]), "copyImage", s.other, s2, s1, same_id=s2)
 
 
 def merge_commit(s: Scene) -> None:
@@ -207,10 +244,10 @@ def repair(s: Scene) -> None:
 
 
 def localize(s: Scene) -> None:
-    d2 = s.disk((0x21, 0, 2 * MiB), repo="r2")
-    s2 = s.snapshot(d2, repo="r2")
+    d2 = s.disk((0x21, 0, 2 * MiB), repo=s.other)
+    s2 = s.snapshot(d2, repo=s.other)
     d = s.disk((0x31, MiB, MiB))
-    qemu.lean_on(s.path(d), s.path(s2, "r2"), s2)
+    qemu.lean_on(s.path(d), s.path(s2, s.other), s2)
     s.expect[d] = _overlay(s.expect[s2], [(0x31, MiB, MiB)])
     s.fix("optimize")
 
@@ -222,8 +259,8 @@ def clean(s: Scene) -> None:
     s.snapshot(gone)
     s.write(keep, (0x33, MiB, MiB))
     s.remove(gone)
-    pending = s.d.call("copyImage", "r2", snap, None, {}, {"AutoFix": False})
-    s.d.call("removeImage", "r2", pending)  # an aborted journal and its repo's clean
+    pending = s.d.call("copyImage", s.other, snap, None, {}, {"AutoFix": False})
+    s.d.call("removeImage", s.other, pending)  # an aborted journal and its repo's clean
     s.fix("clean")
 
 
@@ -327,29 +364,46 @@ def verify(d: Daemon, expect: Expect, roots: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(("point", "scenario"), CASES,
                          ids=[f"{p}-{s.__name__}" for p, s in CASES])
-def test_crash_then_converge(tmp_path: Any, point: str,
-                             scenario: Callable[[Scene], None]) -> None:
+def test_crash_then_converge(request: pytest.FixtureRequest, tmp_path: Any, repo_format: str,
+                             point: str, scenario: Callable[[Scene], None]) -> None:
     arm = str(tmp_path / "armed")
+    pool = engine_pool(request, repo_format)
     d = Daemon(str(tmp_path / "dev"),
                env={"STRATA_TEST_CRASH_AT": point, "STRATA_TEST_CRASH_ARM": arm})
     d.start()
-    s = Scene(d, str(tmp_path), arm)
-    scenario(s)
-    assert d.proc is not None
     try:
-        code = d.proc.wait(60)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{point} was never reached: {d.read_log()}") from None
-    assert code == crashpoint.EXIT_CODE, d.read_log()
+        s = Scene(d, str(tmp_path), arm, repo_format, pool)
+        scenario(s)
+        assert d.proc is not None
+        try:
+            code = d.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{point} was never reached: {d.read_log()}") from None
+        assert code == crashpoint.EXIT_CODE, d.read_log()
 
-    d.env = {}
-    d.start()
-    roots = {"default": os.path.join(d.dir, "repos", "default"), "r2": s.r2["path"]}
-    s.name_unnamed(list(roots))
-    for repo in roots:
-        converge(d, repo)
-    verify(d, s.expect, roots)
-    assert d.stop() == 0
+        d.env = {}
+        d.start()  # a shared repository's mount and lockspace outlived the crash: taken again
+        for name in s.roots:
+            wait_joined(lambda r: d.call("getStorageRepositoryInfo", r), name)
+        s.name_unnamed(list(s.roots))
+        for repo in s.roots:
+            converge(d, repo)
+        verify(d, s.expect, s.roots)
+        assert d.stop() == 0
+    finally:
+        stop_and_unmount(d)
+    assert_nothing_mounted_under(d.dir)
+
+
+def stop_and_unmount(d: Daemon) -> None:
+    """A daemon a failed test left running is stopped (it unmounts what it mounted); what a
+    crashed one left mounted is unmounted."""
+    if d.proc is not None and d.proc.poll() is None:
+        d.stop()
+    with open("/proc/self/mounts") as f:
+        left = [line.split()[1] for line in f if line.split()[1].startswith(d.dir + "/")]
+    for target in reversed(left):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 REBASES = {"mergeRebase": merge_rebase, "optimizeChain": flatten, "optimizeBacking": localize}
@@ -401,10 +455,9 @@ def _cut_rebase(tmp_path: Any, kind: str, scenario: Callable[[Scene], None] | No
 
 
 def _converge_and_verify(d: Daemon, s: Scene) -> None:
-    roots = {"default": os.path.join(d.dir, "repos", "default"), "r2": s.r2["path"]}
-    for repo in roots:
+    for repo in s.roots:
         converge(d, repo)
-    verify(d, s.expect, roots)
+    verify(d, s.expect, s.roots)
     assert d.stop() == 0
 
 

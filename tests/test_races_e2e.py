@@ -38,15 +38,27 @@ from typing import Any
 
 import pytest
 
+from agent import repo as formats
 from rpc import transport
 from tests import qemu
-from tests.conftest import Daemon
+from tests.conftest import (
+    FORMATS,
+    Daemon,
+    GlusterPool,
+    assert_nothing_mounted_under,
+    engine_pool,
+    shared_params,
+    wait_joined,
+)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.one_daemon]
 MiB = qemu.MiB
 SIZE = 64 * MiB
 STRESS = max(1, int(os.environ.get("STRATA_STRESS", "1")))
 FILLERS = 1600  # disks in the repository of the merge races (Slow)
+# The same on a shared repository, where each record read and each disk made is slower (a disk
+# gets its lease area too): fewer make a check as slow, and making 1600 there takes minutes.
+SHARED_FILLERS = 200
 CALL_TIMEOUT = 60.0
 DEBUG = bool(os.environ.get("STRATA_RACE_DEBUG"))
 ORDER = {"mend": 0, "merge": 1, "optimize": 2, "clean": 3}
@@ -56,9 +68,24 @@ INTERNAL = -32603
 NOTHING: frozenset[Any] = frozenset()
 
 
-def seeds(n: int, regressions: Iterable[int] = ()) -> list[int]:
-    """A scenario's seeds: its regression seeds, then n (times STRATA_STRESS) more."""
-    return [*regressions, *range(1, 1 + n * STRESS)]
+class Seeds(list[int]):
+    """A scenario's seeds: its regression seeds, then n (times STRATA_STRESS) more. On a
+    shared repository, where each iteration takes three times as long, it runs its regression
+    seeds and the first third of the others (``make stress`` runs more)."""
+
+    def __init__(self, n: int, regressions: Iterable[int] = ()) -> None:
+        self.kept = list(regressions)
+        self.n = n
+        super().__init__([*self.kept, *range(1, 1 + n * STRESS)])
+
+    def on(self, repo_format: str) -> list[int]:
+        if repo_format == "localfs-1.0":
+            return list(self)
+        return [*self.kept, *range(1, 1 + max(3, self.n // 3) * STRESS)]
+
+
+def seeds(n: int, regressions: Iterable[int] = ()) -> Seeds:
+    return Seeds(n, regressions)
 
 
 def budget(seconds: float) -> pytest.MarkDecorator:
@@ -146,13 +173,19 @@ def race(d: Daemon, rng: random.Random, delay: Delay | list[Delay], *sides: Side
 
 
 class Host:
-    """The real daemon, fresh repositories on it, and what earlier iterations left verified."""
+    """The real daemon, fresh repositories on it, and what earlier iterations left verified.
+    Its repositories are of ``repo_format``; an iteration's repositories, emptied after it,
+    serve the next one (a shared repository costs a lockspace join and a mount to make)."""
 
-    def __init__(self, tmp: str) -> None:
+    def __init__(self, tmp: str, repo_format: str = "localfs-1.0",
+                 pool: GlusterPool | None = None) -> None:
         self.tmp = tmp
+        self.format = repo_format
+        self.pool = pool
         self.d = Daemon(os.path.join(tmp, "dev"))
         self.d.start()
         self.roots: dict[str, str] = {}
+        self.spare: list[str] = []  # connected and empty
         self._n = 0
         # Images and volumes made and verified before (the fillers; earlier iterations' images
         # kept in a slow repository): no race touches them, so they are not read again.
@@ -168,13 +201,25 @@ class Host:
             c.close()
 
     def repository(self, prefix: str) -> str:
+        """A new empty repository (a spare one for an iteration's ``r`` repositories)."""
+        if prefix == "r" and self.spare:
+            return self.spare.pop()
         self._n += 1
         name = f"{prefix}{self._n}"
-        params = {"path": os.path.join(self.tmp, name)}
-        self.call("formatStorageRepository", "localfs-1.0", params)
-        self.call("connectStorageRepository", name, "localfs-1.0", params)
-        self.roots[name] = params["path"]
+        # Volumes of the session's pool by a name of their own (the in-process suites use
+        # r1 and r2 of the same pool).
+        params = shared_params(self.format, self.tmp, f"races-{name}", self.pool)
+        options = {} if self.format == "localfs-1.0" else {"ioTimeout": 1}
+        self.call("formatStorageRepository", self.format, params, options)
+        self.call("connectStorageRepository", name, self.format, params)
+        wait_joined(lambda r: self.call("getStorageRepositoryInfo", r), name)
+        self.roots[name] = params["path"] if self.format == "localfs-1.0" else \
+            formats.FORMATS[self.format].location(params, os.path.join(self.d.dir, "run"))
         return name
+
+    def give_back(self, name: str) -> None:
+        """An iteration's repository, emptied: the next iteration's."""
+        self.spare.append(name)
 
     def disconnect(self, name: str) -> None:
         self.call("disconnectStorageRepository", name, {"force": True})
@@ -191,13 +236,20 @@ class Host:
                     or "event=op_crashed" in line or "Traceback" in line]
 
     def stop(self) -> None:
-        if self.d.proc is not None and self.d.proc.poll() is None:
-            assert self.d.stop() == 0, self.d.read_log()
+        try:
+            if self.d.proc is not None and self.d.proc.poll() is None:
+                assert self.d.stop() == 0, self.d.read_log()
+        finally:
+            assert_nothing_mounted_under(self.d.dir)
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    h = Host(str(tmp_path_factory.mktemp("races")))
+@pytest.fixture(scope="module", params=FORMATS)
+def host(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[Host]:
+    """The daemon of every race, its repositories of one format (tests/conftest.py FORMATS)."""
+    repo_format = str(request.param)
+    h = Host(str(tmp_path_factory.mktemp("races")), repo_format,
+             engine_pool(request, repo_format))
     try:
         yield h
     finally:
@@ -344,12 +396,17 @@ class Fresh:
         return self.names
 
     def __exit__(self, kind: object, *exc: object) -> None:
+        emptied = False
         try:
             if kind is None:
                 empty(self.h, self.names)
+                emptied = True
         finally:
             for name in self.names:
-                self.h.disconnect(name)
+                if emptied:
+                    self.h.give_back(name)
+                else:  # whatever a failed iteration left stays out of the next one's way
+                    self.h.disconnect(name)
 
 
 class Slow:
@@ -376,7 +433,8 @@ class Slow:
             finally:
                 c.close()
 
-        threads = [threading.Thread(target=make, args=(FILLERS // 2,)) for _ in range(2)]
+        n = FILLERS if self.h.format == "localfs-1.0" else SHARED_FILLERS
+        threads = [threading.Thread(target=make, args=(n // 2,)) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
@@ -403,10 +461,12 @@ def tally(*outcomes: Outcome) -> str:
     return "/".join("ok" if o.ok else str(o.code) for o in outcomes)
 
 
-def run_seeds(h: Host, name: str, seed_list: list[int], iteration: Callable[[int], str],
+def run_seeds(h: Host, name: str, seed_list: Seeds, iteration: Callable[[int], str],
               after_failure: Callable[[], None] = lambda: None) -> None:
-    """Every seed, even after one failed (to count them); then fail, naming the seeds. Prints
-    how often each combination of outcomes came up (that the races do interleave)."""
+    """Every seed (of the host's format), even after one failed (to count them); then fail,
+    naming the seeds. Prints how often each combination of outcomes came up (that the races
+    do interleave)."""
+    seed_list = seed_list.on(h.format)
     failed: list[tuple[int, str]] = []
     seen: dict[str, int] = {}
     started = time.monotonic()
