@@ -56,9 +56,11 @@ MiB = qemu.MiB
 SIZE = 64 * MiB
 STRESS = max(1, int(os.environ.get("STRATA_STRESS", "1")))
 FILLERS = 1600  # disks in the repository of the merge races (Slow)
-# The same on a shared repository, where each record read and each disk made is slower (a disk
-# gets its lease area too): fewer make a check as slow, and making 1600 there takes minutes.
+# The same on a shared repository, where each disk made is slower (it gets its lease area
+# too), and on a remote one, where each record read is a round trip: fewer make a check as
+# slow, and making 1600 there takes minutes.
 SHARED_FILLERS = 200
+REMOTE_FILLERS = 40
 CALL_TIMEOUT = 60.0
 DEBUG = bool(os.environ.get("STRATA_RACE_DEBUG"))
 ORDER = {"mend": 0, "merge": 1, "optimize": 2, "clean": 3}
@@ -68,10 +70,15 @@ INTERNAL = -32603
 NOTHING: frozenset[Any] = frozenset()
 
 
+# Formats whose every record read is a network round trip: an iteration there takes several
+# times as long as on localfs (posixfs-1.0 here is a local XFS: as fast as localfs).
+REMOTE_FORMATS = frozenset({"glusterfs-1.0"})
+
+
 class Seeds(list[int]):
     """A scenario's seeds: its regression seeds, then n (times STRATA_STRESS) more. On a
-    shared repository, where each iteration takes three times as long, it runs its regression
-    seeds and the first third of the others (``make stress`` runs more)."""
+    remote file system it runs its regression seeds and the first third of the others
+    (``make stress`` runs more)."""
 
     def __init__(self, n: int, regressions: Iterable[int] = ()) -> None:
         self.kept = list(regressions)
@@ -79,7 +86,7 @@ class Seeds(list[int]):
         super().__init__([*self.kept, *range(1, 1 + n * STRESS)])
 
     def on(self, repo_format: str) -> list[int]:
-        if repo_format == "localfs-1.0":
+        if repo_format not in REMOTE_FORMATS:
             return list(self)
         return [*self.kept, *range(1, 1 + max(3, self.n // 3) * STRESS)]
 
@@ -433,7 +440,8 @@ class Slow:
             finally:
                 c.close()
 
-        n = FILLERS if self.h.format == "localfs-1.0" else SHARED_FILLERS
+        n = FILLERS if self.h.format == "localfs-1.0" else \
+            REMOTE_FILLERS if self.h.format in REMOTE_FORMATS else SHARED_FILLERS
         threads = [threading.Thread(target=make, args=(n // 2,)) for _ in range(2)]
         for t in threads:
             t.start()
