@@ -161,6 +161,52 @@ def test_status_polled_through_merges_never_says_broken(engine: Engine) -> None:
         engine.call("removeImage", "r1", d)
 
 
+def test_clean_reclaims_the_lease_areas_of_images_gone_and_nothing_else(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every image of a shared repository has a 1 MiB lease area. Clean deletes those of
+    images that are gone (no record, no journal) once nobody used them for LEASE_GRACE;
+    never one a record names, one that is held, or a file that only looks like one."""
+    from agent.fix import clean
+    from agent.repo import leases
+
+    keep = disk(engine)
+    gone = disk(engine)
+    snap = snapshot(engine, gone)
+    engine.call("removeImage", "r1", gone)
+    engine.call("removeImage", "r1", snap)
+    converge(engine)  # within the grace: the areas stay
+    area_dir = os.path.join(engine.roots["r1"], "leases")
+    if engine.format == "localfs-1.0":
+        assert not os.path.exists(area_dir)  # no leases on a local repository
+        return
+    for image_id in (keep, gone, snap):
+        assert os.path.isfile(os.path.join(area_dir, f"{image_id}.lease")), image_id
+
+    space = engine.api.host.connection("r1").repo.membership.space
+    held = "00000000-0000-4000-8000-000000000001"  # a lease held here, of no image
+    hold = space.acquire({held: leases.Mode.EXCLUSIVE}, "the test")
+    planted = os.path.join(area_dir, "not-an-id.lease")
+    with open(planted, "wb") as f:
+        f.write(b"x")
+    os.symlink(os.path.join(area_dir, f"{keep}.lease"),
+               os.path.join(area_dir, "00000000-0000-4000-8000-000000000002.lease"))
+    monkeypatch.setattr(clean, "LEASE_GRACE", 0.0)
+    [fix] = [f for f in fixes(engine) if f["type"] == "clean"]
+    assert "2 lease area(s) of images gone" in fix["description"], fix
+    engine.call("fixStorageRepository", "r1", fix)
+    left = sorted(os.listdir(area_dir))
+    assert left == sorted(["ids", "repository.lease", f"{keep}.lease", f"{held}.lease",
+                           "not-an-id.lease", "00000000-0000-4000-8000-000000000002.lease"])
+    # The held one goes once it is let go; the disk kept works, and a new image gets an area.
+    hold.release()
+    converge(engine)
+    assert f"{held}.lease" not in os.listdir(area_dir)
+    qemu.write(engine.path("r1", keep), 0x44, 0, MiB)
+    s2 = snapshot(engine, keep)
+    assert os.path.isfile(os.path.join(area_dir, f"{s2}.lease"))
+    assert qemu.reads(engine.path("r1", s2), 0x44, 0, MiB)
+
+
 def test_no_merge_while_the_dependant_is_prepared(engine: Engine) -> None:
     d = disk(engine)
     s = snapshot(engine, d)

@@ -355,7 +355,8 @@ class Checker:
             sorted(p.images),
             f"reclaim {p.bytes} bytes: {len(p.volumes) + len(p.orphan_files)} volume(s) "
             f"nothing needs, {len(p.images)} removed image record(s), "
-            f"{len(p.journals)} finished journal(s), {len(p.strays)} leftover file(s)",
+            f"{len(p.journals)} finished journal(s), {len(p.strays)} leftover file(s)"
+            + (f", {len(p.leases)} lease area(s) of images gone" if p.leases else ""),
             p.facts(),
             lambda _claim: clean.execute(self.repo, p),
         )]

@@ -21,12 +21,17 @@ import time
 
 from agent import crashpoint, errors, fileio
 from agent.image import inventory, model, operations
-from agent.repo import contract, layout
+from agent.repo import contract, layout, leases
 
 log = logging.getLogger(__name__)
 
 # A temporary file younger than this may belong to a metadata write in flight; leave it alone.
 TEMP_GRACE = 10.0
+# An image's lease area is written just before its first acquire, which may come before its
+# image record (a create); sanlock writes the area at every acquire and release. One that no
+# record or journal names and that nobody used for this long (by the storage's clock) is
+# reclaimed: 1 MiB per image ever made, on the shared storage, otherwise.
+LEASE_GRACE = 600.0
 # On a shared repository another host may be making something while this one scans: its
 # intent, volumes and partial data appear between the scan's reads, with no lock of this host
 # in between (the repository lease is for whole-repository work only, never on the path of
@@ -42,11 +47,12 @@ class Plan:
     images: list[str] = dataclasses.field(default_factory=list)
     journals: list[str] = dataclasses.field(default_factory=list)
     strays: list[str] = dataclasses.field(default_factory=list)
+    leases: list[str] = dataclasses.field(default_factory=list)  # image ids of lease areas
     bytes: int = 0
 
     def empty(self) -> bool:
         return not (self.volumes or self.orphan_files or self.images or self.journals
-                    or self.strays)
+                    or self.strays or self.leases)
 
     def facts(self) -> dict[str, list[str]]:
         return {
@@ -54,6 +60,7 @@ class Plan:
             "files": sorted(self.orphan_files + self.strays),
             "images": sorted(self.images),
             "journals": sorted(self.journals),
+            "leases": sorted(self.leases),
         }
 
 
@@ -101,9 +108,27 @@ def plan(inv: inventory.Inventory, now: float | None = None) -> Plan:
         elif now - _mtime(path) < TEMP_GRACE:
             continue
         p.strays.append(path)
+    if not hold:
+        p.leases = _idle_leases(inv)
     p.bytes = sum(inv.allocated(v.id) for v in p.volumes)
     p.bytes += sum(fileio.allocated_bytes(f) for f in p.orphan_files + p.strays)
+    p.bytes += leases.AREA * len(p.leases)
     return p
+
+
+def _idle_leases(inv: inventory.Inventory) -> list[str]:
+    """The lease areas no image record or journal names, unused for LEASE_GRACE and held by
+    nobody now (while an image record cannot be read, none: plan's ``hold``)."""
+    if inv.repo.membership is None:
+        return []
+    space = inv.repo.membership.space
+    named = set(inv.images) | set(inv.damaged_images) | {op.image_id for op in inv.ops.values()}
+    out = []
+    for image_id, path in space.image_areas().items():
+        if image_id not in named and inv.started - _mtime(path) >= LEASE_GRACE \
+                and not space.in_use(image_id):
+            out.append(image_id)
+    return out
 
 
 def execute(repo: contract.Repository, p: Plan) -> int:
@@ -132,9 +157,14 @@ def execute(repo: contract.Repository, p: Plan) -> int:
         crashpoint.hit("clean", "images")
         for image_id in p.images:
             repo.delete_image(image_id)
-    log.info("event=cleaned repo=%s volumes=%d files=%d images=%d journals=%d bytes=%d",
-             repo.uuid, len(p.volumes), len(p.orphan_files) + len(p.strays), len(p.images),
-             len(p.journals), p.bytes)
+        if repo.membership is not None:
+            for image_id in p.leases:
+                contract.check_fence()
+                if not repo.membership.space.reclaim(image_id, "clean"):
+                    log.info("event=lease_kept image=%s reason=held", image_id)
+    log.info("event=cleaned repo=%s volumes=%d files=%d images=%d journals=%d leases=%d "
+             "bytes=%d", repo.uuid, len(p.volumes), len(p.orphan_files) + len(p.strays),
+             len(p.images), len(p.journals), len(p.leases), p.bytes)
     return p.bytes
 
 

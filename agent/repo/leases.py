@@ -4,7 +4,8 @@ On-disk areas (each ``sanlock.ALIGN_SIZE[0]`` bytes, fully allocated, written ex
 
     ROOT/leases/ids                   the lockspace: one delta lease per host id (1..2000)
     ROOT/leases/repository.lease      the repository lease: whole-repository work (clean)
-    ROOT/leases/<imageId>.lease       an image's lease, written before anything acquires it
+    ROOT/leases/<imageId>.lease       an image's lease, written before anything acquires it;
+                                      deleted by clean once its image is gone (reclaim)
 
 An area is written to a temporary file and then *linked* to its name: ``link`` fails when the
 name exists, so an area another host may hold is never initialized again (DESIGN.md: a
@@ -38,7 +39,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from agent import errors
+from agent import errors, fileio
 
 try:
     import sanlock
@@ -129,6 +130,13 @@ def _write_once(path: str, init: Callable[[str], None]) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _is_uuid(name: str) -> bool:
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
 
 
 def _fsync(path: str) -> None:
@@ -449,6 +457,49 @@ class Lockspace:
                     # Gone already (the lockspace lost, the registration closed): not held.
                     log.info("event=lease_release_failed lockspace=%s resource=%s error=%r",
                              self.repo_uuid, resource, str(e))
+
+    # -- the areas of images that are gone ----------------------------------------------------
+
+    def image_areas(self) -> dict[str, str]:
+        """The lease areas of images (image id -> path): regular files named after an id, so
+        nothing planted there (a symbolic link, another name) is ever handed to sanlock."""
+        directory = os.path.join(self.root, LEASES)
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for entry in entries:
+            stem, dot, ext = entry.name.partition(".")
+            if dot and ext == "lease" and _is_uuid(stem) and \
+                    entry.is_file(follow_symlinks=False):
+                out[stem] = entry.path
+        return out
+
+    def in_use(self, resource: str) -> bool:
+        """Whether any host (this one included) holds ``resource`` now."""
+        with self._lock:
+            if resource in self._leases:
+                return True
+        return bool(self.owners(resource))
+
+    def reclaim(self, resource: str, what: str) -> bool:
+        """Delete the lease area of an image that is gone (clean): taken exclusively first, so
+        that nobody holds it and nobody takes it while it goes, then unlinked and let go. The
+        next host that needs a lease of that name writes a new area. False when it is held,
+        here or elsewhere."""
+        with self._lock:
+            if resource in self._leases:
+                return False  # held by this host (acquire would only count it again)
+        try:
+            held = self.acquire({resource: Mode.EXCLUSIVE}, what)
+        except (errors.LeaseHeld, errors.ImageBusy):
+            return False
+        try:
+            fileio.remove(area_path(self.root, resource))
+        finally:
+            held.release()
+        return True
 
     def holds(self, resource: str, generation: int) -> bool:
         """Whether this host still holds ``resource`` as acquired in ``generation``: asked of
