@@ -322,25 +322,22 @@ def cluster_hosts(gluster_volume: gluster.Volume, tmp_path: Any) -> Iterator[Any
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """``make test`` runs the suite on several workers (pytest-xdist, --dist loadgroup): the
-    multi-host tests run one after another on one of them, as each brings up its own hosts
-    and their sanlock daemons renew every io_timeout (1 s), and a takeover test measures
-    sanlock's own timings."""
+    """``make test`` runs the suite on several workers (pytest-xdist, --dist loadgroup). The
+    multi-host tests (marked ``xdist_group("cluster")`` where they are written: xdist reads
+    the groups before this hook runs) run one after another on one worker, as each brings up
+    its own hosts, whose sanlock daemons renew every io_timeout (1 s), and a takeover test
+    measures sanlock's own timings; so do each format's tests of a module with one daemon per
+    format (``one_daemon``). Those long groups go first, so that no worker starts one when the
+    others are nearly done."""
     for item in items:
-        if item.get_closest_marker("cluster") is not None:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
-        elif item.get_closest_marker("one_daemon") is not None:
-            # One daemon per format for the whole module (its fixture ``host``): its tests
-            # stay together on one worker, each format's on its own.
-            params = getattr(item, "callspec", None)
-            fmt = params.params.get("host", "") if params is not None else ""
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-{fmt}"))
-            timeout = item.get_closest_marker("timeout")
-            if fmt not in ("", "localfs-1.0") and timeout is not None and timeout.args:
-                # A hang detector, not a speed target: everything is slower on a shared
-                # repository (a record read is a round trip; a new image writes a lease area).
-                item.add_marker(pytest.mark.timeout(SHARED_SLOWER * float(timeout.args[0])),
-                                append=False)
-    # The long groups first, so that no worker starts one when the others are nearly done.
+        params = getattr(item, "callspec", None)
+        fmt = params.params.get("host", "") if params is not None else ""
+        timeout = item.get_closest_marker("timeout")
+        if item.get_closest_marker("one_daemon") is not None and fmt not in (
+                "", "localfs-1.0") and timeout is not None and timeout.args:
+            # A hang detector, not a speed target: everything is slower on a shared
+            # repository (a record read is a round trip; a new image writes a lease area).
+            item.add_marker(pytest.mark.timeout(SHARED_SLOWER * float(timeout.args[0])),
+                            append=False)
     items.sort(key=lambda i: 0 if i.get_closest_marker("cluster") is not None
                else 1 if i.get_closest_marker("one_daemon") is not None else 2)

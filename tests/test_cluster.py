@@ -20,7 +20,7 @@ import pytest
 from rpc import transport
 from tests import cluster, conftest, gluster, namespace
 
-pytestmark = [pytest.mark.root, pytest.mark.cluster]
+pytestmark = [pytest.mark.root, pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
 
 
 @pytest.fixture(autouse=True)

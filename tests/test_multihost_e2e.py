@@ -37,7 +37,8 @@ import pytest
 from rpc import transport
 from tests import cluster, conftest, gluster, qemu
 
-pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.root]
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.root,
+              pytest.mark.xdist_group("cluster")]
 
 REPO = cluster.REPO_ID
 MiB = qemu.MiB

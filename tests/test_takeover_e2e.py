@@ -16,7 +16,7 @@ from agent.repo import leases
 from tests import cluster, qemu
 from tests.conftest import settle
 
-pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
 
 REPO = cluster.REPO_ID
 IO = 1
