@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -89,6 +90,22 @@ class Namespace:
         assert ns is not None
         self.ns = ns
         self.started = start_time(self.holder)
+        self._drop_inherited()
+
+    def _drop_inherited(self) -> None:
+        """Unmount, in here only, the test mounts the namespace was born with: other tests'
+        (other pytest workers') GlusterFS clients and loop-mounted file systems, mounted in
+        this machine's namespace right now. Kept in here, a copy would hold their FUSE client
+        and their loop device after they unmount them, and a host would see other hosts'
+        mounts as its own."""
+        roots = tuple(os.path.realpath(d) + "/" for d in {tempfile.gettempdir(), "/var/tmp"})
+        with open(f"/proc/{self.holder}/mounts") as f:
+            rows = [line.split() for line in f]
+        for source, target, vfs_type, *_ in reversed(rows):
+            target = target.replace("\\040", " ")
+            ours = vfs_type == "fuse.glusterfs" or source.startswith("/dev/loop")
+            if ours and target.startswith(roots):
+                self.run(["umount", "-l", target], check=False)
 
     def state(self) -> dict[str, Any]:
         return {"holder": self.holder, "started": self.started, "ns": self.ns}

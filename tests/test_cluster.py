@@ -57,7 +57,6 @@ def _read(path: str) -> str:
 
 def test_volume_comes_up_and_goes_down_leaving_no_process_mount_or_loop(tmp_path: Any) -> None:
     before = set(_tree(gluster.SYSTEM_DIRS))
-    mine = _read("/proc/self/mounts")
     v = gluster.Volume(str(tmp_path / "g"), size_gib=2)
     v.start()
     try:
@@ -71,8 +70,9 @@ def test_volume_comes_up_and_goes_down_leaving_no_process_mount_or_loop(tmp_path
         for key, value in gluster.COHERENT_OPTIONS.items():
             assert any(line.split() == [key, value] for line in info.splitlines()), key
         assert _mounts_anywhere(v.brick_mount), "the brick is mounted in the volume's namespace"
-        # ... and there alone: not here, not in a namespace made after it.
-        assert _read("/proc/self/mounts") == mine
+        # ... and there alone: not here, not in a namespace made after it. (Only what is the
+        # volume's: other tests, on other workers, mount and unmount here meanwhile.)
+        assert v.dir not in _read("/proc/self/mounts")
         later = namespace.Namespace()
         try:
             assert v.brick_mount not in _read(f"/proc/{later.holder}/mounts")
@@ -221,6 +221,11 @@ def test_host_actions_freeze_thaw_kill_and_restart_reach_everything_the_host_run
     host1 = {h1.agent_pid, h1.sanlock.pid, *gluster.fuse_clients(h1.ns)}
     # A child of the agent (as its qemu-img would be) is the host's too.
     child = subprocess.Popen(h1.command(["sleep", "300"]))
+    # nsenter enters the namespace, then execs: until then the child is not the host's yet.
+    deadline = time.monotonic() + 10
+    while child.pid not in h1.ns.pids():
+        assert time.monotonic() < deadline, "the child never entered the host's namespace"
+        time.sleep(0.01)
     try:
         frozen = set(h1.freeze())
         assert host1 | {child.pid} <= frozen

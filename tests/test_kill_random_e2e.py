@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.fix import clean
 from tests import qemu
 from tests.conftest import Daemon, settle, source_snapshot
 from tests.test_crash_matrix import converge
@@ -43,7 +44,11 @@ def test_kill_9_at_random_during_copy(tmp_path: Any, seed: int) -> None:
 
     d.call("copyImage", "r2", snap)
     kill_within(d, rng.uniform(0.0, full))
+    killed = time.monotonic()
     d.start()
+    # A record write the kill cut leaves its temporary file, which clean leaves alone for
+    # TEMP_GRACE (it may be a write in flight): converge once that is over.
+    time.sleep(max(0.0, clean.TEMP_GRACE + 1 - (time.monotonic() - killed)))
     converge(d, "r2")
     s = d.call("getImageStatus", "r2", snap)
     assert s["status"] == "optimized", s

@@ -779,7 +779,7 @@ def test_a_merge_racing_a_snapshot_of_its_disk(host: Host, slow: Slow) -> None:
 COPY_VS_REMOVE = seeds(16)
 
 
-@budget(60)
+@budget(120)
 def test_a_copy_racing_the_removal_of_its_source(host: Host) -> None:
     """copyImage of a snapshot into another repository while the snapshot is removed: the
     removal waits for the copy (ImageBusy while it runs) or comes first (the copy: not found).
@@ -815,7 +815,7 @@ def test_a_copy_racing_the_removal_of_its_source(host: Host) -> None:
 PAIRS = seeds(10)
 
 
-@budget(40)
+@budget(80)
 def test_prepare_racing_remove(host: Host) -> None:
     """Exactly one wins: a prepared image cannot be removed, a removed one cannot be
     prepared."""
@@ -842,7 +842,7 @@ def test_prepare_racing_remove(host: Host) -> None:
     run_seeds(host, "prepare vs remove", PAIRS, iteration)
 
 
-@budget(40)
+@budget(80)
 def test_prepare_racing_the_merge_fix(host: Host) -> None:
     """A consumer asks for the disk while its merge fix is sent: it gets the disk when no fix
     rewrites its layers (a fix idle in its first step gives way), or waits; whatever it writes
@@ -867,7 +867,7 @@ def test_prepare_racing_the_merge_fix(host: Host) -> None:
     run_seeds(host, "prepare vs merge", PAIRS, iteration)
 
 
-@budget(40)
+@budget(80)
 def test_teardown_racing_create_snapshot(host: Host) -> None:
     """A snapshot of a disk being torn down: taken after the teardown (reading what the
     consumer wrote), or refused while it is prepared."""
@@ -905,7 +905,7 @@ def pending_copy(h: Host, a: str, b: str, base: qemu.Layout) -> tuple[str, str, 
     return d, s, mend
 
 
-@budget(40)
+@budget(80)
 def test_stop_operation_racing_a_mend_fix(host: Host) -> None:
     """stopOperation while the copy's mend fix starts it: stopped before it runs (the mend is
     stale), or stopped while it runs, or too late to stop (NoOperation); the copy still ends
@@ -926,7 +926,7 @@ def test_stop_operation_racing_a_mend_fix(host: Host) -> None:
     run_seeds(host, "stop vs mend", PAIRS, iteration)
 
 
-@budget(40)
+@budget(80)
 def test_remove_racing_a_mend_fix(host: Host) -> None:
     """removeImage of a copy while its mend fix starts it: removed (the mend is stale, or the
     copy is stopped and removed), or refused while it runs; never a copy that is removed and
@@ -950,7 +950,7 @@ def test_remove_racing_a_mend_fix(host: Host) -> None:
     run_seeds(host, "remove vs mend", PAIRS, iteration)
 
 
-@budget(40)
+@budget(80)
 def test_two_snapshots_of_one_disk_at_once(host: Host) -> None:
     """Two createSnapshot of one disk, and a consumer writing to it, at once: snapshots that
     both succeed were taken one after the other; each reads the disk's bytes of the moment it
@@ -978,7 +978,7 @@ def test_two_snapshots_of_one_disk_at_once(host: Host) -> None:
     run_seeds(host, "two snapshots", PAIRS, iteration)
 
 
-@budget(40)
+@budget(80)
 def test_remove_racing_the_merge_fix(host: Host) -> None:
     """The disk a merge fix folds into is removed as the fix is sent: removed first (the fix
     is stale), or the fix goes first (the removal stops it while its first step keeps every
@@ -999,7 +999,7 @@ def test_remove_racing_the_merge_fix(host: Host) -> None:
     run_seeds(host, "remove vs merge", PAIRS, iteration)
 
 
-@budget(40)
+@budget(80)
 def test_a_merge_a_snapshot_and_a_consumer_at_once(host: Host) -> None:
     """A merge fix, a createSnapshot of its disk and a consumer of the disk, all at once: the
     consumer's write is kept, and a snapshot reads the disk's bytes from before or after it,

@@ -61,6 +61,11 @@ HELD_ELSEWHERE = (-243, -244, -245)  # a live host holds it (or won the race for
 HELD_HERE = errno.EEXIST  # this host holds it already (another registration of ours)
 NOT_JOINED = errno.ENOSPC  # the lockspace is not joined
 VERSION_MOVED = -240
+# sanlock's answers when a read or write of the lease area failed or timed out (its aio
+# timeout, dblock and leader I/O): the storage was slow or failed for a moment. Tried again a
+# few times before the storage is called unavailable.
+IO_FAILED = (-202, -210, -211, -220, -221)
+IO_TRIES = 3
 
 HOST_STATES = {1: "unknown", 2: "free", 3: "live", 4: "failing", 5: "dead"}
 
@@ -382,11 +387,18 @@ class Lockspace:
         reg = self._registration()
         path = area_path(self.root, resource)
         with reg.lock:
-            try:
-                sanlock.acquire(self.name, resource.encode(), [(path, 0)], slkfd=reg.fd,
-                                shared=mode == Mode.SHARED)
-            except sanlock.SanlockException as e:
-                self._acquire_failed(resource, e, what)
+            for attempt in range(IO_TRIES):
+                try:
+                    sanlock.acquire(self.name, resource.encode(), [(path, 0)], slkfd=reg.fd,
+                                    shared=mode == Mode.SHARED)
+                    break
+                except sanlock.SanlockException as e:
+                    if _errno(e) in IO_FAILED and attempt + 1 < IO_TRIES:
+                        log.warning("event=lease_io_retry lockspace=%s resource=%s error=%r",
+                                    self.repo_uuid, resource, str(e))
+                        time.sleep(0.2 * (attempt + 1))
+                        continue
+                    self._acquire_failed(resource, e, what)
             version = 0
             with contextlib.suppress(sanlock.SanlockException):
                 for r in sanlock.inquire(slkfd=reg.fd):
