@@ -205,18 +205,40 @@ def assert_nothing_mounted_under(path: str) -> None:
     assert left == [], f"still mounted: {left}"
 
 
+STARTED: list[Daemon] = []  # the Daemons of the running test
+
+
+@pytest.fixture(autouse=True)
+def daemons_stopped() -> Iterator[None]:
+    """Every Daemon a test made is stopped when it ends, even when it failed midway (SIGTERM:
+    the agent unmounts what it mounted; SIGKILL if it does not go)."""
+    STARTED.clear()
+    yield
+    for d in STARTED:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGTERM)
+            try:
+                d.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait()
+    STARTED.clear()
+
+
 class Daemon:
     """The real strata-agent in --dev mode, as a child process. ``resume=False`` starts it with
     --no-resume: interrupted operations then wait for a mend fix (the tests of that path)."""
 
     def __init__(self, directory: str, env: dict[str, str] | None = None,
-                 resume: bool = True) -> None:
+                 resume: bool = True, per_test: bool = True) -> None:
         self.dir = directory
         self.socket = os.path.join(directory, "agent.sock")
         self.env = env or {}
         self.resume = resume
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = os.path.join(directory, "agent.log")
+        if per_test:  # stopped at the end of the test whatever happens (daemons_stopped)
+            STARTED.append(self)
 
     def start(self, timeout: float = 20.0) -> None:
         os.makedirs(self.dir, exist_ok=True)

@@ -190,7 +190,7 @@ class Host:
         self.tmp = tmp
         self.format = repo_format
         self.pool = pool
-        self.d = Daemon(os.path.join(tmp, "dev"))
+        self.d = Daemon(os.path.join(tmp, "dev"), per_test=False)  # the module's: stop()
         self.d.start()
         self.roots: dict[str, str] = {}
         self.spare: list[str] = []  # connected and empty
