@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from typing import Any
 
 from bench import context, tools
 from rpc import transport
+from tests import process
 
 FORMAT = "localfs-1.0"
 DEFAULT = "default"
@@ -56,14 +56,8 @@ class Agent:
         if self._client is not None:
             self._client.close()
             self._client = None
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            process.terminate(self.proc, 60)
 
     @property
     def pid(self) -> int:

@@ -16,7 +16,7 @@ import pytest
 
 from agent import api as agent_api
 from rpc import transport
-from tests import cluster, gluster, qemu, sanlockd
+from tests import cluster, gluster, process, qemu, sanlockd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,13 +215,8 @@ def daemons_stopped() -> Iterator[None]:
     STARTED.clear()
     yield
     for d in STARTED:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.send_signal(signal.SIGTERM)
-            try:
-                d.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                d.proc.kill()
-                d.proc.wait()
+        if d.proc is not None:
+            process.terminate(d.proc)
     STARTED.clear()
 
 

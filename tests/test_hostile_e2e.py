@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import socket
 import ssl
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from rpc import transport
-from tests import test_tcp_e2e
+from tests import process, test_tcp_e2e
 from tests.conftest import ROOT, settle
 from tests.test_rpc_e2e import snapshot_tree
 
@@ -94,13 +93,7 @@ class Agent:
             c.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        process.terminate(self.proc)
 
 
 @pytest.fixture(scope="module")
