@@ -170,6 +170,8 @@ def repo_format() -> str:
 def gluster_pool(tmp_path_factory: Any) -> Iterator[GlusterPool]:
     reason = gluster.missing()
     if reason:
+        # Only where a volume cannot run at all (not root, no /dev/fuse, the Debian packages
+        # make test installs missing): the reason names which.
         pytest.skip(reason)
     pool = GlusterPool(str(tmp_path_factory.mktemp("gluster-pool")))
     try:

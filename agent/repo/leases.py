@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import errors, fileio
+from agent.image import model
 
 try:
     import sanlock
@@ -135,13 +136,6 @@ def _write_once(path: str, init: Callable[[str], None]) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-
-
-def _is_uuid(name: str) -> bool:
-    try:
-        return str(uuid.UUID(name)) == name
-    except ValueError:
-        return False
 
 
 def _fsync(path: str) -> None:
@@ -483,7 +477,7 @@ class Lockspace:
         out = {}
         for entry in entries:
             stem, dot, ext = entry.name.partition(".")
-            if dot and ext == "lease" and _is_uuid(stem) and \
+            if dot and ext == "lease" and model.is_id(stem) and \
                     entry.is_file(follow_symlinks=False):
                 out[stem] = entry.path
         return out
