@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import inspect
 import os
 import signal
@@ -40,6 +41,10 @@ def settle(call: Any, repo: str, image_id: str, timeout: float = 120.0) -> dict[
 # runs on all of them): localfs, a shared format on a file system the agent mounts itself, and
 # a real GlusterFS volume per repository (nfs-1.0 cannot mount here: tests/test_formats.py).
 FORMATS = ("localfs-1.0", "posixfs-1.0", "glusterfs-1.0")
+# How a call looks when the agent dies while answering it: no answer, or half of one. An
+# operation runs in the background once its intent is durable, so a crash point in it can
+# beat the answer out of the process.
+CUT_SHORT = (ConnectionError, http.client.HTTPException)
 SHARED_SLOWER = 3  # how much longer a suite's time limits are on a shared format
 LOOP_GIB = 4  # each repository's loop-mounted XFS for posixfs-1.0: sparse, room for the suites
 

@@ -8,6 +8,7 @@ stopped, and what was committed with AutoFix=false, wait for their mend across a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -99,7 +100,9 @@ def test_crash_at_seal_resumes_at_start(tmp_path: Any) -> None:
     d = Daemon(str(tmp_path / "dev"), env={"STRATA_TEST_CRASH_AT": "copyImage:seal"})
     d.start()
     snap, layout = source_snapshot(d, tmp_path)
-    d.call("copyImage", "r2", snap)
+    # The copy keeps the snapshot's id, so an answer the crash cut short is not needed.
+    with contextlib.suppress(*conftest.CUT_SHORT):
+        d.call("copyImage", "r2", snap)
     assert d.proc is not None and d.proc.wait(60) == 75  # the hook's _exit
     d.env = {}
     d.start()
@@ -165,7 +168,9 @@ def test_crash_at_a_step_then_mend(tmp_path: Any, step: str) -> None:
     d = Daemon(str(tmp_path / "dev"), env={"STRATA_TEST_CRASH_AT": step})
     d.start()
     snap, layout = source_snapshot(d, tmp_path)
-    d.call("copyImage", "r2", snap)
+    # The copy keeps the snapshot's id, so an answer the crash cut short is not needed.
+    with contextlib.suppress(*conftest.CUT_SHORT):
+        d.call("copyImage", "r2", snap)
     assert d.proc is not None and d.proc.wait(60) == 75  # the hook's _exit
     d.env = {}
     d.resume = False
@@ -182,11 +187,17 @@ def test_snapshot_crash_before_switch_and_seal(tmp_path: Any) -> None:
         disk = d.call("createVirtualDisk", "default", 64 << 20)
         settle(d.call, "default", disk)
         qemu.write(d.path("default", disk), 0x5A, 0, 8 << 20)
-        snap = d.call("createSnapshot", "default", disk)
+        try:
+            snap = d.call("createSnapshot", "default", disk)
+        except conftest.CUT_SHORT:
+            snap = None  # the crash beat the answer: found below as a client would find it
         assert d.proc is not None and d.proc.wait(60) == 75
         d.env = {}
         d.resume = False
         d.start()
+        if snap is None:
+            [snap] = {i["imageId"] for i in d.call("listImages", "default",
+                                                     {"includeIncomplete": True})} - {disk}
         assert [f["type"] for f in mend_all(d, "default")] == ["mend"]
         assert settle(d.call, "default", snap)["status"] == "optimized"
         assert d.call("getImageInfo", "default", disk)["chain"] == [disk, snap]

@@ -15,7 +15,6 @@ is left, runs clean, and the test checks:
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from agent import repo as formats
 from agent.image import operations
 from tests import qemu
 from tests.conftest import (
+    CUT_SHORT,
     FORMATS,
     Daemon,
     GlusterPool,
@@ -43,8 +43,6 @@ from tests.conftest import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MiB = qemu.MiB
-# How a call looks when the agent dies while answering it: no answer, or half of one.
-CUT_SHORT = (ConnectionError, http.client.HTTPException)
 Expect = dict[str, list[tuple[int, int, int]]]  # image id -> (pattern, offset, length)
 
 
