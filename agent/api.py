@@ -46,13 +46,14 @@ REPO_PARAMS = ("repoId", "repositoryId", "targetRepoId")
 class Api:
     def __init__(self, host_id: int, workers: int, state_dir: str | None = None,
                  max_chain_depth: int = 10, request_ttl: float = REQUEST_TTL,
-                 run_dir: str | None = None) -> None:
+                 run_dir: str | None = None,
+                 quick_workers: int = runner.QUICK_WORKERS) -> None:
         # Runtime files (the mounts of the shared formats): [agent] run_dir; by default next
         # to the state, or /run/strata for an agent that keeps no state.
         if run_dir is None:
             run_dir = os.path.join(state_dir, "run") if state_dir is not None else RUN_DIR
         self.host = host.Host(host_id, run_dir)
-        self.runner = runner.Runner(self.host, workers)
+        self.runner = runner.Runner(self.host, workers, quick_workers)
         self.max_chain_depth = max_chain_depth
         self.images = service.ImageService(self.host, self.runner, max_chain_depth)
         self.host.on_lockspace_lost = self._lockspace_lost

@@ -184,6 +184,8 @@ class Agent:
     # Runtime files: the shared formats mount their file systems under <run_dir>/mnt.
     run_dir: str = _key(_Path(), "/run/strata")
     workers: int = _key(_Int(1, 64), 4)
+    # The quick lane's threads per repository: empty qcow2s and reflinks, never behind copies.
+    quick_workers: int = _key(_Int(1, 256), 8)
     rpc_threads: int = _key(_Int(1, 256), 16)
     # Chains deeper than this are reported degraded and get an optimize fix.
     max_chain_depth: int = _key(_Int(2, 200), 10)

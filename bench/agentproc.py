@@ -135,14 +135,16 @@ class Agent:
                        else min(MAX_POLL, max(MIN_POLL, (time.perf_counter() - start) / 100)))
 
     def timed(self, repo: str, method: str, *args: Any,
-              client: transport.Client | None = None, **params: Any) -> tuple[str, float, float]:
+              client: transport.Client | None = None, interval: float | None = None,
+              **params: Any) -> tuple[str, float, float]:
         """Call a method that makes an image; return its id, the time the call took to return
-        and the time until the image was optimized (both from the call)."""
+        and the time until the image was optimized (both from the call), polled as ``wait``
+        does with that ``interval``."""
         c = client or self.main
         t0 = time.perf_counter()
         image_id: str = c.call(method, *args, **params)
         t1 = time.perf_counter()
-        t2 = self.wait(repo, image_id, c)
+        t2 = self.wait(repo, image_id, c, interval=interval)
         return image_id, t1 - t0, t2 - t0
 
     def settled(self, repo: str, method: str, *args: Any, **params: Any) -> str:

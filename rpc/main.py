@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"strata-agent: {e}", file=sys.stderr)
         return 2
     api = agent_api.Api(cfg.host.id, cfg.agent.workers, cfg.agent.state_dir,
-                        cfg.agent.max_chain_depth, cfg.agent.request_ttl, cfg.agent.run_dir)
+                        cfg.agent.max_chain_depth, cfg.agent.request_ttl, cfg.agent.run_dir,
+                        cfg.agent.quick_workers)
     try:
         api.restore_connections()
         if args.dev:

@@ -272,9 +272,10 @@ class Host:
 class Cluster:
     """A volume and ``hosts`` simulated hosts under ``directory``."""
 
-    def __init__(self, directory: str, hosts: int = 3, python: str = sys.executable) -> None:
+    def __init__(self, directory: str, hosts: int = 3, python: str = sys.executable,
+                 direct_io: bool = False) -> None:
         self.dir = os.path.abspath(directory)
-        self.volume = gluster.Volume(os.path.join(self.dir, "gluster"))
+        self.volume = gluster.Volume(os.path.join(self.dir, "gluster"), direct_io=direct_io)
         self.hosts = [Host(self.dir, i, self.volume, python) for i in range(1, hosts + 1)]
 
     def start(self, agents: bool = True, mount: bool = False) -> None:

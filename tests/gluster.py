@@ -110,10 +110,16 @@ class Volume:
     """One single-brick volume under ``directory``; ``server`` and ``name`` are what a client
     mounts (``server:/name``)."""
 
-    def __init__(self, directory: str, name: str = "strata", size_gib: int = 20) -> None:
+    def __init__(self, directory: str, name: str = "strata", size_gib: int = 20,
+                 direct_io: bool = False) -> None:
         self.dir = os.path.abspath(directory)
         self.name = name
         self.size_gib = size_gib
+        # The brick's loop device without a page cache of its own (losetup --direct-io): its
+        # writes reach the disk as a brick's on a disk would, instead of sitting in a second
+        # cache that the kernel writes back later, in whatever run comes next (the benchmark
+        # wants that; the tests keep the cache, which absorbs the I/O of parallel workers).
+        self.direct_io = direct_io
         self.server = ""
         self.ns: namespace.Namespace | None = None
         self.loop = ""
@@ -166,8 +172,9 @@ class Volume:
         for d in SYSTEM_DIRS:
             if os.path.isdir(d):
                 self.ns.run(["mount", "--bind", os.path.join(self.dir, f"sys{d}"), d])
-        self.loop = subprocess.run(["losetup", "--find", "--show", self.image], check=True,
-                                   capture_output=True, text=True).stdout.strip()
+        dio = ["--direct-io=on"] if self.direct_io else []
+        self.loop = subprocess.run(["losetup", "--find", "--show", *dio, self.image],
+                                   check=True, capture_output=True, text=True).stdout.strip()
         self.ns.run(["mount", "-t", "xfs", self.loop, self.brick_mount])
         os.makedirs(self.ns.path(os.path.join(self.brick_mount, "data")))
         self._start_glusterd()

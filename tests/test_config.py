@@ -189,7 +189,8 @@ def test_unknown_key(conf: pathlib.Path) -> None:
         config.load(str(conf))
     assert str(e.value) == (
         f"{conf}: [agent] worker: unknown key; known keys: "
-        "max_chain_depth, request_ttl, resume_on_start, rpc_threads, run_dir, state_dir, workers"
+        "max_chain_depth, quick_workers, request_ttl, resume_on_start, rpc_threads, run_dir, "
+        "state_dir, workers"
     )
     assert e.value.data == {"file": str(conf), "section": "agent", "key": "worker"}
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -128,6 +130,94 @@ def test_the_source_repository_leaves_as_soon_as_a_copy_from_it_reads_done(
     assert engine.settle("r2", c)["status"] == "optimized"
     engine.call("disconnectStorageRepository", "r1")
     assert [r["repoId"] for r in engine.call("listStorageRepositories")] == ["r2"]
+
+
+class PausedCopies:
+    """qemu-img convert, held after it reported 37%: copies that stay running until let go."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from agent import qemuimg
+
+        real = qemuimg.convert
+        self.started = threading.Semaphore(0)
+        self.going = threading.Event()
+
+        def paused_convert(*args: Any, **kw: Any) -> None:
+            kw["progress"](37.0)
+            self.started.release()
+            assert self.going.wait(60)
+            real(*args, **kw)
+
+        monkeypatch.setattr(qemuimg, "convert", paused_convert)
+
+    def wait_started(self, n: int = 1) -> None:
+        for _ in range(n):
+            assert self.started.acquire(timeout=60), "a copy did not start"
+
+
+@pytest.fixture
+def paused(monkeypatch: pytest.MonkeyPatch) -> Iterator[PausedCopies]:
+    p = PausedCopies(monkeypatch)
+    yield p
+    p.going.set()  # a test that failed midway leaves no copy waiting
+
+
+def test_the_status_of_a_copy_running_here_reads_no_record(
+        engine: Engine, paused: PausedCopies, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While this host runs the operation that makes an image, it holds the image's claim and
+    is the only writer of its records: getImageStatus tells it from the running operation, not
+    from the repository (on GlusterFS each record read is a round trip that competed with the
+    copy polled about). Once the operation seals, the records tell it again."""
+    d = disk_with_data(engine)
+    repo = engine.api.host.connection("r2").repo
+    reads: list[str] = []
+
+    def counting(name: str) -> Any:
+        real_read = getattr(repo, name)
+
+        def counted(*a: Any) -> Any:
+            reads.append(name)
+            return real_read(*a)
+        return counted
+
+    for name in ("get_image", "get_volume", "get_operation"):
+        monkeypatch.setattr(repo, name, counting(name))
+    c = engine.call("copyImage", "r2", d)
+    paused.wait_started()
+    reads.clear()
+    for _ in range(5):
+        s = engine.call("getImageStatus", "r2", c)
+        assert s == {"imageId": c, "status": "broken", "hostID": 1, "stage": "1/2",
+                     "percent_complete": 37, "last_error": None,
+                     "operation": "copyImage", "running": True}, s
+    assert reads == []
+    paused.going.set()
+    assert engine.settle("r2", c)["status"] == "optimized"
+    reads.clear()
+    assert engine.call("getImageStatus", "r2", c)["status"] == "optimized"
+    assert "get_image" in reads  # the sealed image is told by its records again
+    assert qemu.reads(engine.path("r2", c), 0x11, 0, 4 * MiB)
+
+
+def test_quick_operations_never_wait_behind_copies(engine: Engine, paused: PausedCopies) -> None:
+    """Copies fill every data worker of a repository (the engine has 2); a thin disk, a
+    snapshot and a disk on it still reach optimized, in their own lane, while the copies wait."""
+    d, other = disk_with_data(engine), disk_with_data(engine)
+    s = engine.call("createSnapshot", "r1", d)
+    engine.settle("r1", s)
+    copies = [engine.call("copyImage", "r1", d) for _ in range(3)]  # one more than workers
+    paused.wait_started(2)
+    thin = engine.call("createVirtualDisk", "r1", 64 * MiB)
+    snap = engine.call("createSnapshot", "r1", other)
+    on_snap = engine.call("createVirtualDisk", "r1", 64 * MiB, s)
+    for image in (thin, snap, on_snap):
+        assert engine.settle("r1", image)["status"] == "optimized"
+    assert [engine.call("getImageStatus", "r1", c)["status"] for c in copies] == ["broken"] * 3
+    paused.going.set()
+    for c in copies:
+        assert engine.settle("r1", c)["status"] == "optimized"
+        assert qemu.reads(engine.path("r1", c), 0x11, 0, 4 * MiB)
+    assert qemu.reads(engine.path("r1", on_snap), 0x11, 0, 4 * MiB)
 
 
 def test_snapshot_copy_keeps_id_and_second_copy_is_noop(engine: Engine) -> None:
@@ -435,7 +525,9 @@ def test_a_failure_the_full_repository_cannot_record_is_still_told(engine: Engin
         repo = engine.api.host.connection("r1").repo
         img = repo.get_image(s)
         assert img is not None and img.operation_id is not None
-        engine.api.runner.submit(repo, img.operation_id)
+        op = repo.get_operation(img.operation_id)
+        assert op is not None
+        engine.api.runner.submit(repo, op)
         st = engine.settle("r1", s)
         assert st["status"] == "broken" and not st["running"]
         assert "is not a qcow2 image" in st["last_error"]

@@ -394,7 +394,7 @@ class Checker:
                 log.info("event=fix_started kind=%s image=%s op=%s", kind.value, image_id,
                          op.id)
                 # Under the claim: the operation's own claim follows it without a gap.
-                self.runner.submit(self.repo, op.id)
+                self.runner.submit(self.repo, op)
 
         return start
 
@@ -476,7 +476,7 @@ def _resume(runner: runner.Runner, repo: contract.Repository, op_id: str,
         op.progress.last_error = None
         claim.check()
         repo.put_operation(op)
-        runner.submit(repo, op_id)
+        runner.submit(repo, op)
 
 
 def _relink_backing(repo: contract.Repository, vol: model.Volume, ref: str,

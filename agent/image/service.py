@@ -110,7 +110,7 @@ class ImageService:
         if options.auto_fix:
             # Under the call's claim: the operation's own claim waits the milliseconds until
             # the call lets go, and nothing can slip in between.
-            self.runner.submit(repo, op.id)
+            self.runner.submit(repo, op)
         return image.id
 
     # -- create --------------------------------------------------------------------------------
@@ -510,6 +510,9 @@ class ImageService:
 
     def image_status(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
+        op = self.runner.making(repo, image_id)
+        if op is not None:
+            return status.making(image_id, op)
         img, vols, fault, elsewhere = self._settled_walk(repo, self._image(repo, image_id,
                                                                            repo_id))
         return status.describe(self._facts(repo, img, vols, fault, foreign=bool(elsewhere)))

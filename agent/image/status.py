@@ -31,27 +31,33 @@ def describe(f: Facts) -> dict[str, Any]:
     img = f.image
     if img.operation_id is not None:
         if f.op is None:
-            return _out(img, model.Status.BROKEN, model.Progress(
+            return _out(img.id, model.Status.BROKEN, model.Progress(
                 last_error=f.journal_error
                 or f"the journal of operation {img.operation_id} is missing"), None, False)
-        return _out(img, model.Status.BROKEN, f.op.progress, f.op.kind.value, f.running,
+        return _out(img.id, model.Status.BROKEN, f.op.progress, f.op.kind.value, f.running,
                     f.running_on)
     if f.fault is not None:
-        return _out(img, model.Status.BROKEN, model.Progress(
+        return _out(img.id, model.Status.BROKEN, model.Progress(
             img.progress.host_id, img.progress.stage, -1, f.fault), None, False)
     if f.fix is not None:
-        return _out(img, model.Status.DEGRADED, f.fix.progress, f.fix.kind.value, f.running,
+        return _out(img.id, model.Status.DEGRADED, f.fix.progress, f.fix.kind.value, f.running,
                     f.running_on)
     degraded = f.depth > f.max_depth or f.foreign
     status = model.Status.DEGRADED if degraded else model.Status.OPTIMIZED
-    return _out(img, status, img.progress, None, False)
+    return _out(img.id, status, img.progress, None, False)
 
 
-def _out(img: model.Image, status: model.Status, progress: model.Progress,
+def making(image_id: str, op: model.Operation) -> dict[str, Any]:
+    """What describe says of an image whose operation runs in this process (Runner.making),
+    told from that operation alone: its records are the operation's to change until it ends."""
+    return _out(image_id, model.Status.BROKEN, op.progress, op.kind.value, True)
+
+
+def _out(image_id: str, status: model.Status, progress: model.Progress,
          operation: str | None, running: bool,
          running_on: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "imageId": img.id,
+        "imageId": image_id,
         "status": status.value,
         "hostID": progress.host_id,
         "stage": progress.stage,
