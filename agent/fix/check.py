@@ -10,7 +10,6 @@ runs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -25,8 +24,6 @@ from agent.image import claims, inventory, model, operations, runner
 from agent.repo import contract, layout, leases
 
 log = logging.getLogger(__name__)
-# qemu-img checks a deep check runs at once.
-DEEP_PARALLEL = 4
 
 
 @dataclasses.dataclass
@@ -251,7 +248,6 @@ class Checker:
         read, becomes a finding (repo.findings: its images are broken until a deep check finds
         it sound again) and the check goes on with the next."""
         out = []
-        tops: list[tuple[model.Image, model.Volume]] = []
         checked: dict[str, Any] = {}
         for img in inv.images.values():
             if img.removed or img.operation_id is not None or self._skip(img.id):
@@ -259,27 +255,24 @@ class Checker:
             vol = inv.volumes.get(img.volume_id)
             if vol is None or vol.format != model.VolumeFormat.QCOW2:
                 continue
-            tops.append((img, vol))
             if vol.id not in checked:
                 self.repo.findings.pop(vol.id, None)
-                # None: never handed to qemu-img, a finding already.
-                checked[vol.id] = None if inv.header_fault(img, [vol]) is not None else vol
-        # Several qemu-img processes at once: each check is mostly a process's start, and one
-        # at a time a deep check of a few thousand volumes outlasted a call's 30 s.
-        todo = [v for v in checked.values() if v is not None]
-        with concurrent.futures.ThreadPoolExecutor(DEEP_PARALLEL) as pool:
-            reports = pool.map(self._qemu_check, todo)
-        for vol, report in zip(todo, reports, strict=True):
-            checked[vol.id] = report
-            if isinstance(report, errors.Error):
-                log.warning("event=deep_check_failed volume=%s error=%r", vol.id, str(report))
-                self.repo.findings[vol.id] = (
-                    f"qemu-img check cannot read volume {vol.id}: {report}; a person must decide")
-            elif isinstance(report, dict) and report.get("corruptions", 0):
-                self.repo.findings[vol.id] = (
-                    f"qemu-img check finds {report['corruptions']} corruption(s) in volume "
-                    f"{vol.id}; repairing them may lose data, a person must decide")
-        for img, vol in tops:
+                if inv.header_fault(img, [vol]) is not None:
+                    checked[vol.id] = None  # never handed to qemu-img: a finding already
+                    continue
+                try:
+                    checked[vol.id] = qemuimg.check(self.repo.volume_file(vol))
+                except errors.Error as e:
+                    log.warning("event=deep_check_failed volume=%s error=%r", vol.id, str(e))
+                    self.repo.findings[vol.id] = (
+                        f"qemu-img check cannot read volume {vol.id}: {e}; a person must decide")
+                    checked[vol.id] = None
+                    continue
+                report = checked[vol.id]
+                if isinstance(report, dict) and report.get("corruptions", 0):
+                    self.repo.findings[vol.id] = (
+                        f"qemu-img check finds {report['corruptions']} corruption(s) in volume "
+                        f"{vol.id}; repairing them may lose data, a person must decide")
             report = checked[vol.id]
             if not isinstance(report, dict) or vol.id in self.repo.findings:
                 continue
@@ -295,13 +288,6 @@ class Checker:
                                   model.OpParams(rewrites=vol.id)),
                 ))
         return out
-
-    def _qemu_check(self, vol: model.Volume) -> Any:
-        """qemu-img check's report of a volume, or the error it failed with."""
-        try:
-            return qemuimg.check(self.repo.volume_file(vol))
-        except errors.Error as e:
-            return e
 
     # -- merge ---------------------------------------------------------------------------------
 

@@ -97,10 +97,7 @@ class Runner:
     def _forget(self, op_id: str) -> None:
         with self._lock:
             self._active.pop(op_id, None)
-            op = self._live.pop(op_id, None)
-            if op is not None:
-                for key in [k for k, o in self._making.items() if o is op]:
-                    del self._making[key]
+            self._live.pop(op_id, None)
 
     def stop(self, op_id: str, timeout: float = 60.0) -> bool:
         """Stop a running operation and wait for it to record that; False if it was not running."""
@@ -191,6 +188,8 @@ class Runner:
                 self._run_claimed(repo, op, cancel, claim)
             finally:
                 contract.fence.reset(fence)
+                with self._lock:  # however it ended, the records tell its image's status
+                    self._making.pop((repo.uuid, op.image_id), None)
         finally:
             claim.release()
 
