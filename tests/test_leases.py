@@ -172,3 +172,65 @@ def test_another_host_gets_lease_held_naming_the_holder(
                            env={**os.environ, **d2.env, "PYTHONPATH": ROOT},
                            capture_output=True, text=True, timeout=60)
         assert json.loads(r.stdout.splitlines()[-1]) == {"acquired": True}, r.stderr
+
+
+HOST2_FREED = textwrap.dedent("""
+    import json, os, sys, time
+    from agent import errors
+    from agent.repo import leases, lockspace
+    root, repo_uuid, image, looking, released = sys.argv[1:6]
+    m = lockspace.Membership(leases.Lockspace(root, repo_uuid, 2, 1), lambda why: None)
+    m.start()
+    while m.state()["state"] != "joined":
+        time.sleep(0.1)
+    deadline = time.monotonic() + 20
+    while any(o.state == "unknown" for o in m.space.owners(image)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # The timing of the race, made certain: the look before the claim is skipped (so sanlock
+    # itself refuses), and host 1 lets the lease go after that refusal, before host 2 looks
+    # at who holds it.
+    m.space._refuse_if_held = lambda resource, what: None
+    real_owners = m.space.owners
+    def owners(resource):
+        if not os.path.exists(looking):
+            open(looking, "w").close()
+            while not os.path.exists(released):
+                time.sleep(0.05)
+        return real_owners(resource)
+    m.space.owners = owners
+    try:
+        m.space.acquire({image: leases.Mode.EXCLUSIVE}, "host 2's call")
+        print(json.dumps({"acquired": True}))
+    except errors.Error as e:
+        print(json.dumps({"error": e.name, "data": e.data, "message": e.message}))
+    m.stop()
+""")
+
+
+def test_a_lease_let_go_between_a_refusal_and_the_look_is_taken_on_a_second_try(
+        tmp_path: Any, area: tuple[str, str], joined: lockspace.Membership) -> None:
+    """Regression (CI, 2026-12-01): the loser of a race said LeaseHeld naming host 0, because
+    the winner had let the lease go by the time the loser read its owners."""
+    root, repo_uuid = area
+    image = str(uuid.uuid4())
+    looking, released = str(tmp_path / "looking"), str(tmp_path / "released")
+    held = joined.space.acquire({image: leases.Mode.EXCLUSIVE}, "host 1's operation")
+    with sanlockd.running(str(tmp_path / "host2"), "host2") as d2:
+        p = subprocess.Popen([sys.executable, "-c", HOST2_FREED, root, repo_uuid, image,
+                              looking, released],
+                             env={**os.environ, **d2.env, "PYTHONPATH": ROOT},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 40
+            while not os.path.exists(looking):
+                assert p.poll() is None and time.monotonic() < deadline, p.stderr
+                time.sleep(0.05)
+            held.release()
+            open(released, "w").close()
+            out, err = p.communicate(timeout=40)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0, err
+        assert json.loads(out.splitlines()[-1]) == {"acquired": True}, (out, err)

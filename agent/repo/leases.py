@@ -381,17 +381,31 @@ class Lockspace:
         reg = self._registration()
         path = area_path(self.root, resource)
         with reg.lock:
-            for attempt in range(IO_TRIES):
+            io_tries = freed_tries = 0
+            while True:
                 try:
                     sanlock.acquire(self.name, resource.encode(), [(path, 0)], slkfd=reg.fd,
                                     shared=mode == Mode.SHARED)
                     break
                 except sanlock.SanlockException as e:
-                    if _errno(e) in IO_FAILED and attempt + 1 < IO_TRIES:
+                    code = _errno(e)
+                    if code in IO_FAILED and io_tries + 1 < IO_TRIES:
+                        io_tries += 1
                         log.warning("event=lease_io_retry lockspace=%s resource=%s error=%r",
                                     self.repo_uuid, resource, str(e))
-                        time.sleep(0.2 * (attempt + 1))
+                        time.sleep(0.2 * io_tries)
                         continue
+                    if code in HELD_ELSEWHERE:
+                        others = [o for o in self.owners(resource) if o.host_id != self.host_id]
+                        if others:
+                            raise self._held(resource, others[0], what) from None
+                        if freed_tries + 1 < IO_TRIES:
+                            # Its holder let it go between the refusal and the look: as if
+                            # this call had come a moment later, so it tries again.
+                            freed_tries += 1
+                            log.info("event=lease_freed_retry lockspace=%s resource=%s",
+                                     self.repo_uuid, resource)
+                            continue
                     self._acquire_failed(resource, e, what)
             version = 0
             with contextlib.suppress(sanlock.SanlockException):
@@ -418,8 +432,10 @@ class Lockspace:
     def _acquire_failed(self, resource: str, e: Exception, what: str) -> None:
         code = _errno(e)
         if code in HELD_ELSEWHERE:
-            owners = [o for o in self.owners(resource) if o.host_id != self.host_id]
-            raise self._held(resource, owners[0] if owners else Owner(0, "unknown"), what) \
+            # Taken and let go again by others faster than this host could look, each time.
+            raise errors.LeaseHeld(
+                f"{resource} is in use by other hosts, each holding it only briefly; {what} "
+                "could not take it", imageId=resource, hostId=None, hostState="unknown") \
                 from None
         if code == NOT_JOINED:
             raise errors.LockspaceNotJoined(
