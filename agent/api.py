@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 from agent import errors, fileio, host, repo, requests
 from agent.fix import check as checker
 from agent.fix import fixes
-from agent.image import model, operations, runner, service
-from agent.repo import contract
+from agent.image import memo, model, operations, runner, service
+from agent.repo import contract, layout
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +268,38 @@ class Api:
                  connectionParameters: dict[str, Any]) -> dict[str, Any]:
         changed = self.host.connect(repoId, repoFormat, connectionParameters)
         try:
-            info = self.getStorageRepositoryInfo(repoId)
+            # A repository connected just now: its records are read in the background (the
+            # cache every repository-wide call then answers from), not before the answer, so
+            # a connect costs the same at 10 or 100,000 images. A connect of a repository
+            # already connected counts them: that is quick once they are read.
+            info = self._info(repoId, count=not changed)
         except Exception:
             if changed:
                 self.host.disconnect(repoId)  # never keep a repository we cannot serve
             raise
         if changed:
             self._save_connections()
+            threading.Thread(target=self._read_records, args=(repoId,),
+                             name=f"read-{repoId}", daemon=True).start()
         info["changed"] = changed
         return info
+
+    def _read_records(self, repo_id: str) -> None:
+        """Every record of a repository connected just now, read once (what its first
+        listing, check or count would otherwise wait for)."""
+        conn = self.host.get(repo_id)
+        if conn is None:
+            return
+        t0 = time.monotonic()
+        try:
+            images, _ = conn.repo.scan_images()
+            volumes, _ = conn.repo.scan_volumes()
+            ops, _ = conn.repo.scan_operations()
+        except Exception as e:  # its calls say so; this is only a head start
+            log.warning("event=records_read_failed repo=%s error=%r", repo_id, str(e))
+            return
+        log.info("event=records_read repo=%s images=%d volumes=%d journals=%d seconds=%.2f",
+                 repo_id, len(images), len(volumes), len(ops), time.monotonic() - t0)
 
     def _in_use(self, conn: host.Connection) -> tuple[list[str], list[str], list[str]]:
         """The operations running on a repository, its prepared images, and the copies
@@ -408,17 +431,17 @@ class Api:
         return probe
 
     def getStorageRepositoryInfo(self, repoId: str) -> dict[str, Any]:
+        return self._info(repoId)
+
+    def _info(self, repoId: str, count: bool = True) -> dict[str, Any]:
+        """``count=False``: images null (not counted yet), its records not read."""
         conn = self.host.connection(repoId)
         capacity, free = conn.repo.capacity()
-        counts = {"disk": 0, "snapshot": 0, "incomplete": 0, "removed": 0}
-        images, damage = conn.repo.scan_images()
-        for img in images:
-            if img.removed:
-                counts["removed"] += 1
-            elif not img.strong:
-                counts["incomplete"] += 1
-            else:
-                counts[img.kind.value] += 1
+        counts: dict[str, int] | None = None
+        damage: list[layout.Damage] = []
+        if count:
+            images, damage = conn.repo.scan_images()
+            counts = memo.of(conn.repo).counts(images)
         info = {
             "repoId": repoId,
             "repoFormat": conn.repo_format,
@@ -433,7 +456,8 @@ class Api:
             "warnings": [d.to_dict() for d in damage],
         }
         with self._info_lock:
-            self._last_info[repoId] = info
+            if count:
+                self._last_info[repoId] = info
             failure = self._failures.get(repoId)
         # Its records read fine, but its calls may still fail (a frozen file system reads).
         # The lockspace is this host's own state, known without I/O: always fresh.

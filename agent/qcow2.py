@@ -63,7 +63,7 @@ _FEATURE_NAMES = (
 EXTERNAL_DATA_FILE = 1 << 2
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Header:
     version: int
     size: int
@@ -95,7 +95,7 @@ def is_qcow2(path: str) -> bool:
 # ctime are more than a second old: any change after it was read gives a newer time, even on a
 # file system whose timestamps are coarse.
 _HEADERS: dict[tuple[int, int, int, int, int], Header | None] = {}
-_HEADERS_MAX = 65536
+_HEADERS_MAX = 1 << 19  # a repository of 250,000 two-layer images
 _SETTLED = 1_000_000_000  # ns
 
 

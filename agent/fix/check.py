@@ -38,9 +38,10 @@ class Checker:
         return self._focus is not None and image_id not in self._focus
 
     def check(self, types: set[fixes.FixType] | None = None, deep: bool = False,
-              focus: set[str] | None = None) -> list[fixes.Fix]:
+              focus: set[str] | None = None, fresh: bool = False) -> list[fixes.Fix]:
         """What is left to do; ``focus``: only the fixes of these images (what applying one
-        fix derives again), so a deep check looks at their volumes alone."""
+        fix derives again), so a deep check looks at their volumes alone; ``fresh``: from
+        records read now, none kept from before (a fix derived again under its claim)."""
         wanted = types or set(fixes.FixType)
         self._focus = focus
         ops = self._op_ids()
@@ -52,7 +53,7 @@ class Checker:
         inv = inventory.Inventory(
             self.repo, active, self.host.find_volume,
             lambda: [c.repo for c in self.host.connections() if c.repo is not self.repo],
-            focus,
+            focus, fresh,
         )
         out: list[fixes.Fix] = []
         # The deep pass first: what it finds (corruption, a volume it cannot read) makes those
@@ -413,8 +414,8 @@ class Checker:
         focus = None if wanted == fixes.FixType.CLEAN else set(sent.get("imageIds") or [])
         deep = wanted == fixes.FixType.OPTIMIZE
 
-        def current() -> fixes.Fix:
-            for candidate in self.check({wanted}, deep=deep, focus=focus):
+        def current(fresh: bool) -> fixes.Fix:
+            for candidate in self.check({wanted}, deep=deep, focus=focus, fresh=fresh):
                 if candidate.matches(sent):
                     return candidate
             raise errors.StaleFix(
@@ -423,7 +424,7 @@ class Checker:
                 "checkStorageRepository again"
             )
 
-        hint = current()
+        hint = current(False)
         if hint.manual:
             raise errors.ImageBroken(
                 f"this finding needs a person, not a fix: {hint.description}")
@@ -436,7 +437,7 @@ class Checker:
         whole = self.repo if wanted == fixes.FixType.CLEAN else None
         with self.host.claims.claim(what, [(self.repo, i) for i in hint.image_ids],
                                     whole=whole) as claim, locked:
-            fix = current()
+            fix = current(True)  # what it destroys is decided on the records, not memory
             log.info("event=fix type=%s images=%s", fix.type, fix.image_ids)
             fix.run(claim)
         return fix

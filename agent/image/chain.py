@@ -169,9 +169,13 @@ def files_fault(repo: contract.Repository, vols: list[model.Volume],
             if cache is not None:
                 cache[vol.id] = fault
         if fault is not None:
-            message, relink = fault
-            return message + ("; the mend fix re-points it" if relink is not None else "")
+            return fault_message(fault)
     return None
+
+
+def fault_message(fault: FileFault) -> str:
+    message, relink = fault
+    return message + ("; the mend fix re-points it" if relink is not None else "")
 
 
 def rewritten(repo: contract.Repository) -> set[str]:

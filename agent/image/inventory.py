@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Callable
 
 from agent import fileio, qcow2
-from agent.image import chain, model
+from agent.image import chain, memo, model
 from agent.repo import contract, layout
+
+# (the class's own ``chain`` method hides the module's name in its annotations)
+FileFault = chain.FileFault
 
 # Finds a volume in another connected repository: (that repository, the volume record).
 Elsewhere = Callable[[str], "tuple[contract.Repository, model.Volume] | None"]
@@ -35,7 +39,7 @@ class Inventory:
     def __init__(self, repo: contract.Repository, active: set[str],
                  elsewhere: Elsewhere | None = None,
                  others: Callable[[], list[contract.Repository]] | None = None,
-                 focus: set[str] | None = None) -> None:
+                 focus: set[str] | None = None, fresh: bool = False) -> None:
         self.repo = repo
         # Only these images' files are looked at (what one applied fix derives again); None:
         # every image's.
@@ -45,9 +49,12 @@ class Inventory:
         # Journals first, then images, then volumes: the order in which an operation writes
         # them, so an image or volume seen here has its journal seen too, unless it is newer.
         self.started = repo.clock()
-        ops, bad_ops = repo.scan_operations()
-        images, bad_images = repo.scan_images()
-        volumes, bad_volumes = repo.scan_volumes()
+        # ``fresh``: every record read now (a decision under a claim, never from memory).
+        ops, bad_ops = repo.scan_operations(fresh)
+        images, bad_images = repo.scan_images(fresh)
+        volumes, bad_volumes = repo.scan_volumes(fresh)
+        # The scans as they came (agent/image/memo.py compares them with the last ones).
+        self.scanned = (ops, images, volumes)
         self.images = {i.id: i for i in images}
         self.volumes = {v.id: v for v in volumes}
         self.ops = {op.id: op for op in ops}
@@ -59,6 +66,11 @@ class Inventory:
         self._elsewhere = elsewhere
         self._others = others  # the other connected repositories, for needed_elsewhere
         self._foreign: dict[str, dict[str, contract.Repository]] = {}
+        # What earlier scans derived from the same records; never for a fresh inventory.
+        self.memo = None if fresh else memo.of(repo)
+        if self.memo is not None and self.memo.listing(self.scanned, repo.findings,
+                                                       time.monotonic_ns()) is None:
+            self.memo.keep_only(set(self.images), set(self.volumes))
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -103,11 +115,24 @@ class Inventory:
         return self.images.get(image_id)
 
     def chain(self, image: model.Image) -> tuple[list[model.Volume], str | None]:
+        if self.memo is not None:
+            kept = self.memo.chain(image, self.volumes, self.images)
+            if kept is not None:
+                return kept, None
         lookup = chain.Lookup(self._volume, self._elsewhere)
         walked = chain.walk(image.volume_id, lookup, self._image)
         if lookup.foreign:
             self._foreign[image.id] = lookup.foreign
+        elif walked[1] is None and self.memo is not None:
+            # Only a sound chain of this repository's own records: what another repository
+            # holds is not this scan's to vouch for.
+            self.memo.keep_chain(image, walked[0], self.images)
         return walked
+
+    def foreign_of(self, image_id: str) -> dict[str, contract.Repository]:
+        """The volumes of an image's chain in other repositories, once ``chain`` walked it
+        (without walking every other chain, as ``foreign`` does)."""
+        return self._foreign.get(image_id, {})
 
     @property
     def foreign(self) -> dict[str, dict[str, contract.Repository]]:
@@ -213,15 +238,26 @@ class Inventory:
         any): what a consumer really reads through. Named by the file's basename, wherever
         the reference points: keeping too much is always safe."""
         out: dict[str, str] = {}
+        now_ns = time.monotonic_ns()
         for vol_id, path in self.repo.volume_files().items():
+            vol = self.volumes.get(vol_id)
+            if self.memo is not None and vol is not None:
+                known, stem = self.memo.backing(vol, now_ns)
+                if known:
+                    if stem is not None:
+                        out[vol_id] = stem
+                    continue
             try:
                 header = qcow2.read_header(path)
             except OSError:
                 continue
-            if header is None or not header.backing:
-                continue
-            stem = os.path.basename(header.backing).partition(".")[0]
-            if stem != vol_id:
+            stem = None
+            if header is not None and header.backing:
+                stem = os.path.basename(header.backing).partition(".")[0]
+                stem = None if stem == vol_id else stem
+            if self.memo is not None and vol is not None:
+                self.memo.keep_backing(vol, stem, now_ns)
+            if stem is not None:
                 out[vol_id] = stem
         return out
 
@@ -257,9 +293,43 @@ class Inventory:
                     found = self._elsewhere(vol.parent_volume_id)
                     if found is not None:  # a backing volume in another repository
                         parent_repo, parent = found
-            fault = chain.file_fault(self.repo, vol, parent, parent_repo)
+            fault = self.file_fault(vol, parent, parent_repo)
             if fault is not None:
                 return Fault(image.id, vol.id, fault[0], relink_to=fault[1])
+        return None
+
+    def file_fault(self, vol: model.Volume, parent: model.Volume | None,
+                   parent_repo: contract.Repository | None = None) -> FileFault | None:
+        """chain.file_fault, skipped for a volume found sound lately with the same records
+        (agent/image/memo.py); a finding of a deep check always counts."""
+        own = parent_repo is None or parent_repo is self.repo
+        if self.memo is not None and own and vol.id not in self.repo.findings \
+                and self.memo.is_sound(vol, parent):
+            return None
+        fault = chain.file_fault(self.repo, vol, parent, parent_repo)
+        if fault is None and own and self.memo is not None:
+            self.memo.keep_sound(vol, parent)
+        return fault
+
+    def files_fault(self, image_id: str, vols: list[model.Volume],
+                    cache: dict[str, FileFault | None]) -> str | None:
+        """chain.files_fault of an image's walked chain, through file_fault above."""
+        foreign = self.foreign_of(image_id)
+        for i, vol in enumerate(vols):
+            if vol.id in self.rewritten:
+                continue
+            if vol.id in cache:
+                fault = cache[vol.id]
+            else:
+                parent = vols[i + 1] if i + 1 < len(vols) else None
+                parent_repo = foreign.get(parent.id) if parent is not None else None
+                if vol.id in foreign:
+                    fault = chain.file_fault(foreign[vol.id], vol, parent, parent_repo)
+                else:
+                    fault = self.file_fault(vol, parent, parent_repo)
+                cache[vol.id] = fault
+            if fault is not None:
+                return chain.fault_message(fault)
         return None
 
     def allocated(self, vol_id: str) -> int:

@@ -10,12 +10,13 @@ runner does the data work. A refused call changes nothing.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 from agent import errors, fileio, host
-from agent.image import chain, claims, inventory, model, operations, runner, status
+from agent.image import chain, claims, inventory, memo, model, operations, runner, status
 from agent.repo import contract, layout
 
 log = logging.getLogger(__name__)
@@ -543,20 +544,59 @@ class ImageService:
         include_weak = bool(options.get("includeIncomplete", False))
         out = []
         files: dict[str, chain.FileFault | None] = {}
-        for img in inv.images.values():
-            if img.removed or (not img.strong and not include_weak):
+        for img, summary in self._rows(repo, inv):
+            if not img.strong and not include_weak:
                 continue
             if kind and img.kind.value != kind:
                 continue
-            vols, fault = inv.chains[img.id]
-            if fault is None and img.operation_id is None:
-                fault = chain.files_fault(repo, vols, inv.foreign.get(img.id), inv.rewritten,
-                                          files)
-            out.append(self._summary(repo, img, vols, fault, inv.ops, img.id in inv.foreign))
-        out.sort(key=lambda d: (d["created"], d["imageId"]))
+            out.append(dict(summary) if summary is not None
+                       else self._describe(repo, inv, img, files)[0])
         if options.get("withWarnings"):
             return {"images": out, "warnings": [d.to_dict() for d in inv.damage]}
         return out
+
+    def _rows(self, repo: contract.Repository, inv: inventory.Inventory) -> list[memo.Row]:
+        """Every image that is not removed, in listing order (created, then id), each with
+        its summary when that follows from its records alone: a settled, sound image's,
+        kept while its records stay the same (agent/image/memo.py). What runs, or is wrong,
+        is described afresh by each listing."""
+        now_ns = time.monotonic_ns()
+        m = inv.memo
+        if m is not None:
+            kept = m.listing(inv.scanned, repo.findings, now_ns)
+            if kept is not None:
+                return kept
+        rows: list[memo.Row] = []
+        files: dict[str, chain.FileFault | None] = {}
+        for img in sorted((i for i in inv.images.values() if not i.removed),
+                          key=lambda i: (i.created, i.id)):
+            summary, static = self._describe(repo, inv, img, files, now_ns)
+            rows.append((img, summary if static else None))
+        if m is not None:
+            m.keep_listing(inv.scanned, repo.findings, now_ns, rows)
+        return rows
+
+    def _describe(self, repo: contract.Repository, inv: inventory.Inventory,
+                  img: model.Image, files: dict[str, chain.FileFault | None],
+                  now_ns: int | None = None) -> tuple[dict[str, Any], bool]:
+        """An image's summary in a listing, and whether it follows from its records alone
+        (settled and sound: then kept per image, see ``_rows``)."""
+        vols, fault = inv.chain(img)
+        if fault is None and img.operation_id is None:
+            fault = inv.files_fault(img.id, vols, files)
+        foreign = bool(inv.foreign_of(img.id))
+        static = (fault is None and not foreign and img.operation_id is None
+                  and img.fix_id is None and not any(v.id in repo.findings for v in vols))
+        m = inv.memo
+        key = (img, vols)
+        if static and m is not None and now_ns is not None:
+            kept = m.summary(img.id, key, now_ns)
+            if kept is not None:
+                return kept, True
+        summary = self._summary(repo, img, vols, fault, inv.ops, foreign)
+        if static and m is not None and now_ns is not None:
+            m.keep_summary(img.id, key, summary, now_ns)
+        return summary, static
 
     def image_info(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)

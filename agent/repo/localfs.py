@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from agent import errors, fileio
 from agent.image import model
-from agent.repo import contract, layout
+from agent.repo import contract, layout, recordcache
 
 if TYPE_CHECKING:
     from agent.repo import lockspace
@@ -108,6 +108,7 @@ class LocalRepository(contract.Repository):
         # as a crash would have stopped it, instead of writing to a repository nobody serves.
         self.closed = False
         self._warned: set[str] = set()
+        self._records = recordcache.RecordCache()
         # Volume id -> what the last deep check found wrong with it (corruption, unreadable):
         # until a deep check finds it sound again, its images are broken.
         self.findings: dict[str, str] = {}
@@ -335,7 +336,10 @@ class LocalRepository(contract.Repository):
         if not self.shared:
             return time.time()
         self._check_open()
-        probe = self._path(layout.VOLUMES, f".clock{fileio.TMP_MARK}{uuid.uuid4().hex}")
+        # In the repository's root, not beside the records: a file made in a directory of
+        # records changes that directory, and the record cache trusts a directory that has
+        # not changed.
+        probe = os.path.join(self.root, f".clock{fileio.TMP_MARK}{uuid.uuid4().hex}")
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -353,8 +357,11 @@ class LocalRepository(contract.Repository):
     def _record_path(self, sub: str, rec_id: str) -> str:
         return self._path(sub, f"{_checked(rec_id)}.json")
 
-    def _read(self, sub: str, rec_id: str, parse: Callable[[dict[str, Any]], R]) -> R | None:
-        """The one reader of records (see the module's docstring); None when there is none."""
+    def _read(self, sub: str, rec_id: str, parse: Callable[[dict[str, Any]], R],
+              keep: bool = False) -> R | None:
+        """The one reader of records (see the module's docstring); None when there is none.
+        ``keep``: a scan's read, whose record goes to the record cache (read-only from then
+        on: a single record read for a change is the caller's own)."""
         if not model.is_id(rec_id):
             return None  # no record can have that name
         # A shared file system (GlusterFS seen here, NFS alike) answers ESTALE to an open or
@@ -363,16 +370,17 @@ class LocalRepository(contract.Repository):
         # an ESTALE that persists says the file system failed.
         for _ in range(ESTALE_RETRIES):
             try:
-                return self._read_once(sub, rec_id, parse)
+                return self._read_once(sub, rec_id, parse, keep)
             except errors.RepositoryUnavailable as e:
                 if e.data.get("errno") != "ESTALE":
                     raise
                 time.sleep(0.01)
-        return self._read_once(sub, rec_id, parse)
+        return self._read_once(sub, rec_id, parse, keep)
 
-    def _read_once(self, sub: str, rec_id: str,
-                   parse: Callable[[dict[str, Any]], R]) -> R | None:
+    def _read_once(self, sub: str, rec_id: str, parse: Callable[[dict[str, Any]], R],
+                   keep: bool) -> R | None:
         path = self._record_path(sub, rec_id)
+        read_ns = time.time_ns()
 
         def damaged(reason: str) -> _Damaged:
             return _Damaged(layout.Damage(path, reason, sub, rec_id))
@@ -415,6 +423,8 @@ class LocalRepository(contract.Repository):
             raise damaged(str(e)) from None
         if getattr(rec, "id", None) != rec_id:
             raise damaged("its id does not match its file name")
+        if keep:
+            self._records.put(sub, rec_id, st, rec, read_ns)
         return rec
 
     def _get(self, sub: str, rec_id: str, parse: Callable[[dict[str, Any]], R]) -> R | None:
@@ -425,10 +435,25 @@ class LocalRepository(contract.Repository):
             self._warn(e.damage)
             raise e.damage.error() from None
 
-    def _scan(self, sub: str, parse: Callable[[dict[str, Any]], R]
+    def _scan(self, sub: str, parse: Callable[[dict[str, Any]], R], fresh: bool = False
               ) -> tuple[list[R], list[layout.Damage]]:
-        """Every readable record of a kind, and the damage found instead of the others."""
-        out, damage = [], []
+        """Every readable record of a kind, and the damage found instead of the others. The
+        records are shared with other scans (read-only); each is parsed again only when its
+        file's identity changed (agent/repo/recordcache.py), every one with ``fresh``."""
+        self._check_open()
+        cache = self._records
+        directory = os.path.join(self.root, sub)
+        taken_ns = time.time_ns()
+        try:
+            dir_st = os.lstat(directory)
+        except OSError as e:
+            self._failed(directory, e)
+            raise
+        if not fresh:
+            kept = cache.listing(sub, dir_st, taken_ns)
+            if kept is not None:
+                return kept
+        out, damage, seen = [], [], set()
         for entry in self._entries(sub):
             name = entry.name
             if not name.endswith(".json") or name.startswith("."):
@@ -437,13 +462,28 @@ class LocalRepository(contract.Repository):
             if not model.is_id(stem):
                 damage.append(layout.Damage(entry.path, "its name is not <uuid>.json", sub, None))
                 continue
+            seen.add(stem)
+            if not fresh:
+                try:
+                    kept = cache.get(sub, stem, os.lstat(entry.path))
+                except FileNotFoundError:
+                    continue  # removed since the directory was read: fine
+                except OSError as e:
+                    self._failed(entry.path, e)
+                    raise
+                if kept is not None:
+                    out.append(kept)
+                    continue
             try:
-                rec = self._read(sub, stem, parse)
+                rec = self._read(sub, stem, parse, keep=True)
             except _Damaged as e:
+                cache.forget(sub, stem)
                 damage.append(e.damage)
                 continue
             if rec is not None:  # removed since the scan: fine
                 out.append(rec)
+        cache.keep_only(sub, seen)
+        cache.remember(sub, dir_st, taken_ns, list(out), list(damage))
         for d in damage:
             self._warn(d)
         return out, damage
@@ -465,25 +505,37 @@ class LocalRepository(contract.Repository):
                                      (layout.JOURNAL, model.Operation.from_dict))
                 for d in self._scan(sub, parse)[1]]  # type: ignore[arg-type]
 
-    def scan_images(self) -> tuple[list[model.Image], list[layout.Damage]]:
-        return self._scan(layout.IMAGES, model.Image.from_dict)
+    def scan_images(self, fresh: bool = False
+                    ) -> tuple[list[model.Image], list[layout.Damage]]:
+        return self._scan(layout.IMAGES, model.Image.from_dict, fresh)
 
-    def scan_volumes(self) -> tuple[list[model.Volume], list[layout.Damage]]:
-        return self._scan(layout.VOLUMES, model.Volume.from_dict)
+    def scan_volumes(self, fresh: bool = False
+                    ) -> tuple[list[model.Volume], list[layout.Damage]]:
+        return self._scan(layout.VOLUMES, model.Volume.from_dict, fresh)
 
-    def scan_operations(self) -> tuple[list[model.Operation], list[layout.Damage]]:
-        return self._scan(layout.JOURNAL, model.Operation.from_dict)
+    def scan_operations(self, fresh: bool = False
+                    ) -> tuple[list[model.Operation], list[layout.Damage]]:
+        return self._scan(layout.JOURNAL, model.Operation.from_dict, fresh)
 
-    def _entries(self, sub: str) -> list[os.DirEntry[str]]:
-        """The entries of one of the repository's directories."""
+    def _entries(self, sub: str) -> list[recordcache.Entry]:
+        """The entries of one of the repository's directories (kept while it has not
+        changed: agent/repo/recordcache.py)."""
         self._check_open()
         directory = os.path.join(self.root, sub)
+        taken_ns = time.time_ns()
         try:
+            dir_st = os.lstat(directory)
+            kept = self._records.entries(directory, dir_st, taken_ns)
+            if kept is not None:
+                return kept
             with os.scandir(directory) as it:
-                return list(it)
+                out = [recordcache.Entry(e.name, e.path, e.is_file(follow_symlinks=False))
+                       for e in it]
         except OSError as e:
             self._failed(directory, e)
             raise
+        self._records.remember_entries(directory, dir_st, taken_ns, out)
+        return out
 
     def get_image(self, image_id: str) -> model.Image | None:
         return self._get(layout.IMAGES, image_id, model.Image.from_dict)
@@ -557,9 +609,10 @@ class LocalRepository(contract.Repository):
         """Files that are neither records nor volume data: leftover temporary and partial files
         (regular files only: whatever else is planted there is left alone)."""
         out = []
-        for sub in (layout.IMAGES, layout.VOLUMES, layout.JOURNAL):
+        # The root too: the clock's probe file is made there.
+        for sub in (layout.IMAGES, layout.VOLUMES, layout.JOURNAL, ""):
             for entry in self._entries(sub):
-                if not entry.is_file(follow_symlinks=False):
+                if not entry.is_file:
                     continue
                 if fileio.is_temporary(entry.name) or entry.name.endswith(layout.PARTIAL):
                     out.append(entry.path)
@@ -571,7 +624,6 @@ class LocalRepository(contract.Repository):
         out = {}
         for entry in self._entries(layout.VOLUMES):
             stem, _, ext = entry.name.partition(".")
-            if ext in ("qcow2", "raw") and model.is_id(stem) \
-                    and entry.is_file(follow_symlinks=False):
+            if ext in ("qcow2", "raw") and model.is_id(stem) and entry.is_file:
                 out[stem] = entry.path
         return out
