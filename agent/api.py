@@ -39,6 +39,11 @@ INFO_WAIT = 2.0
 # journal read that names them: it lets the repository go after this, whatever still runs.
 FORCE_WAIT = 5.0
 
+# waitForOperations: how long it waits by default, and at most (seconds; below [rpc]
+# repository_call_timeout's default of 30, as it waits on one of the repository's threads).
+WAIT_TIMEOUT = 10.0
+WAIT_MAX = 20.0
+
 # The params that name the repository a call is about (copyImage also reads its source's).
 REPO_PARAMS = ("repoId", "repositoryId", "targetRepoId")
 
@@ -549,6 +554,11 @@ class Api:
             # repository of other calls' failures.
             self.note_failure(self.name_failure(e, repositoryId), e.message)
             raise
+
+    def waitForOperations(self, repositoryId: str, imageIds: list[str],
+                          options: dict[str, Any]) -> list[dict[str, Any] | None]:
+        timeout = min(float(options.get("timeout", WAIT_TIMEOUT)), WAIT_MAX)
+        return self.images.wait(repositoryId, imageIds, timeout)
 
     def listImages(self, repositoryId: str, options: dict[str, Any]
                    ) -> list[dict[str, Any]] | dict[str, Any]:

@@ -59,6 +59,12 @@ class Agent:
         if self.proc is not None:
             process.terminate(self.proc, 60)
 
+    def stop_client(self) -> None:
+        """Close the main client (before the agent is killed: its connection dies with it)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
     @property
     def pid(self) -> int:
         if self.proc is None:

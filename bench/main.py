@@ -21,6 +21,7 @@ from bench import (
     fig_copy,
     fig_create,
     fig_libvirt,
+    fig_recovery,
     fig_reflink,
     fig_scale,
     fig_shared,
@@ -43,6 +44,7 @@ FIGURES: dict[str, tuple[str, Callable[[context.Bench], None]]] = {
     "10": ("shared: copyImage full on glusterfs vs bare convert, 3 GiB", fig_shared.copy),
     "11": ("shared: lease acquire + release; calls on glusterfs vs localfs", fig_shared.leases),
     "12": ("shared: takeover after a host death (over a minute)", fig_shared.takeover),
+    "13": ("recovery of pending operations after kill -9; calls beside them", fig_recovery.run),
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "last-results.md")
 # Peak use is about 12 GiB (data disks, chain copies, the XFS file), and about 10 GiB more in

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rpc import clierrors, clihelp, transport
@@ -70,8 +70,15 @@ class Agent:
         )
 
     def call(self, method: str, params: Mapping[str, Any]) -> Any:
+        return self._guarded(lambda: self._client.call(method, **params))
+
+    def call_batch(self, calls: list[tuple[str, Mapping[str, Any]]]) -> list[Any]:
+        """One JSON-RPC batch: each call's result or its ``transport.RemoteError``."""
+        return self._guarded(lambda: self._client.call_batch(calls))  # type: ignore[no-any-return]
+
+    def _guarded(self, send: Callable[[], Any]) -> Any:
         try:
-            return self._client.call(method, **params)
+            return send()
         except transport.RemoteError:
             raise
         except TimeoutError:

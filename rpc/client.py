@@ -233,7 +233,9 @@ def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
         types = fixall.parse_types(args.types)
     except ValueError as e:
         raise clierrors.UsageError(str(e)) from None
-    method = clihelp.find_method(agent.document(), args.method)
+    doc = agent.document()
+    method = clihelp.find_method(doc, args.method)
+    methods = {m.get("name") for m in doc.get("methods", [])}
 
     def call(name: str, call_params: Mapping[str, Any]) -> Any:
         sent = dict(call_params)
@@ -241,9 +243,19 @@ def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
             add_request_id(method, sent, None)  # each fix its own: a fix is never sent twice
         return agent.call(name, sent)
 
+    def batch(calls: list[tuple[str, Mapping[str, Any]]]) -> list[Any]:
+        sent: list[tuple[str, Mapping[str, Any]]] = []
+        for name, call_params in calls:
+            one = dict(call_params)
+            if name == args.method:
+                add_request_id(method, one, None)
+            sent.append((name, one))
+        return agent.call_batch(sent)
+
     try:
         _, failed, manual = fixall.fix_all(call, params["repositoryId"], types, sys.stdout,
-                                           progress=cliwatch.Progress(sys.stderr))
+                                           progress=cliwatch.Progress(sys.stderr),
+                                           batch=batch, wait=fixall.WAIT_METHOD in methods)
     except cliagent.NoAnswer as e:
         raise cliagent.NoAnswer(
             f"{e}: the fix being applied may have been carried out; run the same command "

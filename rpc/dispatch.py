@@ -264,6 +264,7 @@ ANY_ARGS = inspect.Signature([
 READS = frozenset({
     "getImageStatus", "getImageInfo", "listImages", "listStorageRepositories",
     "getStorageRepositoryInfo", "getHostInfo", "checkStorageRepository", "rpc.discover",
+    "waitForOperations",
 })
 _MEMBERS = frozenset({"jsonrpc", "method", "params", "id"})
 

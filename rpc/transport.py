@@ -8,7 +8,7 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 PATH = "/jsonrpc"
@@ -114,6 +114,33 @@ class Client:
             e = answer["error"]
             raise RemoteError(e["code"], e["message"], e.get("data"))
         return answer["result"]
+
+    def call_batch(self, calls: list[tuple[str, Mapping[str, Any]]]) -> list[Any]:
+        """Several calls by name in one JSON-RPC batch (one round trip; the agent runs them
+        one after the other): each one's result, or the RemoteError it got, in order. A batch
+        the agent refuses as a whole (too many calls) raises that RemoteError: none ran."""
+        first = next(self._ids)
+        ids = [first + i for i in range(len(calls))]
+        self._ids = itertools.count(first + len(calls))
+        body = [{"jsonrpc": "2.0", "method": m, "params": dict(p), "id": i}
+                for i, (m, p) in zip(ids, calls, strict=True)]
+        _, data = self.post(json.dumps(body).encode())
+        answer = json.loads(data)
+        if isinstance(answer, dict):
+            e = answer["error"]
+            raise RemoteError(e["code"], e["message"], e.get("data"))
+        by_id = {a.get("id"): a for a in answer if isinstance(a, dict)}
+        out: list[Any] = []
+        for i in ids:
+            a = by_id.get(i)
+            if a is None:
+                out.append(RemoteError(-32603, "the batch's answer has none for this call"))
+            elif "error" in a:
+                e = a["error"]
+                out.append(RemoteError(e["code"], e["message"], e.get("data")))
+            else:
+                out.append(a["result"])
+        return out
 
     def close(self) -> None:
         self._conn.close()

@@ -118,17 +118,54 @@ class Checker:
         for op in inv.live_ops:
             if op.id in inv.active or self._skip(op.image_id):
                 continue
-            img = inv.images[op.image_id]
-            out.append(fixes.Fix(
-                fixes.FixType.MEND,
-                [op.image_id],
-                f"resume {op.kind.value} of {img.kind.value} {img.id} at step "
-                f"{op.step + 1}/{len(_steps(op))} ({self._why(op)})",
-                {"op": op.id, "step": op.step, "state": op.state.value,
-                 "generation": img.generation},
-                functools.partial(_resume, self.runner, self.repo, op.id),
-            ))
+            out.append(self._resume_fix(op, inv.images[op.image_id]))
         return out
+
+    def _resume_fix(self, op: model.Operation, img: model.Image) -> fixes.Fix:
+        return fixes.Fix(
+            fixes.FixType.MEND,
+            [op.image_id],
+            f"resume {op.kind.value} of {img.kind.value} {img.id} at step "
+            f"{op.step + 1}/{len(_steps(op))} ({self._why(op)})",
+            {"op": op.id, "step": op.step, "state": op.state.value,
+             "generation": img.generation},
+            functools.partial(_resume, self.runner, self.repo, op.id),
+        )
+
+    def _resumes(self, image_ids: set[str]) -> tuple[list[fixes.Fix], bool]:
+        """The resume mends of these images alone, from their records and the journals they
+        name (what _mends gives for them, without an inventory of the repository: applying
+        one of 1,000 mends read every record of the repository twice). And whether that is
+        all a check could give them: true when each image is being made (it has no chain
+        fault to mend then) and every record read."""
+        out = []
+        whole = True
+        for image_id in sorted(image_ids):
+            try:
+                img = self.repo.get_image(image_id)
+            except errors.RecordDamaged:
+                whole = False  # a finding: the check says so
+                continue
+            if img is None:
+                continue
+            if img.operation_id is None:
+                whole = False  # a chain fault is the check's to find
+            for op_id in dict.fromkeys(o for o in (img.operation_id, img.fix_id) if o):
+                try:
+                    op = self.repo.get_operation(op_id)
+                except errors.RecordDamaged:
+                    whole = False
+                    continue
+                # Inventory.live_ops, for one image.
+                if op is None or op.image_id != img.id or op.state == model.OpState.ABORTED:
+                    continue
+                if not (img.fix_id == op.id if op.kind.is_fix
+                        else img.operation_id == op.id and not img.removed):
+                    continue
+                if self.runner.is_active(op.id) or self._elsewhere([op.id]):
+                    continue
+                out.append(self._resume_fix(op, img))
+        return out, whole
 
     def _why(self, op: model.Operation) -> str:
         source = op.params.source()
@@ -415,14 +452,19 @@ class Checker:
         deep = wanted == fixes.FixType.OPTIMIZE
 
         def current(fresh: bool) -> fixes.Fix:
+            if wanted == fixes.FixType.MEND and focus:
+                # Resuming an operation costs the reads of its image and journal, whatever
+                # else the repository holds; the whole check only for other mends.
+                found, whole = self._resumes(focus)
+                for candidate in found:
+                    if candidate.matches(sent):
+                        return candidate
+                if whole:
+                    raise _stale()
             for candidate in self.check({wanted}, deep=deep, focus=focus, fresh=fresh):
                 if candidate.matches(sent):
                     return candidate
-            raise errors.StaleFix(
-                "this fix does not match the repository's current state (it is stale, already "
-                "done, running, or was not proposed by the checker); run "
-                "checkStorageRepository again"
-            )
+            raise _stale()
 
         hint = current(False)
         if hint.manual:
@@ -441,6 +483,12 @@ class Checker:
             log.info("event=fix type=%s images=%s", fix.type, fix.image_ids)
             fix.run(claim)
         return fix
+
+
+def _stale() -> errors.StaleFix:
+    return errors.StaleFix(
+        "this fix does not match the repository's current state (it is stale, already done, "
+        "running, or was not proposed by the checker); run checkStorageRepository again")
 
 
 def _steps(op: model.Operation) -> list[Any]:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 
 from agent import errors, qcow2
-from agent.image import model
+from agent.image import journals, model
 from agent.repo import contract, layout
 
 # qemu refuses chains deeper than this anyway; a longer walk means a loop in the records.
@@ -179,9 +179,9 @@ def fault_message(fault: FileFault) -> str:
 
 
 def rewritten(repo: contract.Repository) -> set[str]:
-    """Volumes an unfinished fix of ``repo`` rewrites in place."""
-    return {op.params.rewrites for op in repo.operations()
-            if op.kind.is_fix and op.params.rewrites is not None}
+    """Volumes an unfinished fix of ``repo`` rewrites in place (the fixes' journals alone,
+    where the repository keeps an index of them)."""
+    return journals.rewritten(repo)
 
 
 def check_files(repo: contract.Repository, image_id: str, vols: list[model.Volume],

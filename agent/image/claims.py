@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
-from agent.image import model
+from agent.image import journals, model
 from agent.repo import contract, leases
 
 if TYPE_CHECKING:
@@ -434,7 +434,7 @@ class Claims:
                          consumer, True)
         for conn in self.host.connections():
             try:
-                ops = conn.repo.operations()
+                ops = journals.naming(conn.repo, image.id, chain)
             except errors.RepositoryUnavailable as e:
                 # Its own calls fail; it must not fail every other repository's too. What it
                 # journaled about this image (a copy reading it) is told once it answers

@@ -99,6 +99,14 @@ class Runner:
             self._active.pop(op_id, None)
             self._live.pop(op_id, None)
 
+    def wait(self, op_ids: list[str], timeout: float) -> bool:
+        """Wait until none of these operations runs in this process (at most ``timeout``
+        seconds): on their futures, no polling. True when none runs any more."""
+        with self._lock:
+            futures = [self._active[o][1] for o in op_ids if o in self._active]
+        _, not_done = concurrent.futures.wait(futures, timeout)
+        return not not_done
+
     def stop(self, op_id: str, timeout: float = 60.0) -> bool:
         """Stop a running operation and wait for it to record that; False if it was not running."""
         with self._lock:

@@ -518,6 +518,33 @@ class ImageService:
                                                                            repo_id))
         return status.describe(self._facts(repo, img, vols, fault, foreign=bool(elsewhere)))
 
+    def wait(self, repo_id: str, image_ids: list[str], timeout: float
+             ) -> list[dict[str, Any] | None]:
+        """Wait until no operation of this host runs on these images, at most ``timeout``
+        seconds; then their statuses, in order (None for an image that is not there: a
+        removed snapshot a merge folded away)."""
+        repo = self._repo(repo_id)
+        op_ids: list[str] = []
+        for image_id in image_ids:
+            making = self.runner.making(repo, image_id)
+            if making is not None:
+                op_ids.append(making.id)
+                continue
+            try:
+                img = repo.get_image(image_id)
+            except errors.RecordDamaged:
+                continue  # its status says so
+            if img is not None:
+                op_ids += [o for o in (img.operation_id, img.fix_id) if o is not None]
+        self.runner.wait(op_ids, timeout)
+        out: list[dict[str, Any] | None] = []
+        for image_id in image_ids:
+            try:
+                out.append(self.image_status(repo_id, image_id))
+            except errors.ImageNotFound:
+                out.append(None)
+        return out
+
     def _summary(self, repo: contract.Repository, img: model.Image,
                  vols: list[model.Volume], fault: str | None,
                  journal: dict[str, model.Operation] | None = None,

@@ -54,6 +54,7 @@ from agent.image import model
 from agent.repo import layout
 
 if TYPE_CHECKING:
+    from agent.image import journals
     from agent.repo import lockspace
 
 
@@ -114,6 +115,9 @@ class Repository(abc.ABC):
     # This host in the repository's lockspace (shared formats, once connected): the claims
     # take the images' leases through it. None on a local repository.
     membership: lockspace.Membership | None
+    # Which journals name which image, where this process writes every journal (a local
+    # repository): agent/image/journals.py. None: callers read the whole journal.
+    journal_index: journals.Index | None
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from agent import errors, fileio
-from agent.image import model
+from agent.image import journals, model
 from agent.repo import contract, layout, recordcache
 
 if TYPE_CHECKING:
@@ -115,6 +115,9 @@ class LocalRepository(contract.Repository):
         # This host in the repository's lockspace: shared formats only (a local repository
         # is kept to one agent by its fcntl lock and needs no sanlock daemon).
         self.membership: lockspace.Membership | None = None
+        # Which journals name which image (agent/image/journals.py): told of every journal
+        # this process writes; none on a shared repository, where other hosts write too.
+        self.journal_index: journals.Index | None = None if self.shared else journals.Index()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -554,6 +557,7 @@ class LocalRepository(contract.Repository):
         cleans; an image naming a journal that is not there could never be resumed."""
         self._check_write()
         journal = self._record_path(layout.JOURNAL, op.id)
+        self._told_of(op)
         fileio.write_many([(journal, fileio.encode_json(op.to_dict())),
                            self._image_record(image)], still=self._check_write)
 
@@ -593,6 +597,7 @@ class LocalRepository(contract.Repository):
 
     def put_operation(self, op: model.Operation) -> None:
         self._check_write()
+        self._told_of(op)
         fileio.write_json(self._record_path(layout.JOURNAL, op.id), op.to_dict(),
                           still=self._check_write)
 
@@ -601,6 +606,14 @@ class LocalRepository(contract.Repository):
         names an image that no longer waits for it, and clean removes it."""
         self._check_write()
         fileio.remove(self._record_path(layout.JOURNAL, op_id), durable)
+        if self.journal_index is not None:
+            self.journal_index.deleted(op_id)
+
+    def _told_of(self, op: model.Operation) -> None:
+        """The index hears of a journal before it is written: a name too many if the write
+        fails (dropped when read again), never one missing while it lands."""
+        if self.journal_index is not None:
+            self.journal_index.wrote(op)
 
     def operations(self) -> list[model.Operation]:
         return self._all(layout.JOURNAL, model.Operation.from_dict)
