@@ -38,7 +38,7 @@ FIGURES: dict[str, tuple[str, Callable[[context.Bench], None]]] = {
     "4": ("copyImage with baseImageId, 5% changed", fig_copy.diff),
     "5": ("strategy=performance on XFS (reflink)", fig_reflink.run),
     "6": ("getImageStatus, 8 clients", fig_status.run),
-    "7": ("10,000 images: list, check, RSS", fig_scale.run),
+    "7": ("1k, 10k, 100k images: list, check, info, connect, RSS", fig_scale.run),
     "8": ("against libvirt's storage pools", fig_libvirt.run),
     "9": ("shared: thin createVirtualDisk, glusterfs vs localfs", fig_shared.thin),
     "10": ("shared: copyImage full on glusterfs vs bare convert, 3 GiB", fig_shared.copy),

@@ -547,3 +547,45 @@ def test_clean_on_one_host_never_takes_what_another_host_makes_prepares_or_copie
         names = set(os.listdir(os.path.join(repo_root(h), "images")))
         assert names == {f"{i}.json" for i in expected}, names
     whole([h1, h2], expected, every_host=False)
+
+
+# -- 5. what one host lists of another host's changes -------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_a_listing_on_one_host_shows_every_change_another_host_made_at_once(shared: Any) -> None:
+    """Host 1 answers its listings and counts from the records it keeps in memory
+    (agent/repo/recordcache.py); host 2 creates, renames user data and removes, at seeded
+    random intervals. Every change host 2 made before host 1's call is in that call's answer:
+    no lag for what Strata writes (DESIGN.md, "Scale")."""
+    h1, h2 = shared(2)
+    c1, c2 = client(h1), client(h2)
+    try:
+        for seed in seeds(3):
+            rng = random.Random(1100 + seed)
+            mine: dict[str, dict[str, Any]] = {
+                i["imageId"]: i["userData"] for i in c1.call("listImages", REPO)}
+            for step in range(12):
+                what = rng.choice(["create", "user", "remove"] if mine else ["create"])
+                if what == "create":
+                    d = c2.call("createVirtualDisk", REPO, 16 * MiB, None, {"s": step})
+                    settle(h2, d)
+                    mine[d] = {"s": step}
+                elif what == "user":
+                    d = rng.choice(sorted(mine))
+                    mine[d] = {"s": step, "seed": seed}
+                    c2.call("setImageUserData", REPO, d, mine[d])
+                else:
+                    d = rng.choice(sorted(mine))
+                    c2.call("removeImage", REPO, d)
+                    del mine[d]
+                time.sleep(rng.uniform(0, 0.3))
+                got = {i["imageId"]: i["userData"] for i in c1.call("listImages", REPO)}
+                assert got == mine, f"seed {seed} step {step} ({what})"
+                counts = c1.call("getStorageRepositoryInfo", REPO)["images"]
+                assert counts["disk"] + counts["snapshot"] == len(mine), (seed, step, counts)
+            for d in list(mine):
+                c2.call("removeImage", REPO, d)
+    finally:
+        c1.close()
+        c2.close()

@@ -532,7 +532,7 @@ class LocalRepository(contract.Repository):
             if kept is not None:
                 return kept
             with os.scandir(directory) as it:
-                out = [recordcache.Entry(e.name, e.path, e.is_file(follow_symlinks=False))
+                out = [recordcache.Entry(e.name, directory, e.is_file(follow_symlinks=False))
                        for e in it]
         except OSError as e:
             self._failed(directory, e)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import struct
 import threading
 from typing import Any, NamedTuple
 
@@ -34,27 +35,33 @@ SETTLED = 2_000_000_000
 # every file of it is looked at again (see RecordCache.listing).
 REVALIDATE = 30_000_000_000
 
-Key = tuple[int, int, int, int]
+# (inode, size, mtime_ns, ctime_ns) packed: a tuple of four big ints costs 200 bytes a record.
+Key = bytes
+_KEY = struct.Struct("<4q")
 
 
 class Entry(NamedTuple):
-    """A directory entry as read (never followed): its name, path and whether it is a
+    """A directory entry as read (never followed): its name, directory and whether it is a
     regular file. Times and sizes are not kept: whoever needs them asks the file system."""
 
     name: str
-    path: str
+    directory: str  # one string shared by every entry of the directory
     is_file: bool
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.name)
 
 
 def _dir_key(st: os.stat_result) -> Key:
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return _KEY.pack(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def key_of(st: os.stat_result) -> Key | None:
     """The identity of a record file, None when it is not a regular file (never kept)."""
     if not stat.S_ISREG(st.st_mode):
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return _KEY.pack(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclasses.dataclass
@@ -139,7 +146,8 @@ class RecordCache:
             if k is None or read_ns - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED:
                 kinds.pop(rec_id, None)  # too young to tell a later change from it
                 return
-            kinds[rec_id] = (k, rec)
+            # Keyed by the record's own id string (the file name's would be another copy).
+            kinds[getattr(rec, "id", rec_id)] = (k, rec)
 
     def keep_only(self, kind: str, rec_ids: set[str]) -> None:
         """Forget the records of a kind whose files a full scan no longer found."""
