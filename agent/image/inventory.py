@@ -109,6 +109,14 @@ class Inventory:
             self._foreign[image.id] = lookup.foreign
         return walked
 
+    def walk(self, image: model.Image
+             ) -> tuple[list[model.Volume], str | None, dict[str, contract.Repository]]:
+        """One image's chain, its fault, and the volumes of it in other repositories, walked
+        alone: a page of a listing needs only its own images' chains, not every one."""
+        lookup = chain.Lookup(self._volume, self._elsewhere)
+        vols, fault = chain.walk(image.volume_id, lookup, self._image)
+        return vols, fault, lookup.foreign
+
     @property
     def foreign(self) -> dict[str, dict[str, contract.Repository]]:
         """Image id -> the volumes of its chain that live in other repositories, and where."""

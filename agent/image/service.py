@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from agent import errors, fileio, host
-from agent.image import chain, claims, inventory, model, operations, runner, status
+from agent.image import chain, claims, inventory, listing, model, operations, runner, status
 from agent.repo import contract, layout
 
 log = logging.getLogger(__name__)
@@ -535,28 +535,22 @@ class ImageService:
 
     def list_images(self, repo_id: str, options: dict[str, Any]
                     ) -> list[dict[str, Any]] | dict[str, Any]:
-        """The images; with ``withWarnings``, ``{"images": [...], "warnings": [...]}``, the
+        """The images (agent.image.listing: filters, order, pages); with ``withWarnings``, the
         warnings naming each record that cannot be read (skipped, and logged, either way)."""
+        query = listing.parse(options)
         repo = self._repo(repo_id)
         inv = inventory.Inventory(repo, set(), self.host.find_volume)
-        kind = options.get("kind")
-        include_weak = bool(options.get("includeIncomplete", False))
-        out = []
-        files: dict[str, chain.FileFault | None] = {}
-        for img in inv.images.values():
-            if img.removed or (not img.strong and not include_weak):
-                continue
-            if kind and img.kind.value != kind:
-                continue
-            vols, fault = inv.chains[img.id]
+        files: dict[str, chain.FileFault | None] = {}  # layers shared by the images listed
+
+        def summarize(img: model.Image) -> dict[str, Any]:
+            vols, fault, foreign = inv.walk(img)
             if fault is None and img.operation_id is None:
-                fault = chain.files_fault(repo, vols, inv.foreign.get(img.id), inv.rewritten,
-                                          files)
-            out.append(self._summary(repo, img, vols, fault, inv.ops, img.id in inv.foreign))
-        out.sort(key=lambda d: (d["created"], d["imageId"]))
-        if options.get("withWarnings"):
-            return {"images": out, "warnings": [d.to_dict() for d in inv.damage]}
-        return out
+                fault = chain.files_fault(repo, vols, foreign, inv.rewritten, files)
+            return self._summary(repo, img, vols, fault, inv.ops, bool(foreign))
+
+        rows, next_cursor = listing.page(inv.images.values(), query, summarize)
+        return listing.answer(query, rows, next_cursor,
+                              lambda: [d.to_dict() for d in inv.damage])
 
     def image_info(self, repo_id: str, image_id: str) -> dict[str, Any]:
         repo = self._repo(repo_id)
