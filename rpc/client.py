@@ -38,6 +38,11 @@ Keeping a repository healthy:
     strata-client checkStorageRepository repositoryId=R            what is left to do
     strata-client fixStorageRepository repositoryId=R --all         do it all, in a safe order
     strata-client fixStorageRepository repositoryId=R --all --types clean,merge
+
+Listing a large repository (rpc/clilist.py):
+    strata-client listImages repositoryId=R --limit 1000            one page, then --cursor C
+    strata-client listImages repositoryId=R --all-pages             every page, one listing
+    strata-client listImages repositoryId=R --status broken --user-data vm=web1
 """
 
 from __future__ import annotations
@@ -51,7 +56,17 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from rpc import cliagent, clierrors, clihelp, cliparams, clirender, cliwatch, fixall, transport
+from rpc import (
+    cliagent,
+    clierrors,
+    clihelp,
+    clilist,
+    cliparams,
+    clirender,
+    cliwatch,
+    fixall,
+    transport,
+)
 
 PROG = clihelp.PROG
 DEFAULT_SOCKET = "/run/strata/agent.sock"
@@ -73,7 +88,10 @@ USAGE = (
     f"{PROG} [-s SOCKET | -a HOST:PORT [--cert C --key K --ca CA]] [--json] [--timeout S]\n"
     f"       {' ' * len(PROG)} METHOD [name=value ...] [-f params.json] [--watch] "
     "[--request-id UUID] [-h]\n"
-    f"       {PROG} fixStorageRepository repositoryId=R --all [--types clean,merge]"
+    f"       {PROG} fixStorageRepository repositoryId=R --all [--types clean,merge]\n"
+    f"       {PROG} listImages repositoryId=R [--kind K] [--status S,S] "
+    "[--user-data KEY[=VALUE]]...\n"
+    f"       {' ' * len(PROG)} [--limit N [--cursor C] | --all-pages [--limit N]]"
 )
 EPILOG = """\
 values:
@@ -99,6 +117,12 @@ keeping a repository healthy:
   strata-client fixStorageRepository repositoryId=R --all [--types clean,merge]
       applies every fix checkStorageRepository proposes, in a safe order, following each
       (one line per fix on stdout, its progress on stderr as with --watch)
+
+listing a large repository:
+  strata-client listImages repositoryId=R --limit 1000          one page; stderr shows the
+      command for the next one (--cursor C)
+  strata-client listImages repositoryId=R --all-pages           every page, as one listing
+  strata-client listImages repositoryId=R --status broken,degraded --user-data vm=web1
 """
 
 
@@ -145,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "follow each until done")
     p.add_argument("--types", metavar="T,T",
                    help="with --all: only these fix types (mend, merge, optimize, clean)")
+    clilist.add_arguments(p)
     p.add_argument("-h", "--help", action="store_true",
                    help="list the methods; with METHOD, describe its params")
     p.add_argument("method", nargs="?", metavar="METHOD", help="an API method (listed below)")
@@ -264,6 +289,19 @@ def run_fix_all(args: argparse.Namespace, agent: cliagent.Agent) -> int:
     return EXIT_OK if not failed and not manual else EXIT_WATCH_FAILED
 
 
+def run_list(args: argparse.Namespace, agent: cliagent.Agent, params: dict[str, Any]) -> int:
+    """``listImages`` with its flags: one page, or every page (clilist)."""
+    if args.request_id is not None:
+        raise clierrors.UsageError(f"--request-id goes with a data-changing call; "
+                                   f"{args.method} changes nothing")
+    clilist.prepare(args, params)
+    result = (clilist.all_pages(agent.call, params) if args.all_pages
+              else agent.call(args.method, params))
+    emit(clilist.render(result, args.json, sys.stderr,
+                        lambda cursor: clilist.next_page_command(args.argv, cursor)))
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, agent: cliagent.Agent) -> int:
     if args.help:
         return print_help(parser, agent, args.method)
@@ -275,6 +313,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, agent: cliage
     doc = agent.document()
     method = clihelp.find_method(doc, args.method)
     params = cliparams.assemble_params(method, base, args.params)
+    if clilist.given(args):
+        return run_list(args, agent, params)
     if args.watch:
         cliwatch.check_watchable(args.method, params)
     request_id, made = add_request_id(method, params, args.request_id)

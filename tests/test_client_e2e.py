@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -291,3 +292,71 @@ def test_method_help_from_the_agent(sock: str) -> None:
     p = cli(sock, "-h")
     assert p.returncode == 0, p.stderr
     assert "exit codes:" in p.stdout and "  getImageStatus " in p.stdout
+
+
+def test_list_images_pages_and_filters(sock: str, tmp_path: Any) -> None:
+    params = json.dumps({"path": str(tmp_path / "pages")})
+    for method, extra in (("formatStorageRepository", ["repoFormat=localfs-1.0"]),
+                          ("connectStorageRepository", ["repoId=pages", "repoFormat=localfs-1.0"])):
+        p = cli(sock, method, *extra, f"connectionParameters={params}")
+        assert p.returncode == 0, p.stderr
+    made = []
+    for i in range(5):
+        p = cli(sock, "createVirtualDisk", "targetRepoId=pages", "size=64M",
+                f'userData={{"vm": "{"web" if i % 2 else "db"}", "n": {i}}}', "--watch")
+        assert p.returncode == 0, p.stderr
+        made.append(p.stdout.strip())
+
+    # One page at a time, as a person would: stderr names the command of the next page.
+    seen: list[str] = []
+    args = ["listImages", "repositoryId=pages", "--limit", "2"]
+    for n, expected in enumerate((made[:2], made[2:4], made[4:])):
+        p = cli(sock, *args)
+        assert p.returncode == 0, p.stderr
+        rows = p.stdout.splitlines()
+        assert rows[0].split()[:3] == ["IMAGE", "ID", "KIND"]
+        assert [r.split()[0] for r in rows[1:]] == expected
+        seen += expected
+        if n == 2:
+            assert p.stderr == ""  # the last page: no next one
+            break
+        prefix = "strata-client: more images; the next page: strata-client "
+        assert p.stderr.startswith(prefix) and p.stderr.count("\n") == 1, p.stderr
+        command = shlex.split(p.stderr[len(prefix):])
+        assert command[:2] == ["-s", sock] and command[-2] == "--cursor"
+        args = command[2:]
+    assert seen == made
+
+    p = cli(sock, "--json", "listImages", "repositoryId=pages", "--limit", "3")
+    page = json.loads(p.stdout)
+    assert [i["imageId"] for i in page["images"]] == made[:3] and page["nextCursor"]
+    everything = json.loads(cli(sock, "--json", "listImages", "repositoryId=pages").stdout)
+    p = cli(sock, "--json", "listImages", "repositoryId=pages", "--all-pages", "--limit", "2")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == everything and [i["imageId"] for i in everything] == made
+    p = cli(sock, "listImages", "repositoryId=pages", "--all-pages")
+    assert [r.split()[0] for r in p.stdout.splitlines()[1:]] == made
+
+    p = cli(sock, "--json", "listImages", "repositoryId=pages", "--user-data", "vm=web",
+            "--status", "optimized,degraded", "--kind", "disk")
+    assert [i["imageId"] for i in json.loads(p.stdout)] == [made[1], made[3]]
+    p = cli(sock, "--json", "listImages", "repositoryId=pages", "--user-data", "n=4",
+            "--user-data", "vm")
+    assert [i["imageId"] for i in json.loads(p.stdout)] == [made[4]]
+
+    # Refusals: before sending (exit 2), or the agent's (exit 1), one line, nothing changed.
+    for bad in (["--limit", "0"], ["--cursor", "x"], ["--user-data", "=1"]):
+        p = cli(sock, "listImages", "repositoryId=pages", *bad)
+        assert p.returncode == 2, (bad, p.stderr)
+        one_error_line(p)
+    p = cli(sock, "getHostInfo", "--limit", "2")
+    assert p.returncode == 2 and "go with listImages" in one_error_line(p)
+    for bad in (["--limit", "2", "--cursor", "bogus"], ["--status", "fine"],
+                ["--limit", "10001"]):
+        p = cli(sock, "listImages", "repositoryId=pages", *bad)
+        assert p.returncode == 1, (bad, p.stderr)
+        line = one_error_line(p)
+        assert "(-32602): Invalid params: " in line, line
+        assert "cursor" in line or "status" in line or "limit" in line, line
+    assert json.loads(cli(sock, "--json", "listImages", "repositoryId=pages").stdout) \
+        == everything

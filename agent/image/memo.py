@@ -30,8 +30,9 @@ REVALIDATE = 30_000_000_000
 
 
 Scanned = tuple[list[model.Operation], list[model.Image], list[model.Volume]]
-# An image, and its summary when it follows from records alone (None: describe it afresh).
-Row = tuple[model.Image, "dict[str, Any] | None"]
+# Every image in listing order, and by id its summary when that follows from records alone
+# (None: describe it afresh).
+Rows = tuple[list[model.Image], dict[str, "dict[str, Any] | None"]]
 
 
 @dataclasses.dataclass
@@ -39,7 +40,7 @@ class _Listing:
     scanned: Scanned
     findings: dict[str, str]
     made_ns: int
-    rows: list[Row]  # every image, in listing order
+    rows: Rows
 
 
 def _same(a: list[Any], b: list[Any]) -> bool:
@@ -140,7 +141,7 @@ class Memo:
             self.summaries[image_id] = (key, now_ns, summary)
 
     def listing(self, scanned: Scanned, findings: dict[str, str], now_ns: int
-                ) -> list[Row] | None:
+                ) -> Rows | None:
         """The rows of the last listing, when its scans gave exactly the same records (a
         repository nobody changed since: one comparison of object identities per record)."""
         kept = self._listing
@@ -152,7 +153,7 @@ class Memo:
         return kept.rows
 
     def keep_listing(self, scanned: Scanned, findings: dict[str, str], now_ns: int,
-                     rows: list[Row]) -> None:
+                     rows: Rows) -> None:
         with self.lock:
             self._listing = _Listing(scanned, dict(findings), now_ns, rows)
 

@@ -16,7 +16,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from agent import errors, fileio, host
-from agent.image import chain, claims, inventory, memo, model, operations, runner, status
+from agent.image import (
+    chain,
+    claims,
+    inventory,
+    listing,
+    model,
+    operations,
+    runner,
+    status,
+)
 from agent.repo import contract, layout
 
 log = logging.getLogger(__name__)
@@ -563,45 +572,46 @@ class ImageService:
 
     def list_images(self, repo_id: str, options: dict[str, Any]
                     ) -> list[dict[str, Any]] | dict[str, Any]:
-        """The images; with ``withWarnings``, ``{"images": [...], "warnings": [...]}``, the
+        """The images (agent.image.listing: filters, order, pages); with ``withWarnings``, the
         warnings naming each record that cannot be read (skipped, and logged, either way)."""
+        query = listing.parse(options)
         repo = self._repo(repo_id)
         inv = inventory.Inventory(repo, set(), self.host.find_volume)
-        kind = options.get("kind")
-        include_weak = bool(options.get("includeIncomplete", False))
-        out = []
-        files: dict[str, chain.FileFault | None] = {}
-        for img, summary in self._rows(repo, inv):
-            if not img.strong and not include_weak:
-                continue
-            if kind and img.kind.value != kind:
-                continue
-            out.append(dict(summary) if summary is not None
-                       else self._describe(repo, inv, img, files)[0])
-        if options.get("withWarnings"):
-            return {"images": out, "warnings": [d.to_dict() for d in inv.damage]}
-        return out
+        files: dict[str, chain.FileFault | None] = {}  # layers shared by the images listed
+        ordered, known = self._rows(repo, inv)
 
-    def _rows(self, repo: contract.Repository, inv: inventory.Inventory) -> list[memo.Row]:
-        """Every image that is not removed, in listing order (created, then id), each with
+        def summarize(img: model.Image) -> dict[str, Any]:
+            kept = known.get(img.id)
+            return dict(kept) if kept is not None else self._describe(repo, inv, img, files)[0]
+
+        # Filters, order and pages on the records (agent/image/listing.py); a summary only for
+        # the images a page considers, and most from memory.
+        rows, next_cursor = listing.page(ordered, query, summarize)
+        return listing.answer(query, rows, next_cursor,
+                              lambda: [d.to_dict() for d in inv.damage])
+
+    def _rows(self, repo: contract.Repository, inv: inventory.Inventory
+              ) -> tuple[list[model.Image], dict[str, dict[str, Any] | None]]:
+        """Every image that is not removed, in listing order (created, then id), and by id
         its summary when that follows from its records alone: a settled, sound image's,
         kept while its records stay the same (agent/image/memo.py). What runs, or is wrong,
-        is described afresh by each listing."""
+        is described afresh by each listing (None here)."""
         now_ns = time.monotonic_ns()
         m = inv.memo
         if m is not None:
             kept = m.listing(inv.scanned, repo.findings, now_ns)
             if kept is not None:
                 return kept
-        rows: list[memo.Row] = []
+        ordered = sorted((i for i in inv.images.values() if not i.removed),
+                         key=listing.key)
+        known: dict[str, dict[str, Any] | None] = {}
         files: dict[str, chain.FileFault | None] = {}
-        for img in sorted((i for i in inv.images.values() if not i.removed),
-                          key=lambda i: (i.created, i.id)):
+        for img in ordered:
             summary, static = self._describe(repo, inv, img, files, now_ns)
-            rows.append((img, summary if static else None))
+            known[img.id] = summary if static else None
         if m is not None:
-            m.keep_listing(inv.scanned, repo.findings, now_ns, rows)
-        return rows
+            m.keep_listing(inv.scanned, repo.findings, now_ns, (ordered, known))
+        return ordered, known
 
     def _describe(self, repo: contract.Repository, inv: inventory.Inventory,
                   img: model.Image, files: dict[str, chain.FileFault | None],

@@ -37,7 +37,7 @@ REVALIDATE = 30_000_000_000
 
 # (inode, size, mtime_ns, ctime_ns) packed: a tuple of four big ints costs 200 bytes a record.
 Key = bytes
-_KEY = struct.Struct("<4q")
+_KEY = struct.Struct("<Qqqq")  # inode numbers are unsigned 64-bit (GlusterFS: from the gfid)
 
 
 class Entry(NamedTuple):
