@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import random
 import threading
 import time
 import weakref
@@ -24,9 +25,16 @@ from typing import Any
 from agent.image import model
 from agent.repo import contract
 
-# Nanoseconds what was derived from volume files is trusted without looking at them again (the
-# same bound as the record cache's for a record edited in place).
-REVALIDATE = 30_000_000_000
+# Nanoseconds what was derived from volume files is trusted at most without looking at them
+# again. Each entry lives a random 1/2..1 of it, so entries made together (a listing's) are
+# looked at again spread out, not by one slow call; a whole listing is kept for 1/2 of it.
+# So a change in place outside Strata is in a listing within 1.5 x REVALIDATE: 30 s.
+REVALIDATE = 20_000_000_000
+
+
+def _stamp(now_ns: int) -> int:
+    """When an entry made now counts as made: now, less a random part of REVALIDATE/2."""
+    return now_ns - random.randrange(REVALIDATE // 2)
 
 
 Scanned = tuple[list[model.Operation], list[model.Image], list[model.Volume]]
@@ -92,7 +100,7 @@ class Memo:
 
     def keep_sound(self, vol: model.Volume, parent: model.Volume | None) -> None:
         with self.lock:
-            self.sound[vol.id] = (vol, parent, time.monotonic_ns())
+            self.sound[vol.id] = (vol, parent, _stamp(time.monotonic_ns()))
 
     def counts(self, images: list[model.Image]) -> dict[str, int]:
         """The images of a scan by kind (removed and incomplete apart), counted again only
@@ -122,7 +130,7 @@ class Memo:
 
     def keep_backing(self, vol: model.Volume, stem: str | None, now_ns: int) -> None:
         with self.lock:
-            self.backings[vol.id] = (vol, now_ns, stem)
+            self.backings[vol.id] = (vol, _stamp(now_ns), stem)
 
     def summary(self, image_id: str, key: tuple[Any, ...], now_ns: int) -> dict[str, Any] | None:
         """The summary derived from exactly these objects (compared by identity: a chain
@@ -138,14 +146,14 @@ class Memo:
     def keep_summary(self, image_id: str, key: tuple[Any, ...], summary: dict[str, Any],
                      now_ns: int) -> None:
         with self.lock:
-            self.summaries[image_id] = (key, now_ns, summary)
+            self.summaries[image_id] = (key, _stamp(now_ns), summary)
 
     def listing(self, scanned: Scanned, findings: dict[str, str], now_ns: int
                 ) -> Rows | None:
         """The rows of the last listing, when its scans gave exactly the same records (a
         repository nobody changed since: one comparison of object identities per record)."""
         kept = self._listing
-        if kept is None or now_ns - kept.made_ns >= REVALIDATE or kept.findings != findings:
+        if kept is None or now_ns - kept.made_ns >= REVALIDATE // 2 or kept.findings != findings:
             return None
         if not (_same(kept.scanned[0], scanned[0]) and _same(kept.scanned[1], scanned[1])
                 and _same(kept.scanned[2], scanned[2])):

@@ -109,6 +109,7 @@ class LocalRepository(contract.Repository):
         self.closed = False
         self._warned: set[str] = set()
         self._records = recordcache.RecordCache()
+        self._records.refresh = self._revalidate
         # Volume id -> what the last deep check found wrong with it (corruption, unreadable):
         # until a deep check finds it sound again, its images are broken.
         self.findings: dict[str, str] = {}
@@ -438,8 +439,16 @@ class LocalRepository(contract.Repository):
             self._warn(e.damage)
             raise e.damage.error() from None
 
-    def _scan(self, sub: str, parse: Callable[[dict[str, Any]], R], fresh: bool = False
-              ) -> tuple[list[R], list[layout.Damage]]:
+    def _revalidate(self, sub: str) -> None:
+        """Look at every record file of a kind again (the record cache's background pass)."""
+        if self.closed:
+            return
+        parse = {layout.IMAGES: model.Image.from_dict, layout.VOLUMES: model.Volume.from_dict,
+                 layout.JOURNAL: model.Operation.from_dict}[sub]
+        self._scan(sub, parse, revalidate=True)  # type: ignore[arg-type]
+
+    def _scan(self, sub: str, parse: Callable[[dict[str, Any]], R], fresh: bool = False,
+              revalidate: bool = False) -> tuple[list[R], list[layout.Damage]]:
         """Every readable record of a kind, and the damage found instead of the others. The
         records are shared with other scans (read-only); each is parsed again only when its
         file's identity changed (agent/repo/recordcache.py), every one with ``fresh``."""
@@ -452,7 +461,7 @@ class LocalRepository(contract.Repository):
         except OSError as e:
             self._failed(directory, e)
             raise
-        if not fresh:
+        if not fresh and not revalidate:
             kept = cache.listing(sub, dir_st, taken_ns)
             if kept is not None:
                 return kept

@@ -21,11 +21,15 @@ scan would have parsed, and a caller about to destroy something scans with ``fre
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import stat
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
 
 # Nanoseconds a record's change time must lie before its read for the parse to be kept: far
 # more than any file system's timestamp granularity (ext4, XFS: a kernel tick; GlusterFS: the
@@ -84,6 +88,9 @@ class RecordCache:
         self._kinds: dict[str, dict[str, tuple[Key, Any]]] = {}
         self._listings: dict[str, _Listing] = {}
         self._entries: dict[str, tuple[Key, int, list[Entry]]] = {}
+        # Scans a kind again, looking at every file (set by the repository that owns this).
+        self.refresh: Callable[[str], None] | None = None
+        self._refreshing: set[str] = set()
 
     def listing(self, kind: str, dir_st: os.stat_result, now_ns: int
                 ) -> tuple[list[Any], list[Any]] | None:
@@ -94,10 +101,29 @@ class RecordCache:
         a listing can miss it."""
         with self._lock:
             kept = self._listings.get(kind)
-        if kept is None or kept.key != _dir_key(dir_st) \
-                or now_ns - kept.verified_ns >= REVALIDATE:
-            return None
+            if kept is None or kept.key != _dir_key(dir_st) \
+                    or now_ns - kept.verified_ns >= REVALIDATE:
+                return None
+            # Half way to the bound, every file is looked at again in the background, so a
+            # call seldom waits for it (a scan of 100,000 records' times takes a second).
+            refresh = self.refresh is not None and kind not in self._refreshing \
+                and now_ns - kept.verified_ns >= REVALIDATE // 2
+            if refresh:
+                self._refreshing.add(kind)
+        if refresh:
+            threading.Thread(target=self._refresh, args=(kind,), name=f"revalidate-{kind}",
+                             daemon=True).start()
         return list(kept.records), list(kept.damage)
+
+    def _refresh(self, kind: str) -> None:
+        try:
+            if self.refresh is not None:
+                self.refresh(kind)
+        except Exception as e:  # the calls meet the same failure, and say so
+            log.info("event=revalidate_failed kind=%s error=%r", kind, str(e))
+        finally:
+            with self._lock:
+                self._refreshing.discard(kind)
 
     def entries(self, directory: str, dir_st: os.stat_result, now_ns: int
                 ) -> list[Entry] | None:
