@@ -25,6 +25,7 @@ from bench import (
     fig_scale,
     fig_shared,
     fig_status,
+    fig_throughput,
     fixtures,
     machine,
     report,
@@ -43,6 +44,8 @@ FIGURES: dict[str, tuple[str, Callable[[context.Bench], None]]] = {
     "10": ("shared: copyImage full on glusterfs vs bare convert, 3 GiB", fig_shared.copy),
     "11": ("shared: lease acquire + release; calls on glusterfs vs localfs", fig_shared.leases),
     "12": ("shared: takeover after a host death (over a minute)", fig_shared.takeover),
+    "13": ("thin createVirtualDisk throughput, 1/4/16 clients", fig_throughput.throughput),
+    "14": ("thin createVirtualDisk while 8 copies run", fig_throughput.busy),
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "last-results.md")
 # Peak use is about 12 GiB (data disks, chain copies, the XFS file), and about 10 GiB more in

@@ -102,9 +102,17 @@ class ImageService:
         op: model.Operation,
         image: model.Image,
         options: model.Options,
+        staged: fileio.Staged | None = None,
     ) -> str:
+        """Under the metadata lock, in a ``fileio.deferred`` block around it: the renames are
+        under the lock, the wait for the directory fsync that makes them durable is not (it
+        is shared with the other calls committing meanwhile). ``staged``: the intent already
+        written and fsync'd, before the lock (``stage_intent``)."""
         op.auto_fix = options.auto_fix
-        repo.put_intent(op, image)
+        if staged is not None:
+            repo.put_staged(staged)
+        else:
+            repo.put_intent(op, image)
         log.info("event=intent op=%s kind=%s image=%s auto_fix=%s", op.id, op.kind, image.id,
                  options.auto_fix)
         if options.auto_fix:
@@ -156,8 +164,20 @@ class ImageService:
                 params.base_volume_id = snap.volume_id
             op = model.Operation(new_id(), model.OpKind.CREATE_DISK, image.id, params)
             image.operation_id = op.id
-            with repo.meta_lock:
-                return self._commit(repo, op, image, options)
+            op.auto_fix = options.auto_fix
+            # A new journal and a new image, made of nothing the metadata lock guards: their
+            # files are written and fsync'd before the lock, and the journal is renamed into
+            # place and made durable before it too (shared with the other calls' fsyncs), as
+            # an operation already active, which no check cleans away; the lock is held for
+            # the image record's rename alone.
+            staged = repo.stage_intent(op, image)
+            try:
+                with self.runner.committing(op.id):
+                    repo.put_staged(staged, count=1)
+                    with fileio.deferred(), repo.meta_lock:
+                        return self._commit(repo, op, image, options, staged)
+            finally:
+                staged.discard()  # nothing left once committed
 
     def _check_base(self, snap: model.Image, size: int, same_repo: bool, base_repo_id: str,
                     target_repo_id: str, options: model.Options) -> None:
@@ -192,7 +212,7 @@ class ImageService:
         repo = self._repo(target_repo_id)
         snap_id = new_image_id or new_id()
         with self.claims.claim("a createSnapshot call", [(repo, disk_id), (repo, snap_id)]) \
-                as claim, repo.meta_lock:
+                as claim, fileio.deferred(), repo.meta_lock:
             disk = repo.get_image(disk_id)
             if disk is None or disk.removed:
                 where = ""
@@ -268,7 +288,7 @@ class ImageService:
             volume_id = new_id()
             params = model.OpParams(size=src.size, strategy=options.strategy,
                                     volume_id=volume_id, source_id=image_id)
-            with repo.meta_lock:
+            with fileio.deferred(), repo.meta_lock:
                 if keep_id:
                     existing = repo.get_image(image_id)
                     if existing is not None and not existing.removed:
