@@ -227,7 +227,7 @@ class Staged:
         if not sync_dir and len(records) > 1:
             raise ValueError("records are durable in order only when each directory is fsync'd")
         self.sync_dir = sync_dir
-        self._first = records[0][0]
+        self._first = records[0][0] if records else ""
         self._staged: list[tuple[str, str]] = []
         files: list[tuple[int, str]] = []
         try:

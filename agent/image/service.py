@@ -3,8 +3,10 @@
 Every data-changing call first **claims** the images it changes and those that must not change
 under it (``claims``), then reads them again under the claim and decides from that state alone:
 what it read before the claim was only a hint for what to claim. It then commits its intent (a
-journal entry and a weak image, fsync'd) under the repository's metadata lock and returns; the
-runner does the data work. A refused call changes nothing.
+journal entry and a weak image, fsync'd) and returns; the runner does the data work. The image
+record is renamed into place under the repository's metadata lock; the fsyncs are not under it
+(``fileio.stage`` before it, ``fileio.deferred`` after it), so concurrent calls share them. A
+refused call changes nothing.
 """
 
 from __future__ import annotations
