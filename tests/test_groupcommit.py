@@ -8,6 +8,7 @@ behind it, as on a slow disk.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import stat
@@ -233,6 +234,38 @@ def test_a_create_does_not_hold_the_metadata_lock_across_a_directory_fsync(
         ipath = os.path.join(images, f"{image_id}.json")
         (j_start, j_end), *_ = log.fsyncs(journal)
         assert log.of("rename", jpath)[0] < j_start < j_end < log.of("rename", ipath)[0]
+        assert e.settle("r1", image_id)["status"] == "optimized"
+    finally:
+        e.api.close()
+
+
+def test_the_journal_of_an_intent_being_committed_is_never_cleaned_away(
+        tmp_path: Any, monkeypatch: Any) -> None:
+    """A thin create's journal is in place (and being made durable) before its image record,
+    outside the metadata lock: a check meanwhile sees a journal no image names, which is what a
+    finished operation leaves, and must not offer to clean it."""
+    e = conftest.Engine(str(tmp_path))
+    try:
+        repo = e.api.host.connection("r1").repo
+        journal = os.path.join(repo.root, "journal")
+        gate = threading.Event()
+        log = Log(monkeypatch, hold={journal: gate})
+        made: list[str] = []
+        t = threading.Thread(target=lambda: made.append(
+            e.call("createVirtualDisk", "r1", 1 << 30)))
+        t.start()
+        try:
+            assert log.held.setdefault(journal, threading.Event()).wait(30)
+            op_ids = [n[:-5] for n in os.listdir(journal) if not n.startswith(".")]
+            assert len(op_ids) == 1  # renamed, its directory fsync running
+            offered = e.call("checkStorageRepository", "r1")
+            assert not [f for f in offered if op_ids[0] in json.dumps(f)], offered
+            for fix in offered:
+                e.call("fixStorageRepository", "r1", fix)
+        finally:
+            gate.set()
+            t.join(30)
+        image_id, = made
         assert e.settle("r1", image_id)["status"] == "optimized"
     finally:
         e.api.close()
