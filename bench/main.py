@@ -26,6 +26,7 @@ from bench import (
     fig_scale,
     fig_shared,
     fig_status,
+    fig_throughput,
     fixtures,
     machine,
     report,
@@ -45,6 +46,8 @@ FIGURES: dict[str, tuple[str, Callable[[context.Bench], None]]] = {
     "11": ("shared: lease acquire + release; calls on glusterfs vs localfs", fig_shared.leases),
     "12": ("shared: takeover after a host death (over a minute)", fig_shared.takeover),
     "13": ("recovery of pending operations after kill -9; calls beside them", fig_recovery.run),
+    "14": ("thin createVirtualDisk throughput, 1/4/16 clients", fig_throughput.throughput),
+    "15": ("thin createVirtualDisk while 8 copies run", fig_throughput.busy),
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "last-results.md")
 # Peak use is about 12 GiB (data disks, chain copies, the XFS file), and about 10 GiB more in

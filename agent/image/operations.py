@@ -8,6 +8,7 @@ a final name always means complete data.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -428,18 +429,44 @@ def release_fix(repo: contract.Repository, op: model.Operation,
 
 
 def seal(ctx: Context) -> None:
-    """Weak to strong in one write, then forget the journal: the operation is done."""
-    with ctx.repo.meta_lock:
-        ctx.claim.check()
-        img = ctx.repo.get_image(ctx.op.image_id)
-        if img is not None and not img.removed and img.operation_id == ctx.op.id:
-            img.strong = True
-            img.operation_id = None
-            n = len(STEPS[ctx.op.kind])
-            img.progress = model.Progress(ctx.host.host_id, f"{n}/{n}", 100, None)
-            ctx.repo.put_image(img)
-        # Not durably: a journal back from a crash names an image no longer waiting for it.
-        ctx.repo.delete_operation(ctx.op.id, durable=False)
+    """Weak to strong in one write, then forget the journal: the operation is done.
+
+    The sealed record is written and fsync'd before the metadata lock, from the record as
+    read then; under the lock it is renamed into place if the record is still that (else made
+    again there), and its directory fsync is waited for after the lock (fileio.deferred): the
+    lock is held for a read and a rename, not across fsyncs (16 creates at once queued on it).
+    The journal goes once the seal is durable."""
+    repo = ctx.repo
+
+    def sealed(img: model.Image | None) -> model.Image | None:
+        if img is None or img.removed or img.operation_id != ctx.op.id:
+            return None
+        img = copy.deepcopy(img)
+        img.strong = True
+        img.operation_id = None
+        n = len(STEPS[ctx.op.kind])
+        img.progress = model.Progress(ctx.host.host_id, f"{n}/{n}", 100, None)
+        return img
+
+    before = repo.get_image(ctx.op.image_id)
+    ahead = sealed(before)
+    staged = repo.stage_image(ahead) if ahead is not None else None
+    try:
+        with fileio.deferred(), repo.meta_lock:
+            ctx.claim.check()
+            img = repo.get_image(ctx.op.image_id)
+            now = sealed(img)
+            if now is not None:
+                if staged is None or img != before:  # changed since: seal it as it is now
+                    if staged is not None:
+                        staged.discard()
+                    staged = repo.stage_image(now)
+                repo.put_staged(staged)
+    finally:
+        if staged is not None:
+            staged.discard()  # nothing left once committed
+    # Not durably: a journal back from a crash names an image no longer waiting for it.
+    repo.delete_operation(ctx.op.id, durable=False)
 
 
 def _layer(ctx: Context, vol: model.Volume) -> str:

@@ -7,11 +7,12 @@ is running right now (so the checker does not offer to mend them) and their canc
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from agent import command, crashpoint, errors, host, logctx
 from agent.image import claims, model, operations
@@ -55,11 +56,26 @@ class Runner:
         # Operations that failed and could not write so (the repository is full): their
         # error is told from here until a mend starts them again.
         self._unrecorded: dict[str, model.Operation] = {}
+        self._committing: set[str] = set()
         self._closing = False
 
     def is_active(self, op_id: str) -> bool:
         with self._lock:
-            return op_id in self._active
+            return op_id in self._active or op_id in self._committing
+
+    @contextlib.contextmanager
+    def committing(self, op_id: str) -> Iterator[None]:
+        """An operation whose intent a call is committing, its journal first (outside the
+        metadata lock) and its image record next (under it): active from the start, so no
+        check takes the journal, alone for a moment, for a finished one to clean. Over when
+        the call has submitted it (then it is active as queued) or failed."""
+        with self._lock:
+            self._committing.add(op_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._committing.discard(op_id)
 
     def live(self, op_id: str) -> model.Operation | None:
         """The in-memory state of an operation this process is running, if it is."""

@@ -3,8 +3,10 @@
 Every data-changing call first **claims** the images it changes and those that must not change
 under it (``claims``), then reads them again under the claim and decides from that state alone:
 what it read before the claim was only a hint for what to claim. It then commits its intent (a
-journal entry and a weak image, fsync'd) under the repository's metadata lock and returns; the
-runner does the data work. A refused call changes nothing.
+journal entry and a weak image, fsync'd) and returns; the runner does the data work. The image
+record is renamed into place under the repository's metadata lock; the fsyncs are not under it
+(``fileio.stage`` before it, ``fileio.deferred`` after it), so concurrent calls share them. A
+refused call changes nothing.
 """
 
 from __future__ import annotations
@@ -112,9 +114,17 @@ class ImageService:
         op: model.Operation,
         image: model.Image,
         options: model.Options,
+        staged: fileio.Staged | None = None,
     ) -> str:
+        """Under the metadata lock, in a ``fileio.deferred`` block around it: the renames are
+        under the lock, the wait for the directory fsync that makes them durable is not (it
+        is shared with the other calls committing meanwhile). ``staged``: the intent already
+        written and fsync'd, before the lock (``stage_intent``)."""
         op.auto_fix = options.auto_fix
-        repo.put_intent(op, image)
+        if staged is not None:
+            repo.put_staged(staged)
+        else:
+            repo.put_intent(op, image)
         log.info("event=intent op=%s kind=%s image=%s auto_fix=%s", op.id, op.kind, image.id,
                  options.auto_fix)
         if options.auto_fix:
@@ -166,8 +176,20 @@ class ImageService:
                 params.base_volume_id = snap.volume_id
             op = model.Operation(new_id(), model.OpKind.CREATE_DISK, image.id, params)
             image.operation_id = op.id
-            with repo.meta_lock:
-                return self._commit(repo, op, image, options)
+            op.auto_fix = options.auto_fix
+            # A new journal and a new image, made of nothing the metadata lock guards: their
+            # files are written and fsync'd before the lock, and the journal is renamed into
+            # place and made durable before it too (shared with the other calls' fsyncs), as
+            # an operation already active, which no check cleans away; the lock is held for
+            # the image record's rename alone.
+            staged = repo.stage_intent(op, image)
+            try:
+                with self.runner.committing(op.id):
+                    repo.put_staged(staged, count=1)
+                    with fileio.deferred(), repo.meta_lock:
+                        return self._commit(repo, op, image, options, staged)
+            finally:
+                staged.discard()  # nothing left once committed
 
     def _check_base(self, snap: model.Image, size: int, same_repo: bool, base_repo_id: str,
                     target_repo_id: str, options: model.Options) -> None:
@@ -202,7 +224,7 @@ class ImageService:
         repo = self._repo(target_repo_id)
         snap_id = new_image_id or new_id()
         with self.claims.claim("a createSnapshot call", [(repo, disk_id), (repo, snap_id)]) \
-                as claim, repo.meta_lock:
+                as claim, fileio.deferred(), repo.meta_lock:
             disk = repo.get_image(disk_id)
             if disk is None or disk.removed:
                 where = ""
@@ -278,7 +300,7 @@ class ImageService:
             volume_id = new_id()
             params = model.OpParams(size=src.size, strategy=options.strategy,
                                     volume_id=volume_id, source_id=image_id)
-            with repo.meta_lock:
+            with fileio.deferred(), repo.meta_lock:
                 if keep_id:
                     existing = repo.get_image(image_id)
                     if existing is not None and not existing.removed:

@@ -11,7 +11,8 @@ primitives, listed here with the methods that make them:
   storage fails).
 - **write** a record, durably before returning: ``put_image`` (bumps its generation),
   ``put_volume`` (with the data file it describes, made durable together), ``put_operation``,
-  ``put_intent`` (a new journal and the image naming it, durable in that order).
+  ``put_intent`` (a new journal and the image naming it, durable in that order); their halves
+  ``stage_image``/``stage_intent`` and ``put_staged``, to fsync the new files outside a lock.
 - **list**: ``images``, ``volumes``, ``operations``, and ``scan_*`` with the ``layout.Damage``
   found instead of the unreadable records; ``stray_files`` and ``volume_files`` for the checker.
 - **copy to**: the paths qemu-img reads and writes (``volume_file``: an existing volume's data,
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import jsonschema
 
-from agent import errors
+from agent import errors, fileio
 from agent.image import model
 from agent.repo import layout
 
@@ -212,6 +213,20 @@ class Repository(abc.ABC):
 
     @abc.abstractmethod
     def put_intent(self, op: model.Operation, image: model.Image) -> None: ...
+
+    # The halves of put_image and put_intent, for a caller that renames under a lock but
+    # must not hold it across the fsyncs of the new files: ``stage_*`` writes and fsyncs them
+    # (bumping the image's generation, as put_image does), ``put_staged`` renames them into
+    # place, in order, durably (or, in a ``fileio.deferred`` block, durably when it ends):
+    # the next ``count`` records of it (all by default), each durable before the next.
+    @abc.abstractmethod
+    def stage_image(self, image: model.Image) -> fileio.Staged: ...
+
+    @abc.abstractmethod
+    def stage_intent(self, op: model.Operation, image: model.Image) -> fileio.Staged: ...
+
+    @abc.abstractmethod
+    def put_staged(self, staged: fileio.Staged, count: int | None = None) -> None: ...
 
     @abc.abstractmethod
     def delete_image(self, image_id: str) -> None: ...

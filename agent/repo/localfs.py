@@ -553,8 +553,15 @@ class LocalRepository(contract.Repository):
         return self._get(layout.IMAGES, image_id, model.Image.from_dict)
 
     def put_image(self, image: model.Image) -> None:
+        self.put_staged(self.stage_image(image))
+
+    def stage_image(self, image: model.Image) -> fileio.Staged:
         self._check_write()
-        fileio.write_many([self._image_record(image)], still=self._check_write)
+        return fileio.stage([self._image_record(image)])
+
+    def put_staged(self, staged: fileio.Staged, count: int | None = None) -> None:
+        self._check_write()
+        staged.commit(still=self._check_write, count=count)
 
     def _image_record(self, image: model.Image) -> tuple[str, bytes]:
         image.generation += 1  # every write is a new generation: fixes made before are stale
@@ -564,11 +571,14 @@ class LocalRepository(contract.Repository):
         """A new operation's journal and the image record naming it, both fsync'd at once and
         durable in that order: a journal without its image is a finished-nothing the checker
         cleans; an image naming a journal that is not there could never be resumed."""
+        self.put_staged(self.stage_intent(op, image))
+
+    def stage_intent(self, op: model.Operation, image: model.Image) -> fileio.Staged:
         self._check_write()
         journal = self._record_path(layout.JOURNAL, op.id)
-        self._told_of(op)
-        fileio.write_many([(journal, fileio.encode_json(op.to_dict())),
-                           self._image_record(image)], still=self._check_write)
+        self._told_of(op)  # before the journal can land (see _told_of)
+        return fileio.stage([(journal, fileio.encode_json(op.to_dict())),
+                             self._image_record(image)])
 
     def delete_image(self, image_id: str) -> None:
         self._check_write()
