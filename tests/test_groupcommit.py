@@ -8,12 +8,14 @@ behind it, as on a slow disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -203,6 +205,24 @@ def test_a_deferred_block_renames_in_order_and_waits_for_durability_after_the_lo
     assert log.of("rename", op)[0] < j_start < j_end < log.of("rename", img)[0] < i_start
 
 
+@contextlib.contextmanager
+def create_held_at(e: conftest.Engine, monkeypatch: Any, directory: str
+                   ) -> Iterator[tuple[Log, list[str]]]:
+    """A thin create on its own thread, held inside the fsync of ``directory`` until the
+    block ends; the block gets the fsync log and the list the create's answer lands in."""
+    gate = threading.Event()
+    log = Log(monkeypatch, hold={directory: gate})
+    made: list[str] = []
+    t = threading.Thread(target=lambda: made.append(e.call("createVirtualDisk", "r1", 1 << 30)))
+    t.start()
+    try:
+        assert log.held.setdefault(directory, threading.Event()).wait(30)
+        yield log, made
+    finally:
+        gate.set()
+        t.join(30)
+
+
 def test_a_create_does_not_hold_the_metadata_lock_across_a_directory_fsync(
         tmp_path: Any, monkeypatch: Any) -> None:
     """Sixteen clients' creates queued on the repository's metadata lock, held across every
@@ -212,22 +232,12 @@ def test_a_create_does_not_hold_the_metadata_lock_across_a_directory_fsync(
         repo = e.api.host.connection("r1").repo
         images = os.path.join(repo.root, "images")
         journal = os.path.join(repo.root, "journal")
-        gate = threading.Event()
-        log = Log(monkeypatch, hold={images: gate})
-        made: list[str] = []
-        t = threading.Thread(target=lambda: made.append(
-            e.call("createVirtualDisk", "r1", 1 << 30)))
-        t.start()
-        try:
-            assert log.held.setdefault(images, threading.Event()).wait(30)
+        with create_held_at(e, monkeypatch, images) as (log, made):
             # The intent's image record is renamed and its directory fsync runs: another
             # writer of the repository may take the lock meanwhile.
             assert repo.meta_lock.acquire(timeout=10)
             repo.meta_lock.release()
             assert not made  # the call returns once its intent is durable, not before
-        finally:
-            gate.set()
-            t.join(30)
         image_id, = made
         # The journal was durable before the image naming it was renamed into place.
         jpath = [p for _, k, p in log.events if k == "rename" and p.startswith(journal)][0]
@@ -248,23 +258,13 @@ def test_the_journal_of_an_intent_being_committed_is_never_cleaned_away(
     try:
         repo = e.api.host.connection("r1").repo
         journal = os.path.join(repo.root, "journal")
-        gate = threading.Event()
-        log = Log(monkeypatch, hold={journal: gate})
-        made: list[str] = []
-        t = threading.Thread(target=lambda: made.append(
-            e.call("createVirtualDisk", "r1", 1 << 30)))
-        t.start()
-        try:
-            assert log.held.setdefault(journal, threading.Event()).wait(30)
+        with create_held_at(e, monkeypatch, journal) as (_, made):
             op_ids = [n[:-5] for n in os.listdir(journal) if not n.startswith(".")]
             assert len(op_ids) == 1  # renamed, its directory fsync running
             offered = e.call("checkStorageRepository", "r1")
             assert not [f for f in offered if op_ids[0] in json.dumps(f)], offered
             for fix in offered:
                 e.call("fixStorageRepository", "r1", fix)
-        finally:
-            gate.set()
-            t.join(30)
         image_id, = made
         assert e.settle("r1", image_id)["status"] == "optimized"
     finally:

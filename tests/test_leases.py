@@ -130,8 +130,9 @@ def test_a_lost_lockspace_invalidates_what_was_held(joined: lockspace.Membership
     assert joined.space.owners(image) == []
 
 
-HOST2 = textwrap.dedent("""
-    import json, sys, time
+# Host 2 of these tests: its own process and sanlock daemon, joined, once it knows host 1 lives.
+HOST2_JOIN = textwrap.dedent("""
+    import json, os, sys, time
     from agent import errors
     from agent.repo import leases, lockspace
     root, repo_uuid, image = sys.argv[1:4]
@@ -144,6 +145,8 @@ HOST2 = textwrap.dedent("""
     deadline = time.monotonic() + 20
     while any(o.state == "unknown" for o in m.space.owners(image)) and time.monotonic() < deadline:
         time.sleep(0.2)
+""")
+HOST2_ACQUIRE = textwrap.dedent("""
     try:
         m.space.acquire({image: leases.Mode.EXCLUSIVE}, "host 2's call")
         print(json.dumps({"acquired": True}))
@@ -151,6 +154,7 @@ HOST2 = textwrap.dedent("""
         print(json.dumps({"error": e.name, "data": e.data, "message": e.message}))
     m.stop()
 """)
+HOST2 = HOST2_JOIN + HOST2_ACQUIRE
 
 
 def test_another_host_gets_lease_held_naming_the_holder(
@@ -174,18 +178,8 @@ def test_another_host_gets_lease_held_naming_the_holder(
         assert json.loads(r.stdout.splitlines()[-1]) == {"acquired": True}, r.stderr
 
 
-HOST2_FREED = textwrap.dedent("""
-    import json, os, sys, time
-    from agent import errors
-    from agent.repo import leases, lockspace
-    root, repo_uuid, image, looking, released = sys.argv[1:6]
-    m = lockspace.Membership(leases.Lockspace(root, repo_uuid, 2, 1), lambda why: None)
-    m.start()
-    while m.state()["state"] != "joined":
-        time.sleep(0.1)
-    deadline = time.monotonic() + 20
-    while any(o.state == "unknown" for o in m.space.owners(image)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+HOST2_FREED = HOST2_JOIN + textwrap.dedent("""
+    looking, released = sys.argv[4:6]
     # The timing of the race, made certain: the look before the claim is skipped (so sanlock
     # itself refuses), and host 1 lets the lease go after that refusal, before host 2 looks
     # at who holds it.
@@ -198,13 +192,7 @@ HOST2_FREED = textwrap.dedent("""
                 time.sleep(0.05)
         return real_owners(resource)
     m.space.owners = owners
-    try:
-        m.space.acquire({image: leases.Mode.EXCLUSIVE}, "host 2's call")
-        print(json.dumps({"acquired": True}))
-    except errors.Error as e:
-        print(json.dumps({"error": e.name, "data": e.data, "message": e.message}))
-    m.stop()
-""")
+""") + HOST2_ACQUIRE
 
 
 def test_a_lease_let_go_between_a_refusal_and_the_look_is_taken_on_a_second_try(

@@ -28,8 +28,9 @@ from agent.repo import contract
 # Nanoseconds what was derived from volume files is trusted at most without looking at them
 # again. Each entry lives a random 1/2..1 of it, so entries made together (a listing's) are
 # looked at again spread out, not by one slow call; a whole listing is kept for 1/2 of it.
-# So a change in place outside Strata is in a listing within 1.5 x REVALIDATE: 30 s.
-REVALIDATE = 20_000_000_000
+# So a change in place outside Strata is in a listing within 1.5 x REVALIDATE: 5 minutes, the
+# record cache's bound too (looking at 100,000 volume files again costs seconds of CPU).
+REVALIDATE = 200_000_000_000
 
 
 def _stamp(now_ns: int) -> int:
@@ -58,6 +59,7 @@ def _same(a: list[Any], b: list[Any]) -> bool:
 class Memo:
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.deriving = threading.Lock()  # held by whoever derives a listing's rows
         # Image id -> (its record, its walked chain, the parent image records the walk read).
         self.chains: dict[str, tuple[model.Image, list[model.Volume],
                                      tuple[model.Image | None, ...]]] = {}

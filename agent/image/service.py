@@ -620,10 +620,20 @@ class ImageService:
         is described afresh by each listing (None here)."""
         now_ns = time.monotonic_ns()
         m = inv.memo
-        if m is not None:
+        if m is None:
+            return self._derive_rows(repo, inv, now_ns)
+        kept = m.listing(inv.scanned, repo.findings, now_ns)
+        if kept is not None:
+            return kept
+        # One derivation at a time: a listing that comes while another derives the same rows
+        # (the connect's warm-up) waits for them rather than doing the work beside it.
+        with m.deriving:
             kept = m.listing(inv.scanned, repo.findings, now_ns)
-            if kept is not None:
-                return kept
+            return kept if kept is not None else self._derive_rows(repo, inv, now_ns)
+
+    def _derive_rows(self, repo: contract.Repository, inv: inventory.Inventory, now_ns: int
+                     ) -> tuple[list[model.Image], dict[str, dict[str, Any] | None]]:
+        m = inv.memo
         ordered = sorted((i for i in inv.images.values() if not i.removed),
                          key=listing.key)
         known: dict[str, dict[str, Any] | None] = {}

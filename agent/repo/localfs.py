@@ -110,6 +110,7 @@ class LocalRepository(contract.Repository):
         self._warned: set[str] = set()
         self._records = recordcache.RecordCache()
         self._records.refresh = self._revalidate
+        self._scanning: dict[str, threading.Lock] = {}
         # Volume id -> what the last deep check found wrong with it (corruption, unreadable):
         # until a deep check finds it sound again, its images are broken.
         self.findings: dict[str, str] = {}
@@ -453,6 +454,14 @@ class LocalRepository(contract.Repository):
         records are shared with other scans (read-only); each is parsed again only when its
         file's identity changed (agent/repo/recordcache.py), every one with ``fresh``."""
         self._check_open()
+        # One scan of a kind at a time: a second one at once (the first listing while the
+        # connect's background read runs) would parse the same files beside the first, both
+        # slower for sharing the interpreter, where after it each file is a cache hit.
+        with self._scanning.setdefault(sub, threading.Lock()):
+            return self._scan_one(sub, parse, fresh, revalidate)
+
+    def _scan_one(self, sub: str, parse: Callable[[dict[str, Any]], R], fresh: bool,
+                  revalidate: bool) -> tuple[list[R], list[layout.Damage]]:
         cache = self._records
         directory = os.path.join(self.root, sub)
         taken_ns = time.time_ns()

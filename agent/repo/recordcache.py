@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 # brick's; a second at worst).
 SETTLED = 2_000_000_000
 # Nanoseconds a whole scan of a directory that has not changed is answered from memory before
-# every file of it is looked at again (see RecordCache.listing).
-REVALIDATE = 30_000_000_000
+# every file of it is looked at again (see RecordCache.listing): what bounds how long a listing
+# can miss a record edited in place outside Strata. Looking again costs an lstat per record
+# (seconds of CPU at 100,000 records, in the background): minutes, not seconds.
+REVALIDATE = 300_000_000_000
 
 # (inode, size, mtime_ns, ctime_ns) packed: a tuple of four big ints costs 200 bytes a record.
 Key = bytes
