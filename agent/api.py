@@ -303,6 +303,8 @@ class Api:
             # And what a listing derives from them (chains, files, summaries: kept while the
             # records stay the same), so the first listing after a connect is a quick one.
             self.images.list_images(repo_id, {})
+        except errors.RepositoryNotConnected:
+            return  # disconnected meanwhile: nothing to read ahead for
         except Exception as e:  # its calls say so; this is only a head start
             log.warning("event=records_read_failed repo=%s error=%r", repo_id, str(e))
             return
