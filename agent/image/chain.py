@@ -94,6 +94,9 @@ def image_ids(chain: list[model.Volume], top_image_id: str) -> list[str]:
 
 # (what is wrong, the backing reference to write when re-pointing the header is safe, else None)
 FileFault = tuple[str, "str | None"]
+# file_fault's shape: (the volume's repository, the volume, its parent, the parent's repository).
+FileCheck = Callable[["contract.Repository", model.Volume, "model.Volume | None",
+                      "contract.Repository | None"], "FileFault | None"]
 
 
 def file_fault(repo: contract.Repository, vol: model.Volume, parent: model.Volume | None,
@@ -151,11 +154,14 @@ def file_fault(repo: contract.Repository, vol: model.Volume, parent: model.Volum
 def files_fault(repo: contract.Repository, vols: list[model.Volume],
                 foreign: dict[str, contract.Repository] | None = None,
                 skip: set[str] | frozenset[str] = frozenset(),
-                cache: dict[str, FileFault | None] | None = None) -> str | None:
+                cache: dict[str, FileFault | None] | None = None,
+                check: FileCheck | None = None) -> str | None:
     """What is wrong with the first volume of a walked chain (top first) whose file does not
     match its record, None when all do. ``skip``: volumes an unfinished fix rewrites in place
     (their header names the new backing before the record does); ``cache``: results by volume
-    id, for a listing whose images share layers."""
+    id, for a listing whose images share layers; ``check``: file_fault, or what stands in for
+    it (an inventory's, which skips files found sound lately)."""
+    check = check or file_fault
     foreign = foreign or {}
     for i, vol in enumerate(vols):
         if vol.id in skip:
@@ -164,8 +170,8 @@ def files_fault(repo: contract.Repository, vols: list[model.Volume],
             fault = cache[vol.id]
         else:
             parent = vols[i + 1] if i + 1 < len(vols) else None
-            fault = file_fault(foreign.get(vol.id, repo), vol, parent,
-                               foreign.get(parent.id, repo) if parent is not None else None)
+            fault = check(foreign.get(vol.id, repo), vol, parent,
+                          foreign.get(parent.id, repo) if parent is not None else None)
             if cache is not None:
                 cache[vol.id] = fault
         if fault is not None:

@@ -313,24 +313,17 @@ class Inventory:
 
     def files_fault(self, image_id: str, vols: list[model.Volume],
                     cache: dict[str, FileFault | None]) -> str | None:
-        """chain.files_fault of an image's walked chain, through file_fault above."""
-        foreign = self.foreign_of(image_id)
-        for i, vol in enumerate(vols):
-            if vol.id in self.rewritten:
-                continue
-            if vol.id in cache:
-                fault = cache[vol.id]
-            else:
-                parent = vols[i + 1] if i + 1 < len(vols) else None
-                parent_repo = foreign.get(parent.id) if parent is not None else None
-                if vol.id in foreign:
-                    fault = chain.file_fault(foreign[vol.id], vol, parent, parent_repo)
-                else:
-                    fault = self.file_fault(vol, parent, parent_repo)
-                cache[vol.id] = fault
-            if fault is not None:
-                return chain.fault_message(fault)
-        return None
+        """chain.files_fault of an image's walked chain, through file_fault above for the
+        volumes of this repository."""
+        return chain.files_fault(self.repo, vols, self.foreign_of(image_id), self.rewritten,
+                                 cache, self._file_check)
+
+    def _file_check(self, repo: contract.Repository, vol: model.Volume,
+                    parent: model.Volume | None, parent_repo: contract.Repository | None
+                    ) -> FileFault | None:
+        if repo is not self.repo:
+            return chain.file_fault(repo, vol, parent, parent_repo)
+        return self.file_fault(vol, parent, parent_repo)
 
     def allocated(self, vol_id: str) -> int:
         vol = self.volumes.get(vol_id)
